@@ -1,0 +1,129 @@
+"""``tunelab`` command line: train | eval | generate | merge | validate | demo.
+
+Each verb is a thin layer over the Python API of the same name (``tunelab.train`` etc.). Errors a user can
+fix (bad config, bad data, missing model, occupied output dir) print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# Quiet third-party noise before they are imported; users see tunelab's own output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs and measure the result.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="train as a YAML config says")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.lr=1e-4")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+
+    v = sub.add_parser("validate", help="check a config without training")
+    v.add_argument("config")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    e = sub.add_parser("eval", help="score a run (or a bare model) on its eval file or --data")
+    e.add_argument("target", help="a run directory, or a model name/path for a baseline")
+    e.add_argument("--data", help="JSONL/JSON/CSV/Parquet file (default: the run's eval file)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.max_examples=50")
+
+    gen = sub.add_parser("generate", help="answer a prompt with a run's model (chat template applied)")
+    gen.add_argument("target", help="a run directory, or a model name/path")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--system", help="system message")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+    m = sub.add_parser("merge", help="fold a run's adapter into a standalone safetensors model")
+    m.add_argument("run")
+    m.add_argument("out")
+
+    d = sub.add_parser("demo", help="LoRA on the default model for support-ticket triage, before vs after")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=60)
+    d.add_argument("--model", default="smollm2-135m-instruct")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from tunelab.config import ConfigError
+    from tunelab.data import DataError
+    from tunelab.models import ModelNotFound
+    from tunelab.run import RunError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, DataError, ModelNotFound, RunError) as e:
+        print(f"tunelab {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # strategy-level problems (e.g. target modules that match nothing)
+        if "strategy" not in str(e):
+            raise
+        print(f"tunelab {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from tunelab import run
+
+    if args.verb == "validate":
+        from tunelab.config import load_config
+
+        cfg = load_config(args.config, args.set)
+        print(f"{args.config}: ok ({'+'.join(cfg.strategy_names())} on {cfg.model}, output_dir {cfg.output_dir})")
+        return 0
+    if args.verb == "train":
+        result = run.train(args.config, overrides=args.set, resume=args.resume, overwrite=args.overwrite)
+        if result.summary.get("outputs"):
+            _print_summary(result.summary)
+        return 0
+    if args.verb == "eval":
+        metrics = run.evaluate(args.target, args.data, args.set)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    if args.verb == "generate":
+        print(run.generate(args.target, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system,
+                           temperature=args.temperature))
+        return 0
+    if args.verb == "merge":
+        print(f"merged model written to {run.merge(args.run, args.out)}")
+        return 0
+    if args.verb == "demo":
+        from tunelab.demo import run_demo
+
+        run_demo(args.out, steps=args.steps, model=args.model)
+        return 0
+    raise AssertionError(args.verb)
+
+
+def _print_summary(s: dict) -> None:
+    p, t = s["parameters"], s["train"]
+    print(f"\ntrained {'+'.join(s['strategy'])}: {t['steps']} steps, {t['tokens_seen']:,} tokens, "
+          f"{t['tokens_per_s']:.0f} tokens/s, peak memory {s['memory']['peak_mb']:.0f} MB, {s['wall_time_s']:.0f} s")
+    print(f"trainable parameters: {p['trainable']:,} / {p['total']:,} ({p['trainable_pct']:.3f}%)")
+    if "eval" in s:
+        from tunelab.evaluate import headline
+
+        h = headline(s["eval"])
+        line = f"eval loss {s['eval']['loss']:.4f}, perplexity {s['eval']['perplexity']:.3f}"
+        if h:
+            line += f", {h[0]} {h[1]:.3f}"
+            if "eval_before" in s and headline(s["eval_before"]):
+                line += f" (before: {headline(s['eval_before'])[1]:.3f})"
+        print(line)
+    print(f"outputs: {s['outputs']['run_dir']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The run configuration: one schema for YAML files, ``--set`` overrides and the Python API.
+
+A config is validated completely before any model loads. Every problem is reported at once, each naming
+the key path, the YAML file and line where the key stands, what was given and what is allowed::
+
+    cfg.yaml:12: training.lr: Input should be greater than 0 (got -1)
+    cfg.yaml:4: data.formt: unknown key; allowed: train, eval, ... (did you mean 'format'?)
+
+Strategy options are validated by the config class that each strategy registers (see
+``tunelab.strategies``), so the schema grows with the registry and the engine never names a strategy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. ``problems`` holds one human-readable line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        head = f"invalid config {source}" if source else "invalid config"
+        super().__init__(head + ":\n  " + "\n  ".join(problems))
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys fail, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    train: str = Field(description="Training file: .jsonl, .json, .csv or .parquet (loaded with `datasets`).")
+    eval: str | None = Field(None, description="Optional evaluation file, same shape as `train`.")
+    eval_split: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of `train` for evaluation when `eval` is not given."
+    )
+    format: Literal["auto", "text", "prompt_completion", "messages", "classification"] = Field(
+        "auto",
+        description="Row shape. auto: `messages` if present, else `prompt`+`completion`, else `text`+`label` "
+        "(classification), else `text` (language modelling).",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns of your file to tunelab's names, e.g. {prompt: question, completion: answer}.",
+    )
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="How prompt/completion and classification rows are rendered: `chat` uses the tokenizer's "
+        "chat template (user turn, assistant turn), `plain` concatenates; auto = chat when the tokenizer has one.",
+    )
+    system_prompt: str | None = Field(None, description="System message added to chat-rendered rows.")
+    instruction: str = Field(
+        "Classify the following text. Answer with one of: {labels}.\n\n{text}",
+        description="Prompt for classification rows; {text} is the row's text, {labels} the sorted label set.",
+    )
+    train_on: Literal["completion", "all"] = Field(
+        "completion",
+        description="Tokens that carry loss: only completion/assistant tokens (default), or every token.",
+    )
+    skip_bad_rows: bool = Field(
+        False, description="Skip malformed rows (counted in the run summary) instead of failing on the first one."
+    )
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("give either data.eval (a file) or data.eval_split (a fraction of train), not both")
+        return self
+
+    @field_validator("columns")
+    @classmethod
+    def _known_targets(cls, v: dict[str, str]) -> dict[str, str]:
+        allowed = {"text", "prompt", "completion", "messages", "label"}
+        bad = sorted(set(v) - allowed)
+        if bad:
+            raise ValueError(f"unknown target column(s) {bad}; allowed: {sorted(allowed)}")
+        return v
+
+
+class TrainingConfig(Strict):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(8, gt=0, description="Examples per device per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Forward passes accumulated per optimizer step.")
+    lr: float | None = Field(
+        None, gt=0, le=1, description="Peak learning rate; default: the strategy's own (full 2e-5, lora 2e-4)."
+    )
+    schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of all steps (if > 0).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW) weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    seed: int = Field(42, description="Seed for weights of new modules, data order and dropout.")
+    max_length: int = Field(512, ge=8, description="Tokens per example; longer rows are truncated on the right.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 mixed precision on CUDA with bf16 and on CPUs with AVX512-BF16/AMX, else fp32.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    logging_steps: int = Field(10, gt=0, description="Log loss, learning rate and tokens/s every N steps.")
+    save_steps: int = Field(200, gt=0, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate eval loss every N steps (default: at the end).")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainingConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give either training.warmup_steps or training.warmup_ratio, not both")
+        return self
+
+
+class EvalConfig(Strict):
+    before: bool = Field(False, description="Also score the untouched model before training (summary: before/after).")
+    max_new_tokens: int = Field(32, gt=0, description="Tokens generated per eval prompt for exact match/accuracy.")
+    batch_size: int = Field(16, gt=0, description="Prompts generated at once.")
+    max_examples: int | None = Field(None, gt=0, description="Score only the first N eval rows (default all).")
+
+
+class RunConfig(Strict):
+    model: str = Field(
+        DEFAULT_MODEL, description=f"A known model name ({DEFAULT_MODEL}) or a local Hugging Face model directory."
+    )
+    data: DataConfig
+    strategy: list[Any] = Field(
+        default_factory=lambda: [{"name": "lora"}],
+        validate_default=True,
+        description="A strategy name (`lora`), a mapping with `name` and its options, or a list of those.",
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = Field("runs/latest", description="Run directory; must not hold another run (see --resume).")
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _build_strategies(cls, value: Any) -> list[Any]:
+        from tunelab.strategies import validate_strategy_specs
+
+        return validate_strategy_specs(value)
+
+    def strategy_names(self) -> list[str]:
+        return [s.name for s in self.strategy]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as written to ``config.yaml`` beside every output (strategy options included)."""
+        d = self.model_dump(mode="json")
+        d["strategy"] = [s.model_dump(mode="json") for s in self.strategy]
+        return d
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if isinstance(node.get(k), str) and k == "strategy":
+            node[k] = {"name": node[k]}  # `--set strategy.r=4` on `strategy: lora`
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"--set {dotted}: '{k}' is not a mapping, cannot set a key inside it"])
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` with the value parsed as YAML (so numbers, booleans and lists keep their type)."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected key=value, e.g. training.lr=1e-4"])
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError([f"--set {text!r}: empty key"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--set {key}: value {raw!r} is not valid YAML ({e})"]) from None
+    return key, value
+
+
+class _Lines:
+    """Maps a key path to the line where it stands in the YAML source."""
+
+    def __init__(self, text: str | None):
+        self.root = None
+        if text:
+            try:
+                self.root = yaml.compose(text)
+            except yaml.YAMLError:
+                self.root = None
+
+    def line(self, loc: tuple) -> int | None:
+        node, best = self.root, None
+        for part in loc:
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    if k.value == str(part):
+                        best, node = k.start_mark.line + 1, v
+                        break
+                else:
+                    return best
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+                best = node.start_mark.line + 1
+            else:
+                return best
+        return best
+
+
+def _allowed_keys(loc: tuple) -> list[str] | None:
+    """The allowed keys of the section that holds ``loc`` (for 'unknown key' messages)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        else:
+            model = None
+    if model is None and loc and loc[0] == "strategy":
+        return None
+    return list(model.model_fields) if model is not None else None
+
+
+def format_errors(err: ValidationError, text: str | None, source: str | None, extra_allowed=None) -> list[str]:
+    lines = _Lines(text)
+    out = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            allowed = e.get("ctx", {}).get("allowed") or _allowed_keys(loc)
+            msg = "unknown key"
+            if allowed:
+                msg += f"; allowed: {', '.join(allowed)}"
+                close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+                if close:
+                    msg += f" (did you mean '{close[0]}'?)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and not isinstance(e["input"], dict | list):
+            msg += f" (got {e['input']!r})"
+        line = lines.line(loc)
+        where = f"{source}:{line}: " if source and line else (f"{source}: " if source else "")
+        out.append(f"{where}{key}: {msg}")
+    return out
+
+
+def load_config(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a run config from a YAML file or a dict, applying ``key=value`` overrides.
+
+    Relative paths (data files, output_dir) are relative to the current directory, as with any CLI.
+    Raises :class:`ConfigError` listing every problem.
+    """
+    text, name = None, None
+    if isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path.resolve()}"])
+        text = path.read_text()
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}" if mark else name
+            raise ConfigError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}"], name) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{name}: the top level must be a mapping of keys (model, data, ...)"], name)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(raw, key, value)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, text, name), name) from None
+    return cfg

@@ -1,0 +1,370 @@
+"""Training data: loading local files, rendering the four row shapes, and exact loss masks.
+
+Shapes (``data.format``; ``auto`` picks by columns):
+
+- ``text``: language modelling; every token carries loss (an end-of-sequence token is appended).
+- ``prompt_completion``: loss on the completion only.
+- ``messages``: a chat, ``[{role, content}, ...]``, rendered with the tokenizer's chat template; loss on
+  the assistant turns only (their content and the template's end-of-turn token).
+- ``classification``: ``text`` + ``label``, trained as generating the label after an instruction that
+  lists the label set; scored by accuracy.
+
+Masks are computed on characters, then mapped to tokens through the fast tokenizer's offsets: each
+assistant span is found by rendering the chat up to the turn (with the generation prompt) and through
+the turn, so any prefix-stable chat template works without knowing its markup.
+
+Rows that are malformed, miss fields, or keep no trainable token after truncation raise
+:class:`DataError` naming file, row and line, or with ``skip_bad_rows`` are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE = -100
+LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    used: int = 0
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)  # the first few, for the summary
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "used": self.used, "skipped": self.skipped, "skip_reasons": self.reasons[:10]}
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _row_lines(path: Path) -> list[int] | None:
+    """Line number of each row for JSONL (blank lines are not rows); None where rows have no single line."""
+    if path.suffix != ".jsonl":
+        return None
+    with path.open(encoding="utf-8") as f:
+        return [i for i, line in enumerate(f, 1) if line.strip()]
+
+
+def _diagnose_jsonl(path: Path) -> str | None:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(obj, dict):
+                return f"{path}:{i}: each line must be a JSON object, got {type(obj).__name__}"
+    return None
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local JSONL/JSON/CSV/Parquet file, loaded with ``datasets``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path.resolve()}")
+    kind = LOADERS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOADERS)}")
+    if path.suffix == ".jsonl":
+        # datasets' own JSON errors name neither line nor cause; find the bad line first.
+        problem = _diagnose_jsonl(path)
+        if problem:
+            raise DataError(problem)
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DataError(f"{path}: could not be read as {kind}: {e}") from None
+    return ds.to_list()
+
+
+# ----------------------------------------------------------------------------- row shapes
+
+
+def detect_format(columns: set[str]) -> str:
+    if "messages" in columns:
+        return "messages"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    if {"text", "label"} <= columns:
+        return "classification"
+    if "text" in columns:
+        return "text"
+    raise DataError(
+        f"cannot tell the data format from columns {sorted(columns)}: expected `messages`, `prompt`+`completion`, "
+        "`text`+`label` or `text` (rename yours with data.columns)"
+    )
+
+
+@dataclass
+class Rendered:
+    """One row rendered as text, with the character spans that carry loss and, when scorable, the reference."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    prompt: str | None = None  # what generation starts from when scoring
+    reference: str | None = None
+    special: bool = True  # add the tokenizer's own special tokens (BOS); chat templates write theirs
+
+
+class Formatter:
+    """Renders rows of one shape with one tokenizer. Raises ``ValueError`` with a plain reason for a bad row."""
+
+    def __init__(self, tokenizer, data_cfg, fmt: str, labels: list[str] | None = None):
+        self.tok = tokenizer
+        self.cfg = data_cfg
+        self.fmt = fmt
+        self.labels = labels
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if data_cfg.template == "chat" and not has_template:
+            raise DataError("data.template is 'chat' but the tokenizer has no chat template; use 'plain'")
+        if fmt == "messages" and not has_template:
+            raise DataError("`messages` rows need a tokenizer with a chat template; this tokenizer has none")
+        self.chat = data_cfg.template == "chat" or (data_cfg.template == "auto" and has_template)
+        self.eos = tokenizer.eos_token or ""
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _template(self, messages, generation_prompt=False) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        if self.cfg.system_prompt and (not messages or messages[0].get("role") != "system"):
+            return [{"role": "system", "content": self.cfg.system_prompt}, *messages]
+        return messages
+
+    def render_chat(self, messages: list[dict]) -> Rendered:
+        msgs = self._with_system(messages)
+        full = self._template(msgs)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(self._template(msgs[:i], generation_prompt=True)) if i else 0
+            end = len(self._template(msgs[: i + 1]))
+            if not full.startswith(self._template(msgs[: i + 1])):
+                raise DataError("the tokenizer's chat template is not prefix-stable; use data.template: plain")
+            spans.append((start, end))
+        last = msgs[-1]
+        prompt = reference = None
+        if last["role"] == "assistant":
+            prompt = self._template(msgs[:-1], generation_prompt=True)
+            reference = last["content"]
+        return Rendered(full, spans, prompt, reference, special=False)
+
+    def render_pair(self, prompt: str, completion: str) -> Rendered:
+        if self.chat:
+            return self.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+        text = prompt + completion + self.eos
+        return Rendered(text, [(len(prompt), len(text))], prompt, completion)
+
+    # -- one row --------------------------------------------------------------------------------
+    def render(self, row: dict[str, Any]) -> Rendered:
+        if self.fmt == "text":
+            text = _need_str(row, "text")
+            return Rendered(text + self.eos, [(0, len(text) + len(self.eos))])
+        if self.fmt == "prompt_completion":
+            return self.render_pair(_need_str(row, "prompt"), _need_str(row, "completion"))
+        if self.fmt == "classification":
+            text, label = _need_str(row, "text"), row.get("label")
+            if label is None or (isinstance(label, str) and not label.strip()):
+                raise ValueError("missing field 'label'")
+            label = str(label)
+            if self.labels is not None and label not in self.labels:
+                raise ValueError(f"label {label!r} is not among the training labels {self.labels}")
+            prompt = self.cfg.instruction.format(text=text, labels=", ".join(self.labels or [label]))
+            return self.render_pair(prompt, label)
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list of {role, content}")
+        clean = []
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{j}] must be an object with a string 'content'")
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(f"messages[{j}].role is {m.get('role')!r}; allowed: system, user, assistant")
+            clean.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in clean):
+            raise ValueError("no assistant message: nothing to learn")
+        return self.render_chat(clean)
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def tokenize(self, r: Rendered, max_length: int, train_on: str) -> dict[str, Any]:
+        enc = self.tok(r.text, add_special_tokens=r.special, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        # A token trains when it overlaps a loss span: one that straddles the prompt/completion boundary
+        # carries completion characters, so it must be predicted too.
+        if train_on == "all":
+            labels = list(ids)
+        else:
+            labels = [
+                t if any(a < e and b > s for s, e in r.spans) else IGNORE
+                for t, (a, b) in zip(ids, offsets, strict=True)
+            ]
+        full_len = len(ids)
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(x == IGNORE for x in labels):
+            raise ValueError(
+                f"no trainable token after truncation to training.max_length={max_length} (row is {full_len} tokens)"
+            )
+        return {"input_ids": ids, "labels": labels, "length": len(ids)}
+
+
+def _need_str(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None:
+        raise ValueError(f"missing field '{key}'")
+    if not isinstance(v, str):
+        raise ValueError(f"field '{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+# ----------------------------------------------------------------------------- building datasets
+
+
+@dataclass
+class Prepared:
+    """A tokenized split plus what scoring needs: prompts and references (None for LM-only data)."""
+
+    features: list[dict[str, Any]]
+    prompts: list[tuple[str, bool] | None]  # (prompt text, add special tokens)
+    references: list[str | None]
+    stats: DataStats
+    format: str
+    labels: list[str] | None
+
+    def dataset(self):
+        import datasets
+
+        cols = {k: [f[k] for f in self.features] for k in ("input_ids", "labels", "length")}
+        return datasets.Dataset.from_dict(cols)
+
+    @property
+    def scorable(self) -> bool:
+        return any(r is not None for r in self.references)
+
+
+def _apply_columns(rows: list[dict], mapping: dict[str, str]) -> list[dict]:
+    if not mapping:
+        return rows
+    return [{**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}} for row in rows]
+
+
+def prepare_rows(
+    rows: list[dict],
+    tokenizer,
+    data_cfg,
+    max_length: int,
+    *,
+    source: str,
+    lines: list[int] | None = None,
+    fmt: str | None = None,
+    labels: list[str] | None = None,
+) -> Prepared:
+    rows = _apply_columns(rows, data_cfg.columns)
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    if fmt is None:
+        fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(set(rows[0]))
+    if fmt == "classification" and labels is None:
+        labels = sorted({str(r["label"]) for r in rows if r.get("label") is not None})
+    formatter = Formatter(tokenizer, data_cfg, fmt, labels)
+    stats = DataStats(rows=len(rows))
+    out = Prepared([], [], [], stats, fmt, labels)
+    for i, row in enumerate(rows):
+        try:
+            r = formatter.render(row)
+            feats = formatter.tokenize(r, max_length, data_cfg.train_on)
+        except DataError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            where = f"{source}:{lines[i]}" if lines and i < len(lines) else f"{source}: row {i + 1}"
+            if not data_cfg.skip_bad_rows:
+                raise DataError(f"{where}: {e} (set data.skip_bad_rows: true to skip such rows)") from None
+            stats.skipped += 1
+            stats.reasons.append(f"{where}: {e}")
+            continue
+        out.features.append(feats)
+        out.prompts.append((r.prompt, r.special) if r.prompt is not None else None)
+        out.references.append(r.reference)
+    stats.used = len(out.features)
+    if not out.features:
+        raise DataError(f"{source}: every row was skipped; first: {stats.reasons[0] if stats.reasons else '?'}")
+    return out
+
+
+def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None) -> Prepared:
+    path = Path(path)
+    return prepare_rows(
+        read_rows(path), tokenizer, data_cfg, max_length,
+        source=str(path), lines=_row_lines(path), fmt=fmt, labels=labels,
+    )
+
+
+def prepare_splits(data_cfg, tokenizer, max_length: int, seed: int) -> tuple[Prepared, Prepared | None]:
+    """The training split and the eval split (a file, a held-out fraction, or none)."""
+    train_path = Path(data_cfg.train)
+    rows, lines = read_rows(train_path), _row_lines(train_path)
+    eval_rows = eval_lines = None
+    if data_cfg.eval_split:
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(rows), generator=g).tolist()
+        n_eval = max(1, round(len(rows) * data_cfg.eval_split))
+        ev, tr = sorted(order[:n_eval]), sorted(order[n_eval:])
+        eval_rows, eval_lines = [rows[i] for i in ev], [lines[i] for i in ev] if lines else None
+        rows, lines = [rows[i] for i in tr], [lines[i] for i in tr] if lines else None
+    train = prepare_rows(rows, tokenizer, data_cfg, max_length, source=str(train_path), lines=lines)
+    evaluation = None
+    if data_cfg.eval:
+        evaluation = prepare_file(data_cfg.eval, tokenizer, data_cfg, max_length, fmt=train.format,
+                                  labels=train.labels)
+    elif eval_rows:
+        evaluation = prepare_rows(eval_rows, tokenizer, data_cfg, max_length, source=str(train_path),
+                                  lines=eval_lines, fmt=train.format, labels=train.labels)
+    return train, evaluation
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+class Collator:
+    """Pads a batch to its own longest row (right padding); labels are padded with -100.
+
+    With length-grouped sampling (the engine's default) rows in a batch have similar lengths, so little
+    compute goes to padding.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(features), n), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.as_tensor(f["input_ids"])
+            labels[i, :k] = torch.as_tensor(f["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,103 @@
+"""Scoring a model on a prepared split: loss and perplexity on the loss-carrying tokens, and, where rows have
+references, exact match (or accuracy, for classification) of greedy generations.
+
+Perplexity is ``exp(mean NLL)`` over exactly the tokens that carry loss in training (completion/assistant
+tokens by default), weighted per token across batches, so it does not depend on the batch size.
+Generations are compared after normalisation: surrounding white space and a trailing full stop removed,
+case folded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data import IGNORE, Collator, Prepared, batches
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().rstrip(".").split()).casefold()
+
+
+@torch.no_grad()
+def loss_and_perplexity(model, prepared: Prepared, pad_id: int, batch_size: int, bf16: bool) -> dict[str, float]:
+    device = next(model.parameters()).device
+    collate = Collator(pad_id)
+    nll, count = 0.0, 0
+    order = sorted(range(len(prepared.features)), key=lambda i: prepared.features[i]["length"])
+    for idx in batches(order, batch_size):
+        batch = {k: v.to(device) for k, v in collate([prepared.features[i] for i in idx]).items()}
+        with autocast(device, bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum").item()
+        count += int((labels != IGNORE).sum())
+    mean = nll / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[tuple[str, bool]], max_new_tokens: int, bf16: bool,
+                   **gen_kwargs) -> list[str]:
+    """Greedy (unless sampling args are given) generations for prompts, decoded without special tokens."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+    try:
+        special = prompts[0][1]
+        enc = tokenizer([p for p, _ in prompts], return_tensors="pt", padding=True, add_special_tokens=special)
+    finally:
+        tokenizer.padding_side = side
+    enc = {k: v.to(device) for k, v in enc.items()}
+    gen_kwargs.setdefault("do_sample", False)
+    with autocast(device, bf16):
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **gen_kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def score(model, tokenizer, prepared: Prepared, eval_cfg, bf16: bool, samples: int = 3) -> dict[str, Any]:
+    """All metrics for one split; ``samples`` (prompt, reference, prediction) examples are kept."""
+    was_training = model.training
+    model.eval()
+    try:
+        n = eval_cfg.max_examples or len(prepared.features)
+        sub = Prepared(prepared.features[:n], prepared.prompts[:n], prepared.references[:n], prepared.stats,
+                       prepared.format, prepared.labels)
+        result: dict[str, Any] = loss_and_perplexity(model, sub, tokenizer.pad_token_id, eval_cfg.batch_size, bf16)
+        result["examples"] = len(sub.features)
+        scored = [(p, r) for p, r in zip(sub.prompts, sub.references, strict=True) if p is not None and r is not None]
+        if scored:
+            preds: list[str] = []
+            for chunk in batches(scored, eval_cfg.batch_size):
+                preds += generate_batch(model, tokenizer, [p for p, _ in chunk], eval_cfg.max_new_tokens, bf16)
+            hits = [normalize(p) == normalize(r) for p, (_, r) in zip(preds, scored, strict=True)]
+            metric = "accuracy" if prepared.format == "classification" else "exact_match"
+            result[metric] = sum(hits) / len(hits)
+            result["samples"] = [
+                {"prompt": p[0], "reference": r, "prediction": pred}
+                for (p, r), pred in list(zip(scored, preds, strict=True))[:samples]
+            ]
+        return result
+    finally:
+        model.train(was_training)
+
+
+def headline(metrics: dict[str, Any]) -> tuple[str, float] | None:
+    """The task score a user reads first: accuracy, else exact match, else None."""
+    for key in ("accuracy", "exact_match"):
+        if key in metrics:
+            return key, metrics[key]
+    return None

@@ -1,0 +1,22 @@
+"""Strategy registry. Importing this package registers the built-in strategies."""
+
+from tunelab.strategies.base import (
+    Strategy,
+    StrategyConfig,
+    build_strategies,
+    get_strategy,
+    register_strategy,
+    registered,
+    validate_strategy_specs,
+)
+from tunelab.strategies import full, lora  # noqa: E402,F401  (registration side effect)
+
+__all__ = [
+    "Strategy",
+    "StrategyConfig",
+    "build_strategies",
+    "get_strategy",
+    "register_strategy",
+    "registered",
+    "validate_strategy_specs",
+]

@@ -1,0 +1,42 @@
+"""Full fine-tuning: every parameter of the model trains.
+
+The baseline every other strategy is measured against. Highest capacity, and the most forgetting and memory:
+AdamW keeps two fp32 moments per parameter, so optimizer state alone is 8 bytes x parameters.
+Saves a standalone model (``save_pretrained`` with safetensors); there is nothing to merge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from transformers import AutoModelForCausalLM
+
+from tunelab.strategies.base import Strategy, StrategyConfig, register_strategy
+
+
+class FullConfig(StrategyConfig):
+    train_embeddings: bool = Field(True, description="Also train the token embeddings (and a tied output head).")
+
+
+@register_strategy
+class Full(Strategy):
+    name = "full"
+    Config = FullConfig
+    default_lr = 2e-5
+    artefact = "full"
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if not self.config.train_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        return model
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(out_dir)
+
+    @classmethod
+    def load(cls, base_model: torch.nn.Module | None, out_dir: Path) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(out_dir)

@@ -1,0 +1,170 @@
+"""Config validation: every problem named with file, line, key and what is allowed; overrides; examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunelab.cli import main
+from tunelab.config import ConfigError, load_config
+from tunelab.strategies import Strategy, StrategyConfig, register_strategy, registered
+
+GOOD = """\
+model: smollm2-135m-instruct
+data:
+  train: train.jsonl
+strategy:
+  name: lora
+  r: 8
+training:
+  max_steps: 10
+  lr: 1.0e-4
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def problems(tmp_path, text, overrides=None) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), overrides)
+    return e.value.problems
+
+
+def test_good_config_fills_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.strategy_names() == ["lora"]
+    assert cfg.strategy[0].r == 8 and cfg.strategy[0].alpha == 32
+    assert cfg.training.batch_size == 8 and cfg.training.lr == 1e-4
+    resolved = cfg.to_dict()
+    assert resolved["strategy"][0]["target_modules"] == "all-linear"
+    # the resolved config loads back to the same config
+    assert load_config(resolved).to_dict() == resolved
+
+
+def test_model_defaults_to_smollm2(tmp_path):
+    cfg = load_config({"data": {"train": "x.jsonl"}})
+    assert cfg.model == "smollm2-135m-instruct"
+    assert cfg.strategy_names() == ["lora"]
+
+
+def test_unknown_key_names_line_allowed_keys_and_suggestion(tmp_path):
+    text = GOOD.replace("  max_steps: 10", "  max_step: 10")
+    (p,) = problems(tmp_path, text)
+    assert "cfg.yaml:8: training.max_step: unknown key; allowed: epochs, max_steps" in p
+    assert "did you mean 'max_steps'?" in p
+
+
+def test_unknown_strategy_option_names_the_strategy_key(tmp_path):
+    (p,) = problems(tmp_path, GOOD.replace("  r: 8", "  rank: 8"))
+    assert "cfg.yaml:6: strategy.rank: unknown key" in p
+
+
+def test_wrong_type_and_out_of_range_are_all_reported(tmp_path):
+    text = GOOD.replace("lr: 1.0e-4", "lr: -1").replace("max_steps: 10", "max_steps: ten")
+    ps = problems(tmp_path, text)
+    assert len(ps) == 2
+    assert any("cfg.yaml:8: training.max_steps: Input should be a valid integer" in p and "'ten'" in p
+               for p in ps)
+    assert any("cfg.yaml:9: training.lr: Input should be greater than 0 (got -1)" in p for p in ps)
+
+
+def test_bad_choice_lists_allowed_values(tmp_path):
+    (p,) = problems(tmp_path, GOOD + "  schedule: sawtooth\n")
+    assert "training.schedule" in p and "'linear'" in p and "'cosine'" in p
+
+
+def test_missing_data_and_unknown_strategy(tmp_path):
+    ps = problems(tmp_path, "strategy: loraa\n")
+    assert any("data: required key is missing" in p for p in ps)
+    assert any("unknown strategy 'loraa'; registered: full, lora" in p for p in ps)
+
+
+def test_cross_field_checks(tmp_path):
+    ps = problems(tmp_path, GOOD.replace("  train: train.jsonl", "  train: t.jsonl\n  eval: e.jsonl\n  eval_split: 0.1"))
+    assert any("either data.eval" in p for p in ps)
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    (p,) = problems(tmp_path, "data: [unclosed\n")
+    assert "cfg.yaml:" in p and "not valid YAML" in p
+    (p,) = problems(tmp_path, "- a\n- b\n")
+    assert "top level must be a mapping" in p
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_with_types(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["training.lr=3e-4", "strategy.r=4", "training.precision=fp32",
+                                              "data.skip_bad_rows=true"])
+    assert cfg.training.lr == 3e-4 and cfg.strategy[0].r == 4
+    assert cfg.training.precision == "fp32" and cfg.data.skip_bad_rows is True
+
+
+def test_set_on_a_shorthand_strategy(tmp_path):
+    cfg = load_config({"data": {"train": "x"}, "strategy": "lora"}, ["strategy.r=2"])
+    assert cfg.strategy[0].r == 2
+
+
+def test_bad_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(write(tmp_path, GOOD), ["training.lr"])
+    with pytest.raises(ConfigError, match=r"training.lr: Input should be greater than 0"):
+        load_config(write(tmp_path, GOOD), ["training.lr=0"])
+
+
+def test_validate_cli_exit_codes(tmp_path, capsys):
+    good = write(tmp_path, GOOD)
+    assert main(["validate", str(good)]) == 0
+    assert "ok (lora" in capsys.readouterr().out
+    assert main(["validate", str(good), "--set", "training.batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "training.batch_size: Input should be greater than 0" in err
+
+
+def test_registry_refuses_duplicates_and_malformed_names():
+    class Dup(Strategy):
+        name = "lora"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_strategy(Dup)
+
+    class Bad(Strategy):
+        name = "Bad Name"
+
+    with pytest.raises(ValueError, match="must match"):
+        register_strategy(Bad)
+
+    class NoConfig(Strategy):
+        name = "noconfig_x"
+        Config = dict
+
+    with pytest.raises(TypeError, match="must subclass StrategyConfig"):
+        register_strategy(NoConfig)
+    assert "noconfig_x" not in registered()
+    assert issubclass(registered()["lora"].Config, StrategyConfig)
+
+
+def test_combining_strategies_is_refused_until_supported():
+    with pytest.raises(ConfigError, match="combining strategies"):
+        load_config({"data": {"train": "x"}, "strategy": ["full", "lora"]})
+
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_shipped_example_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.strategy_names()
+
+
+def test_there_are_example_configs():
+    assert len(EXAMPLES) >= 2
