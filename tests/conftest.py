@@ -34,12 +34,17 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] + ['{"json": "yes"}\n', "0123456789.,:?!"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] + [
+        '{"json": "yes"}\n',
+        "0123456789.,:?!",
+    ]
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<pad>", unk_token=None)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>", unk_token=None
+    )
     fast.chat_template = CHATML
     return fast
 
@@ -47,14 +52,36 @@ def build_tokenizer():
 def build_model(arch: str, vocab: int, seed: int = 0):
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+    # initializer_range 0.3 (not HF's 0.02): with tiny embeddings and a tied head the logits stay near
+    # uniform whatever the blocks do, and an adapter could never memorise anything.
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=True, pad_token_id=3, bos_token_id=1, eos_token_id=2)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            pad_token_id=3,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.3,
+        )
     elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256,
-                         pad_token_id=3, bos_token_id=1, eos_token_id=2)
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            pad_token_id=3,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.3,
+        )
     else:
         raise ValueError(arch)
     return AutoModelForCausalLM.from_config(cfg)
@@ -103,8 +130,15 @@ def memo_data(tmp_path) -> Path:
 
 
 def tiny_config(model_dir: Path, data: Path, out: Path, strategy="lora", **training) -> dict:
-    t = {"max_steps": 8, "batch_size": 4, "lr": 1e-2, "logging_steps": 2, "save_steps": 100,
-         "precision": "fp32", "max_length": 64}
+    t = {
+        "max_steps": 8,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "logging_steps": 2,
+        "save_steps": 100,
+        "precision": "fp32",
+        "max_length": 64,
+    }
     t.update(training)
     return {
         "model": str(model_dir),

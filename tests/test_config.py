@@ -68,8 +68,7 @@ def test_wrong_type_and_out_of_range_are_all_reported(tmp_path):
     text = GOOD.replace("lr: 1.0e-4", "lr: -1").replace("max_steps: 10", "max_steps: ten")
     ps = problems(tmp_path, text)
     assert len(ps) == 2
-    assert any("cfg.yaml:8: training.max_steps: Input should be a valid integer" in p and "'ten'" in p
-               for p in ps)
+    assert any("cfg.yaml:8: training.max_steps: Input should be a valid integer" in p and "'ten'" in p for p in ps)
     assert any("cfg.yaml:9: training.lr: Input should be greater than 0 (got -1)" in p for p in ps)
 
 
@@ -85,7 +84,9 @@ def test_missing_data_and_unknown_strategy(tmp_path):
 
 
 def test_cross_field_checks(tmp_path):
-    ps = problems(tmp_path, GOOD.replace("  train: train.jsonl", "  train: t.jsonl\n  eval: e.jsonl\n  eval_split: 0.1"))
+    ps = problems(
+        tmp_path, GOOD.replace("  train: train.jsonl", "  train: t.jsonl\n  eval: e.jsonl\n  eval_split: 0.1")
+    )
     assert any("either data.eval" in p for p in ps)
 
 
@@ -102,8 +103,10 @@ def test_missing_config_file(tmp_path):
 
 
 def test_set_overrides_with_types(tmp_path):
-    cfg = load_config(write(tmp_path, GOOD), ["training.lr=3e-4", "strategy.r=4", "training.precision=fp32",
-                                              "data.skip_bad_rows=true"])
+    cfg = load_config(
+        write(tmp_path, GOOD),
+        ["training.lr=3e-4", "strategy.r=4", "training.precision=fp32", "data.skip_bad_rows=true"],
+    )
     assert cfg.training.lr == 3e-4 and cfg.strategy[0].r == 4
     assert cfg.training.precision == "fp32" and cfg.data.skip_bad_rows is True
 

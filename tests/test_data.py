@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import build_tokenizer, write_jsonl
 
+from conftest import build_tokenizer, write_jsonl
 from tunelab.config import DataConfig
 from tunelab.data import IGNORE, Collator, DataError, prepare_file, prepare_splits, read_rows
 
@@ -41,7 +41,10 @@ def test_prompt_completion_chat_masks_exactly_the_answer_and_end_of_turn(tmp_pat
     f = p.features[0]
     assert p.format == "prompt_completion"
     full = tok.decode(f["input_ids"])
-    assert full == "<|im_start|>user\nwhat is the colour of the sky ?<|im_end|>\n<|im_start|>assistant\nblue<|im_end|>\n"
+    assert (
+        full
+        == "<|im_start|>user\nwhat is the colour of the sky ?<|im_end|>\n<|im_start|>assistant\nblue<|im_end|>\n"
+    )
     assert trained_text(tok, f) == "blue<|im_end|>\n"
     # the prompt used for scoring ends with the generation prompt, and the reference is the completion
     assert p.prompts[0][0].endswith("<|im_start|>assistant\n")
@@ -114,8 +117,10 @@ def test_bad_row_names_file_and_line(tmp_path, tok, row, message):
 
 
 def test_bad_messages_rows(tmp_path, tok):
-    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]},
-            {"messages": [{"role": "robot", "content": "hi"}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]},
+        {"messages": [{"role": "robot", "content": "hi"}]},
+    ]
     with pytest.raises(DataError, match=r"d.jsonl:2: messages\[0\].role is 'robot'"):
         prep(tmp_path, tok, rows)
 
@@ -171,7 +176,9 @@ def test_eval_split_is_deterministic_and_disjoint(tmp_path, tok):
 
 
 def test_collator_pads_to_the_longest_row_with_masked_labels():
-    batch = Collator(pad_id=3)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    batch = Collator(pad_id=3)(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

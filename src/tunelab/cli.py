@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train as a YAML config says")
     t.add_argument("config")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.lr=1e-4")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.lr=1e-4"
+    )
     g = t.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
@@ -93,8 +95,15 @@ def _dispatch(args) -> int:
         print(json.dumps(metrics, indent=2))
         return 0
     if args.verb == "generate":
-        print(run.generate(args.target, args.prompt, max_new_tokens=args.max_new_tokens, system=args.system,
-                           temperature=args.temperature))
+        print(
+            run.generate(
+                args.target,
+                args.prompt,
+                max_new_tokens=args.max_new_tokens,
+                system=args.system,
+                temperature=args.temperature,
+            )
+        )
         return 0
     if args.verb == "merge":
         print(f"merged model written to {run.merge(args.run, args.out)}")
@@ -109,8 +118,10 @@ def _dispatch(args) -> int:
 
 def _print_summary(s: dict) -> None:
     p, t = s["parameters"], s["train"]
-    print(f"\ntrained {'+'.join(s['strategy'])}: {t['steps']} steps, {t['tokens_seen']:,} tokens, "
-          f"{t['tokens_per_s']:.0f} tokens/s, peak memory {s['memory']['peak_mb']:.0f} MB, {s['wall_time_s']:.0f} s")
+    print(
+        f"\ntrained {'+'.join(s['strategy'])}: {t['steps']} steps, {t['tokens_seen']:,} tokens, "
+        f"{t['tokens_per_s']:.0f} tokens/s, peak memory {s['memory']['peak_mb']:.0f} MB, {s['wall_time_s']:.0f} s"
+    )
     print(f"trainable parameters: {p['trainable']:,} / {p['total']:,} ({p['trainable_pct']:.3f}%)")
     if "eval" in s:
         from tunelab.evaluate import headline

@@ -113,7 +113,9 @@ class TrainingConfig(Strict):
     logging_steps: int = Field(10, gt=0, description="Log loss, learning rate and tokens/s every N steps.")
     save_steps: int = Field(200, gt=0, description="Write a resumable checkpoint every N steps.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate eval loss every N steps (default: at the end).")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate eval loss every N steps (default: at the end)."
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> TrainingConfig:
@@ -123,7 +125,9 @@ class TrainingConfig(Strict):
 
 
 class EvalConfig(Strict):
-    before: bool = Field(False, description="Also score the untouched model before training (summary: before/after).")
+    before: bool = Field(
+        False, description="Also score the untouched model before training (summary: before/after)."
+    )
     max_new_tokens: int = Field(32, gt=0, description="Tokens generated per eval prompt for exact match/accuracy.")
     batch_size: int = Field(16, gt=0, description="Prompts generated at once.")
     max_examples: int | None = Field(None, gt=0, description="Score only the first N eval rows (default all).")

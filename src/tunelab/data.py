@@ -169,7 +169,9 @@ class Formatter:
 
     def render_pair(self, prompt: str, completion: str) -> Rendered:
         if self.chat:
-            return self.render_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+            return self.render_chat(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            )
         text = prompt + completion + self.eos
         return Rendered(text, [(len(prompt), len(text))], prompt, completion)
 
@@ -220,7 +222,8 @@ class Formatter:
         ids, labels = ids[:max_length], labels[:max_length]
         if all(x == IGNORE for x in labels):
             raise ValueError(
-                f"no trainable token after truncation to training.max_length={max_length} (row is {full_len} tokens)"
+                f"no trainable token after truncation to training.max_length={max_length} "
+                f"(row is {full_len} tokens)"
             )
         return {"input_ids": ids, "labels": labels, "length": len(ids)}
 
@@ -311,8 +314,14 @@ def prepare_rows(
 def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None) -> Prepared:
     path = Path(path)
     return prepare_rows(
-        read_rows(path), tokenizer, data_cfg, max_length,
-        source=str(path), lines=_row_lines(path), fmt=fmt, labels=labels,
+        read_rows(path),
+        tokenizer,
+        data_cfg,
+        max_length,
+        source=str(path),
+        lines=_row_lines(path),
+        fmt=fmt,
+        labels=labels,
     )
 
 
@@ -331,11 +340,20 @@ def prepare_splits(data_cfg, tokenizer, max_length: int, seed: int) -> tuple[Pre
     train = prepare_rows(rows, tokenizer, data_cfg, max_length, source=str(train_path), lines=lines)
     evaluation = None
     if data_cfg.eval:
-        evaluation = prepare_file(data_cfg.eval, tokenizer, data_cfg, max_length, fmt=train.format,
-                                  labels=train.labels)
+        evaluation = prepare_file(
+            data_cfg.eval, tokenizer, data_cfg, max_length, fmt=train.format, labels=train.labels
+        )
     elif eval_rows:
-        evaluation = prepare_rows(eval_rows, tokenizer, data_cfg, max_length, source=str(train_path),
-                                  lines=eval_lines, fmt=train.format, labels=train.labels)
+        evaluation = prepare_rows(
+            eval_rows,
+            tokenizer,
+            data_cfg,
+            max_length,
+            source=str(train_path),
+            lines=eval_lines,
+            fmt=train.format,
+            labels=train.labels,
+        )
     return train, evaluation
 
 

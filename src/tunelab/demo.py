@@ -75,8 +75,8 @@ SLOTS = {
     "item": ["lamp", "keyboard", "mug", "headset", "monitor stand"],
 }
 INSTRUCTION = (
-    "Triage this support ticket. Reply with JSON only, with keys \"category\" "
-    "(billing, technical, account or shipping) and \"priority\" (high, medium or low).\n\nTicket:\n"
+    'Triage this support ticket. Reply with JSON only, with keys "category" '
+    '(billing, technical, account or shipping) and "priority" (high, medium or low).\n\nTicket:\n'
 )
 
 
@@ -92,8 +92,10 @@ def make_tickets(n: int, seed: int) -> list[dict[str, str]]:
         category = list(CATEGORIES)[i % len(CATEGORIES)]
         priority = list(URGENCY)[(i // len(CATEGORIES)) % len(URGENCY)]
         body = _fill(rng.choice(CATEGORIES[category]), rng)
-        ticket = f"{rng.choice(GREETINGS)} {body[0].upper() + body[1:]}. {rng.choice(URGENCY[priority])} " \
-                 f"{_fill(rng.choice(SIGNOFFS), rng)}"
+        ticket = (
+            f"{rng.choice(GREETINGS)} {body[0].upper() + body[1:]}. {rng.choice(URGENCY[priority])} "
+            f"{_fill(rng.choice(SIGNOFFS), rng)}"
+        )
         answer = json.dumps({"category": category, "priority": priority})
         rows.append({"prompt": INSTRUCTION + ticket, "completion": answer})
     rng.shuffle(rows)
@@ -117,15 +119,29 @@ def demo_config(out_dir: Path, *, train_rows: int, eval_rows: int, steps: int, m
         "model": model,
         "data": {"train": str(train), "eval": str(evaluation)},
         "strategy": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
-        "training": {"max_steps": steps, "batch_size": 8, "lr": 1e-3, "warmup_steps": 5,
-                     "max_length": 192, "logging_steps": 5, "save_steps": max(steps, 1)},
+        "training": {
+            "max_steps": steps,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "warmup_steps": 5,
+            "max_length": 192,
+            "logging_steps": 5,
+            "save_steps": max(steps, 1),
+        },
         "eval": {"before": True, "max_new_tokens": 24, "batch_size": 20},
         "output_dir": str(out_dir),
     }
 
 
-def run_demo(out_dir: str = "runs/demo", *, steps: int = 60, train_rows: int = 320, eval_rows: int = 40,
-             model: str = "smollm2-135m-instruct", overwrite: bool = True) -> dict:
+def run_demo(
+    out_dir: str = "runs/demo",
+    *,
+    steps: int = 60,
+    train_rows: int = 320,
+    eval_rows: int = 40,
+    model: str = "smollm2-135m-instruct",
+    overwrite: bool = True,
+) -> dict:
     from tunelab.run import train
 
     out = Path(out_dir)
@@ -137,16 +153,22 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 60, train_rows: int = 3
     sample_b, sample_a = before["samples"][0], after["samples"][0]
     ticket = sample_a["prompt"].split("Ticket:\n", 1)[-1].split("<|im_end|>")[0].strip()
     print("\n=== tunelab demo: results ===")
-    print(f"exact match   before: {before['exact_match']:.0%}   after: {after['exact_match']:.0%}"
-          f"   (eval tickets: {after['examples']})")
+    print(
+        f"exact match   before: {before['exact_match']:.0%}   after: {after['exact_match']:.0%}"
+        f"   (eval tickets: {after['examples']})"
+    )
     print(f"eval loss     before: {before['loss']:.3f}   after: {after['loss']:.3f}")
     print(f"ticket:    {ticket}")
     print(f"reference: {sample_a['reference']}")
     print(f"before:    {sample_b['prediction']}")
     print(f"after:     {sample_a['prediction']}")
-    print(f"trainable parameters: {s['parameters']['trainable']:,} of {s['parameters']['total']:,} "
-          f"({s['parameters']['trainable_pct']:.2f}%)")
-    print(f"tokens/s: {s['train']['tokens_per_s']:.0f}   peak memory: {s['memory']['peak_mb']:.0f} MB   "
-          f"wall time: {s['wall_time_s']:.0f} s")
+    print(
+        f"trainable parameters: {s['parameters']['trainable']:,} of {s['parameters']['total']:,} "
+        f"({s['parameters']['trainable_pct']:.2f}%)"
+    )
+    print(
+        f"tokens/s: {s['train']['tokens_per_s']:.0f}   peak memory: {s['memory']['peak_mb']:.0f} MB   "
+        f"wall time: {s['wall_time_s']:.0f} s"
+    )
     print(f"outputs:   {result.run_dir}/ (adapter in {s['outputs']['model']}, summary.json, metrics.jsonl)")
     return s

@@ -51,13 +51,17 @@ class TunelabTrainer(Trainer):
             if not seen:
                 raise ValueError("no parameter trains: the strategy left every parameter frozen")
             self.optimizer = torch.optim.AdamW(
-                groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                groups,
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
             )
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         terms = {}
         for s in self.strategies:
             for name, value in s.loss_terms(model, inputs, outputs).items():

@@ -40,16 +40,18 @@ def loss_and_perplexity(model, prepared: Prepared, pad_id: int, batch_size: int,
         with autocast(device, bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        ).item()
         count += int((labels != IGNORE).sum())
     mean = nll / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[tuple[str, bool]], max_new_tokens: int, bf16: bool,
-                   **gen_kwargs) -> list[str]:
+def generate_batch(
+    model, tokenizer, prompts: list[tuple[str, bool]], max_new_tokens: int, bf16: bool, **gen_kwargs
+) -> list[str]:
     """Greedy (unless sampling args are given) generations for prompts, decoded without special tokens."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
@@ -62,9 +64,14 @@ def generate_batch(model, tokenizer, prompts: list[tuple[str, bool]], max_new_to
     enc = {k: v.to(device) for k, v in enc.items()}
     gen_kwargs.setdefault("do_sample", False)
     with autocast(device, bf16):
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **gen_kwargs)
-    new = out[:, enc["input_ids"].shape[1]:]
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **gen_kwargs,
+        )
+    new = out[:, enc["input_ids"].shape[1] :]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
@@ -74,11 +81,19 @@ def score(model, tokenizer, prepared: Prepared, eval_cfg, bf16: bool, samples: i
     model.eval()
     try:
         n = eval_cfg.max_examples or len(prepared.features)
-        sub = Prepared(prepared.features[:n], prepared.prompts[:n], prepared.references[:n], prepared.stats,
-                       prepared.format, prepared.labels)
+        sub = Prepared(
+            prepared.features[:n],
+            prepared.prompts[:n],
+            prepared.references[:n],
+            prepared.stats,
+            prepared.format,
+            prepared.labels,
+        )
         result: dict[str, Any] = loss_and_perplexity(model, sub, tokenizer.pad_token_id, eval_cfg.batch_size, bf16)
         result["examples"] = len(sub.features)
-        scored = [(p, r) for p, r in zip(sub.prompts, sub.references, strict=True) if p is not None and r is not None]
+        scored = [
+            (p, r) for p, r in zip(sub.prompts, sub.references, strict=True) if p is not None and r is not None
+        ]
         if scored:
             preds: list[str] = []
             for chunk in batches(scored, eval_cfg.batch_size):

@@ -34,7 +34,13 @@ from tunelab.evaluate import generate_batch, score
 from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model
 from tunelab.strategies import build_strategies
 
-CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = "config.yaml", "summary.json", "metrics.jsonl", "model", "checkpoints"
+CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
+    "config.yaml",
+    "summary.json",
+    "metrics.jsonl",
+    "model",
+    "checkpoints",
+)
 
 
 class RunError(RuntimeError):
@@ -103,15 +109,20 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
             raise RunError(f"--resume: {saved_path} does not exist; there is no run to resume in {run_dir}")
         changed = _diff(yaml.safe_load(saved_path.read_text()), resolved)
         if changed:
-            raise RunError(f"--resume: the config differs from the one {run_dir} was started with: "
-                           + "; ".join(changed))
+            raise RunError(
+                f"--resume: the config differs from the one {run_dir} was started with: " + "; ".join(changed)
+            )
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise RunError(f"output_dir {run_dir} is not empty; use --resume to continue that run, "
-                           "--overwrite to replace it, or choose another output_dir")
+            raise RunError(
+                f"output_dir {run_dir} is not empty; use --resume to continue that run, "
+                "--overwrite to replace it, or choose another output_dir"
+            )
         if not (run_dir / CONFIG).is_file():
-            raise RunError(f"--overwrite: {run_dir} does not look like a tunelab run (no {CONFIG}); not deleting it")
+            raise RunError(
+                f"--overwrite: {run_dir} does not look like a tunelab run (no {CONFIG}); not deleting it"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -152,7 +163,9 @@ def training_arguments(cfg: RunConfig, run_dir: Path, lr: float, precision: str,
         length_column_name="length",
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_backend="gloo"
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        else None,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
     )
@@ -208,8 +221,12 @@ def train(
         "precision": precision,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "parameters": {"trainable": trainable, "total": total, "trainable_pct": round(100 * trainable / total, 4)},
-        "data": {"format": train_data.format, "labels": train_data.labels, "train": train_data.stats.as_dict(),
-                 "eval": eval_data.stats.as_dict() if eval_data else None},
+        "data": {
+            "format": train_data.format,
+            "labels": train_data.labels,
+            "train": train_data.stats.as_dict(),
+            "eval": eval_data.stats.as_dict() if eval_data else None,
+        },
     }
     if main and cfg.eval.before and eval_data is not None:
         model.to(device)
@@ -230,10 +247,17 @@ def train(
     trainer.remove_callback(ProgressCallback)
     tb = TensorBoardCallback()
     tb.logging_dir = str(run_dir / "tb")
-    for cb in [BarCallback(throughput), MetricsCallback(run_dir / METRICS, throughput), tb,
-               *[c for s in strategies for c in s.callbacks()], *(callbacks or [])]:
+    for cb in [
+        BarCallback(throughput),
+        MetricsCallback(run_dir / METRICS, throughput),
+        tb,
+        *[c for s in strategies for c in s.callbacks()],
+        *(callbacks or []),
+    ]:
         trainer.add_callback(cb)
-    checkpoint = get_last_checkpoint(str(run_dir / CHECKPOINTS)) if resume and (run_dir / CHECKPOINTS).is_dir() else None
+    checkpoint = (
+        get_last_checkpoint(str(run_dir / CHECKPOINTS)) if resume and (run_dir / CHECKPOINTS).is_dir() else None
+    )
     out = trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
     train_time = out.metrics.get("train_runtime", 0.0)
@@ -256,7 +280,11 @@ def train(
             summary["eval"] = score(model, tokenizer, eval_data, cfg.eval, bf16)
         summary["memory"] = peak_memory_mb(device)
         summary["wall_time_s"] = round(time.perf_counter() - t_start, 2)
-        summary["outputs"] = {"run_dir": str(run_dir), "model": str(run_dir / MODEL), "config": str(run_dir / CONFIG)}
+        summary["outputs"] = {
+            "run_dir": str(run_dir),
+            "model": str(run_dir / MODEL),
+            "config": str(run_dir / CONFIG),
+        }
         write_json_atomic(run_dir / SUMMARY, summary)
     del trainer, model
     return RunResult(run_dir, summary)
@@ -337,8 +365,14 @@ def evaluate(target: str | Path, data: str | Path | None = None, overrides: list
     return score(loaded.model, loaded.tokenizer, prepared, cfg.eval, bf16)
 
 
-def generate(target: str | Path, prompt: str, *, max_new_tokens: int = 128, system: str | None = None,
-             temperature: float = 0.0) -> str:
+def generate(
+    target: str | Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    system: str | None = None,
+    temperature: float = 0.0,
+) -> str:
     """One answer to ``prompt``, rendered with the chat template when the tokenizer has one."""
     loaded = _target(target)
     tok = loaded.tokenizer
@@ -361,8 +395,10 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise RunError(f"{out_dir} is not empty; choose a new directory for the merged model")
     loaded = load_run(run_dir)
     if all(s.artefact == "full" for s in loaded.strategies):
-        raise RunError(f"{run_dir} used {'+'.join(loaded.cfg.strategy_names())}: its {MODEL}/ is already a "
-                       "standalone model, nothing to merge")
+        raise RunError(
+            f"{run_dir} used {'+'.join(loaded.cfg.strategy_names())}: its {MODEL}/ is already a "
+            "standalone model, nothing to merge"
+        )
     model = loaded.model
     for s in reversed(loaded.strategies):
         model = s.merge(model)

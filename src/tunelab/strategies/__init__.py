@@ -1,5 +1,6 @@
 """Strategy registry. Importing this package registers the built-in strategies."""
 
+from tunelab.strategies import full, lora  # noqa: E402,F401  (registration side effect)
 from tunelab.strategies.base import (
     Strategy,
     StrategyConfig,
@@ -9,7 +10,6 @@ from tunelab.strategies.base import (
     registered,
     validate_strategy_specs,
 )
-from tunelab.strategies import full, lora  # noqa: E402,F401  (registration side effect)
 
 __all__ = [
     "Strategy",

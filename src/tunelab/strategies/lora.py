@@ -64,7 +64,9 @@ class Lora(Strategy):
             return get_peft_model(model, self.peft_config())
         except ValueError as e:
             # PEFT says "Target modules ... not found"; add what the model does have.
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            names = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            )
             raise ValueError(
                 f"strategy lora: target_modules={self.config.target_modules!r} matched nothing usable ({e}). "
                 f"Linear layers in this model: {', '.join(names)}"
