@@ -95,9 +95,15 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         plain.generation_config = quant.generation_config
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():  # a previous, incomplete conversion
+        if (target / "model.safetensors").is_file():
+            return  # another process (e.g. a second torchrun rank) finished first; keep its copy
+        if target.exists():  # a previous, interrupted conversion
             shutil.rmtree(target)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

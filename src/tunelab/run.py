@@ -158,6 +158,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, lr: float, precision: str,
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
         eval_steps=t.eval_steps,
+        prediction_loss_only=True,  # in-training eval needs the loss only; never hold all logits
         report_to="none",
         train_sampling_strategy="group_by_length",
         length_column_name="length",
