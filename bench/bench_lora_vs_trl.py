@@ -47,13 +47,22 @@ def run_tunelab(model_dir: str, steps: int, bs: int, work: Path) -> dict:
         "model": model_dir,
         "data": {"train": str(data)},
         "strategy": {"name": "lora", "r": R, "alpha": ALPHA, "dropout": 0.0, "target_modules": "all-linear"},
-        "training": {"max_steps": steps, "batch_size": bs, "lr": LR, "max_length": MAX_LEN,
-                     "save_steps": 10 * steps, "logging_steps": 5},
+        "training": {
+            "max_steps": steps,
+            "batch_size": bs,
+            "lr": LR,
+            "max_length": MAX_LEN,
+            "save_steps": 10 * steps,
+            "logging_steps": 5,
+        },
         "output_dir": str(work / "tunelab-run"),
     }
     s = train(cfg).summary
-    return {"tokens": s["train"]["tokens_seen"], "train_time_s": s["train"]["train_time_s"],
-            "precision": s["precision"]}
+    return {
+        "tokens": s["train"]["tokens_seen"],
+        "train_time_s": s["train"]["train_time_s"],
+        "precision": s["precision"],
+    }
 
 
 def run_trl(model_dir: str, steps: int, bs: int, work: Path) -> dict:
@@ -63,23 +72,40 @@ def run_trl(model_dir: str, steps: int, bs: int, work: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     # conversational prompt/completion, so TRL applies the chat template as tunelab does
-    data = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": r["prompt"]}],
-         "completion": [{"role": "assistant", "content": r["completion"]}]}
-        for r in rows(steps * bs)
-    ])
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in rows(steps * bs)
+        ]
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = SFTConfig(  # TRL defaults, except what must match: steps, batch size, lr, max length
-        output_dir=str(work / "trl-run"), max_steps=steps, per_device_train_batch_size=bs, learning_rate=LR,
-        max_length=MAX_LEN, save_strategy="no", report_to="none", logging_steps=5,
-        include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(),
+        output_dir=str(work / "trl-run"),
+        max_steps=steps,
+        per_device_train_batch_size=bs,
+        learning_rate=LR,
+        max_length=MAX_LEN,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=5,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
     )
-    peft_cfg = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_cfg = LoraConfig(
+        r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_cfg)
     out = trainer.train()
-    return {"tokens": int(trainer.state.num_input_tokens_seen), "train_time_s": out.metrics["train_runtime"],
-            "precision": "bf16" if args.bf16 else "fp32", "gradient_checkpointing": args.gradient_checkpointing}
+    return {
+        "tokens": int(trainer.state.num_input_tokens_seen),
+        "train_time_s": out.metrics["train_runtime"],
+        "precision": "bf16" if args.bf16 else "fp32",
+        "gradient_checkpointing": args.gradient_checkpointing,
+    }
 
 
 def child(which: str, model_dir: str, steps: int, bs: int) -> None:
@@ -107,27 +133,54 @@ def main() -> None:
     results = {}
     for which in ("tunelab", "trl"):
         print(f"running {which} ...", flush=True)
-        p = subprocess.run([sys.executable, __file__, "--child", which, "--model-dir", model_dir,
-                            "--steps", str(a.steps), "--batch-size", str(a.batch_size)],
-                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        p = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                which,
+                "--model-dir",
+                model_dir,
+                "--steps",
+                str(a.steps),
+                "--batch-size",
+                str(a.batch_size),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode or not line:
             sys.exit(f"{which} failed:\n{p.stderr[-4000:]}")
         results[which] = json.loads(line[0][7:])
     t, r = results["tunelab"], results["trl"]
-    results["setup"] = {"model": a.model, "steps": a.steps, "batch_size": a.batch_size, "lora_r": R,
-                        "max_length": MAX_LEN, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                        "threads": torch.get_num_threads()}
-    results["ratio"] = {"tokens_per_s": t["tokens_per_s"] / r["tokens_per_s"], "peak_mb": t["peak_mb"] / r["peak_mb"]}
+    results["setup"] = {
+        "model": a.model,
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "lora_r": R,
+        "max_length": MAX_LEN,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+    results["ratio"] = {
+        "tokens_per_s": t["tokens_per_s"] / r["tokens_per_s"],
+        "peak_mb": t["peak_mb"] / r["peak_mb"],
+    }
     out = HERE / "out"
     out.mkdir(exist_ok=True)
     (out / "lora_vs_trl.json").write_text(json.dumps(results, indent=2))
     print(f"\n{'':10}{'tokens':>10}{'train s':>10}{'tokens/s':>10}{'peak MB':>10}  precision")
     for name, x in (("tunelab", t), ("TRL", r)):
-        print(f"{name:10}{x['tokens']:>10}{x['train_time_s']:>10.1f}{x['tokens_per_s']:>10.1f}{x['peak_mb']:>10.0f}"
-              f"  {x['precision']}")
-    print(f"ratio tunelab/TRL: tokens/s x{results['ratio']['tokens_per_s']:.2f}, "
-          f"peak memory x{results['ratio']['peak_mb']:.2f}")
+        print(
+            f"{name:10}{x['tokens']:>10}{x['train_time_s']:>10.1f}{x['tokens_per_s']:>10.1f}{x['peak_mb']:>10.0f}"
+            f"  {x['precision']}"
+        )
+    print(
+        f"ratio tunelab/TRL: tokens/s x{results['ratio']['tokens_per_s']:.2f}, "
+        f"peak memory x{results['ratio']['peak_mb']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -155,3 +155,25 @@ def test_zero_trainable_parameters_is_an_error(tiny_llama, memo_data, tmp_path):
             train(cfg)
     finally:
         run_mod.build_strategies = original
+
+
+def test_dora_and_rslora_switches_reach_peft(tiny_llama):
+    opts = {"name": "lora", "r": 4, "alpha": 8, "use_dora": True, "use_rslora": True}
+    (s,) = build_strategies(load_config({"data": {"train": "x"}, "strategy": opts}).strategy)
+    model = s.apply(load_model(tiny_llama))
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())  # DoRA's magnitudes
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
+
+
+def test_gradient_checkpointing_trains_the_same_as_without(tiny_llama, memo_data, tmp_path):
+    a = train(tiny_config(tiny_llama, memo_data, tmp_path / "a", "lora", max_steps=3)).run_dir
+    b = train(
+        tiny_config(tiny_llama, memo_data, tmp_path / "b", "lora", max_steps=3, gradient_checkpointing=True)
+    ).run_dir
+    wa, wb = (
+        load_file(a / "model" / "adapter_model.safetensors"),
+        load_file(b / "model" / "adapter_model.safetensors"),
+    )
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)

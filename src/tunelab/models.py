@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tunelab.fsutil import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,9 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     """Dequantize a GGUF model into a safetensors HF directory, written atomically (temp dir + rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # A target that exists but lacks weights is an interrupted conversion: replace it. One that is complete
+    # was written meanwhile by another process (e.g. a second torchrun rank): keep it.
+    with atomic_dir(target, keep_existing=lambda t: (t / "model.safetensors").is_file()) as tmp:
         src, fname = str(gguf_path.parent), gguf_path.name
         tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
         quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
@@ -95,18 +95,6 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         plain.generation_config = quant.generation_config
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if (target / "model.safetensors").is_file():
-            return  # another process (e.g. a second torchrun rank) finished first; keep its copy
-        if target.exists():  # a previous, interrupted conversion
-            shutil.rmtree(target)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(model_dir: Path):

@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import yaml
 from tunelab.config import ConfigError, RunConfig, load_config
 from tunelab.data import Collator, prepare_file, prepare_splits
 from tunelab.evaluate import generate_batch, score
+from tunelab.fsutil import atomic_dir
 from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model
 from tunelab.strategies import build_strategies
 
@@ -292,18 +292,11 @@ def train(
 
 
 def save_artefact(strategies, model, tokenizer, target: Path) -> None:
-    """Write the final artefact into a temp dir and rename it into place: never half-written."""
-    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
-    try:
+    """Write the final artefact beside ``target`` and rename it into place: never half-written."""
+    with atomic_dir(target) as tmp:
         for s in strategies:
             s.save(model, tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- reading runs back
@@ -403,16 +396,8 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
     model = loaded.model
     for s in reversed(loaded.strategies):
         model = s.merge(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # out_dir is absent or empty (checked above)
         model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         shutil.copy(Path(run_dir) / CONFIG, tmp / "tunelab_config.yaml")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

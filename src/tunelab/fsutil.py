@@ -1,0 +1,31 @@
+"""Writing directories so that nothing half-written is ever left where a reader looks."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_dir(target: Path, *, keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target``; on success rename it to ``target``.
+
+    On an exception the temporary directory is removed and ``target`` is untouched. A ``target`` that
+    exists at the end is replaced, unless ``keep_existing(target)`` says to keep it (e.g. a complete copy
+    another process wrote meanwhile), in which case the new copy is discarded.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            if keep_existing is not None and keep_existing(target):
+                return
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
