@@ -78,5 +78,8 @@ def test_cli_errors_are_one_clear_line_and_exit_2(tiny_llama, memo_data, tmp_pat
     p = tunelab("train", str(cfg_path), "--set", "model=/nowhere/model")
     assert p.returncode == 2 and "model '/nowhere/model' is neither a known name" in p.stderr
 
+    p = tunelab("train", str(cfg_path), "--set", "strategy.target_modules=[nope_proj]")
+    assert p.returncode == 2 and "matched nothing usable" in p.stderr and "Traceback" not in p.stderr
+
     p = tunelab("eval", str(tmp_path / "not-a-run"))
     assert p.returncode == 2 and "Traceback" not in p.stderr

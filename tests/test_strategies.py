@@ -132,7 +132,9 @@ def test_merge_of_a_full_run_is_refused(tiny_llama, memo_data, tmp_path):
 
 def test_target_modules_that_match_nothing_is_an_error(tiny_llama, memo_data, tmp_path):
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", {"name": "lora", "target_modules": ["nope_proj"]})
-    with pytest.raises(ValueError, match="matched nothing usable.*Linear layers in this model: .*q_proj"):
+    from tunelab.strategies import StrategyError
+
+    with pytest.raises(StrategyError, match="matched nothing usable.*Linear layers in this model: .*q_proj"):
         train(cfg)
 
 

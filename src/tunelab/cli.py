@@ -63,15 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     from tunelab.data import DataError
     from tunelab.models import ModelNotFound
     from tunelab.run import RunError
+    from tunelab.strategies import StrategyError
 
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, ModelNotFound, RunError) as e:
-        print(f"tunelab {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # strategy-level problems (e.g. target modules that match nothing)
-        if "strategy" not in str(e):
-            raise
+    except (ConfigError, DataError, ModelNotFound, RunError, StrategyError) as e:
         print(f"tunelab {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,7 @@ from tunelab.strategies import full, lora  # noqa: E402,F401  (registration side
 from tunelab.strategies.base import (
     Strategy,
     StrategyConfig,
+    StrategyError,
     build_strategies,
     get_strategy,
     register_strategy,
@@ -14,6 +15,7 @@ from tunelab.strategies.base import (
 __all__ = [
     "Strategy",
     "StrategyConfig",
+    "StrategyError",
     "build_strategies",
     "get_strategy",
     "register_strategy",

@@ -29,6 +29,10 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+class StrategyError(ValueError):
+    """A strategy cannot be applied to this model as configured (e.g. target modules that match nothing)."""
+
+
 class StrategyConfig(BaseModel):
     """Base of every strategy's options. Subclasses add fields, each with a description (its help text)."""
 

@@ -20,7 +20,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from pydantic import Field
 
-from tunelab.strategies.base import Strategy, StrategyConfig, register_strategy
+from tunelab.strategies.base import Strategy, StrategyConfig, StrategyError, register_strategy
 
 
 class LoraConfig(StrategyConfig):
@@ -67,7 +67,7 @@ class Lora(Strategy):
             names = sorted(
                 {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
             )
-            raise ValueError(
+            raise StrategyError(
                 f"strategy lora: target_modules={self.config.target_modules!r} matched nothing usable ({e}). "
                 f"Linear layers in this model: {', '.join(names)}"
             ) from None
