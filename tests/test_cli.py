@@ -77,6 +77,7 @@ def test_cli_errors_are_one_clear_line_and_exit_2(tiny_llama, memo_data, tmp_pat
 
     p = tunelab("train", str(cfg_path), "--set", "model=/nowhere/model")
     assert p.returncode == 2 and "model '/nowhere/model' is neither a known name" in p.stderr
+    assert not (tmp_path / "run").exists()  # a setup that failed leaves no run dir behind
 
     p = tunelab("train", str(cfg_path), "--set", "strategy.target_modules=[nope_proj]")
     assert p.returncode == 2 and "matched nothing usable" in p.stderr and "Traceback" not in p.stderr

@@ -197,11 +197,12 @@ def train(
     precision = resolve_precision(cfg.training.precision, device)
     main = is_main_process()
 
-    # -- set up: run dir, data (fails before the model loads), model, strategies
-    run_dir = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.output_dir)
+    # -- set up: model files, data (bad rows fail here, before the model loads), run dir, model, strategies.
+    # The run dir is written only once the inputs are known good, so a failed setup leaves nothing behind.
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     train_data, eval_data = prepare_splits(cfg.data, tokenizer, cfg.training.max_length, cfg.training.seed)
+    run_dir = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.output_dir)
     set_seed(cfg.training.seed)
     model = load_model(model_dir)
     strategies = build_strategies(cfg.strategy)
