@@ -30,6 +30,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/bench_lora_vs_trl.py
+	$(BIN)/python bench/bench_layerwise.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

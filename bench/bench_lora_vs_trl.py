@@ -12,30 +12,15 @@ Writes bench/out/lora_vs_trl.json and prints a table with the ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+from common import report, run_child, table
+from common import ticket_rows as rows
+
 R, ALPHA, LR, MAX_LEN = 16, 32, 1e-3, 192
-
-
-def peak_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rows(n: int):
-    from tunelab.demo import make_tickets
-
-    return make_tickets(n, seed=1)
 
 
 def run_tunelab(model_dir: str, steps: int, bs: int, work: Path) -> dict:
@@ -110,10 +95,7 @@ def run_trl(model_dir: str, steps: int, bs: int, work: Path) -> dict:
 
 def child(which: str, model_dir: str, steps: int, bs: int) -> None:
     with tempfile.TemporaryDirectory() as d:
-        res = (run_tunelab if which == "tunelab" else run_trl)(model_dir, steps, bs, Path(d))
-    res["tokens_per_s"] = res["tokens"] / res["train_time_s"]
-    res["peak_mb"] = peak_mb()
-    print("RESULT " + json.dumps(res), flush=True)
+        report((run_tunelab if which == "tunelab" else run_trl)(model_dir, steps, bs, Path(d)))
 
 
 def main() -> None:
@@ -133,53 +115,24 @@ def main() -> None:
     results = {}
     for which in ("tunelab", "trl"):
         print(f"running {which} ...", flush=True)
-        p = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                which,
-                "--model-dir",
-                model_dir,
-                "--steps",
-                str(a.steps),
-                "--batch-size",
-                str(a.batch_size),
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        results[which] = run_child(
+            __file__,
+            "--child",
+            which,
+            "--model-dir",
+            model_dir,
+            "--steps",
+            str(a.steps),
+            "--batch-size",
+            str(a.batch_size),
         )
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            sys.exit(f"{which} failed:\n{p.stderr[-4000:]}")
-        results[which] = json.loads(line[0][7:])
     t, r = results["tunelab"], results["trl"]
-    results["setup"] = {
-        "model": a.model,
-        "steps": a.steps,
-        "batch_size": a.batch_size,
-        "lora_r": R,
-        "max_length": MAX_LEN,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "threads": torch.get_num_threads(),
-    }
-    results["ratio"] = {
-        "tokens_per_s": t["tokens_per_s"] / r["tokens_per_s"],
-        "peak_mb": t["peak_mb"] / r["peak_mb"],
-    }
-    out = HERE / "out"
-    out.mkdir(exist_ok=True)
-    (out / "lora_vs_trl.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'':10}{'tokens':>10}{'train s':>10}{'tokens/s':>10}{'peak MB':>10}  precision")
-    for name, x in (("tunelab", t), ("TRL", r)):
-        print(
-            f"{name:10}{x['tokens']:>10}{x['train_time_s']:>10.1f}{x['tokens_per_s']:>10.1f}{x['peak_mb']:>10.0f}"
-            f"  {x['precision']}"
-        )
+    table(results, "lora_vs_trl")
     print(
-        f"ratio tunelab/TRL: tokens/s x{results['ratio']['tokens_per_s']:.2f}, "
-        f"peak memory x{results['ratio']['peak_mb']:.2f}"
+        f"ratio tunelab/TRL: tokens/s x{t['tokens_per_s'] / r['tokens_per_s']:.2f}, "
+        f"peak memory x{t['peak_mb'] / r['peak_mb']:.2f}  "
+        f"(device: {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+        f"{torch.get_num_threads()} threads, steps {a.steps}, batch {a.batch_size})"
     )
 
 

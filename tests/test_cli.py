@@ -80,7 +80,7 @@ def test_cli_errors_are_one_clear_line_and_exit_2(tiny_llama, memo_data, tmp_pat
     assert not (tmp_path / "run").exists()  # a setup that failed leaves no run dir behind
 
     p = tunelab("train", str(cfg_path), "--set", "strategy.target_modules=[nope_proj]")
-    assert p.returncode == 2 and "matched nothing usable" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "could not be applied to this model" in p.stderr and "Traceback" not in p.stderr
 
     p = tunelab("eval", str(tmp_path / "not-a-run"))
     assert p.returncode == 2 and "Traceback" not in p.stderr

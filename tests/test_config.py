@@ -80,7 +80,7 @@ def test_bad_choice_lists_allowed_values(tmp_path):
 def test_missing_data_and_unknown_strategy(tmp_path):
     ps = problems(tmp_path, "strategy: loraa\n")
     assert any("data: required key is missing" in p for p in ps)
-    assert any("unknown strategy 'loraa'; registered: full, lora" in p for p in ps)
+    assert any("unknown strategy 'loraa'; registered: adapters, full, ia3, layerwise, lora" in p for p in ps)
 
 
 def test_cross_field_checks(tmp_path):
@@ -155,9 +155,48 @@ def test_registry_refuses_duplicates_and_malformed_names():
     assert issubclass(registered()["lora"].Config, StrategyConfig)
 
 
-def test_combining_strategies_is_refused_until_supported():
-    with pytest.raises(ConfigError, match="combining strategies"):
-        load_config({"data": {"train": "x"}, "strategy": ["full", "lora"]})
+@pytest.mark.parametrize(
+    ("combo", "reason"),
+    [
+        (["full", "lora"], "'full' trains every parameter, so combining it with lora adds nothing"),
+        (["lora", "ia3"], "at most one PEFT tuner"),
+        (["prefix", "prompt"], "at most one PEFT prompt learner"),
+        (["lora", {"name": "peft", "type": "loha"}], "at most one PEFT tuner"),
+        (["lora", "lora"], "a strategy appears twice"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused_with_the_reason(combo, reason):
+    with pytest.raises(ConfigError, match=reason):
+        load_config({"data": {"train": "x"}, "strategy": combo})
+
+
+def test_hybrids_validate_and_apply_in_phase_order():
+    from tunelab.strategies import build_strategies
+
+    cfg = load_config({"data": {"train": "x"}, "strategy": [{"name": "layerwise", "top": 2}, "prefix", "lora"]})
+    assert cfg.strategy_names() == ["layerwise", "prefix", "lora"]
+    assert [s.name for s in build_strategies(cfg.strategy)] == ["lora", "prefix", "layerwise"]
+
+
+def test_peft_pass_through_checks_options_against_the_peft_config():
+    cfg = load_config({"data": {"train": "x"}, "strategy": {"name": "peft", "type": "loha", "r": 4}})
+    assert cfg.strategy[0].options() == {"r": 4}
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['rank'\] for PEFT LoHaConfig"):
+        load_config({"data": {"train": "x"}, "strategy": {"name": "peft", "type": "loha", "rank": 4}})
+    with pytest.raises(ConfigError, match="unknown PEFT method 'nope'"):
+        load_config({"data": {"train": "x"}, "strategy": {"name": "peft", "type": "nope"}})
+
+
+def test_layerwise_options_are_checked():
+    def err(**opts):
+        with pytest.raises(ConfigError) as e:
+            load_config({"data": {"train": "x"}, "strategy": {"name": "layerwise", **opts}})
+        return str(e.value)
+
+    assert "choose what trains" in err()
+    assert "either top or blocks" in err(top=2, blocks=[1])
+    assert "unknown kind(s) ['ffn']" in err(top=1, kinds=["ffn"])
+    assert "use an index" in err(blocks=["a-b"])
 
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -14,11 +12,7 @@ from conftest import tiny_config
 from tunelab.config import load_config
 from tunelab.models import load_model
 from tunelab.run import RunError, load_run, merge, train
-from tunelab.strategies import build_strategies
-
-STRATEGIES = ["full", "lora"]
-# learning rates at which each strategy memorises the tiny set within the test's steps
-LR = {"full": 1e-2, "lora": 2e-2}
+from tunelab.strategies import StrategyError, build_strategies
 
 
 def logits(model, ids):
@@ -29,49 +23,6 @@ def logits(model, ids):
 @pytest.fixture
 def ids():
     return torch.tensor([[1, 50, 60, 70, 80, 90, 2]])
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_training_lowers_loss_and_changes_only_intended_parameters(strategy, tiny_model, memo_data, tmp_path):
-    base = load_model(tiny_model)
-    before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    cfg = tiny_config(
-        tiny_model, memo_data, tmp_path / "run", strategy, max_steps=40, lr=LR[strategy], schedule="constant"
-    )
-    cfg["eval"]["before"] = True
-    result = train(cfg)
-    s = result.summary
-    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
-    assert losses[-1] < 0.5 * losses[0], losses
-    assert s["eval"]["loss"] < 0.5 * s["eval_before"]["loss"]
-
-    trained = load_run(result.run_dir).model
-    if strategy == "full":
-        changed = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
-        assert changed == set(before)  # every weight trains
-    else:
-        # base weights are bit-identical; the only new, trained parameters are LoRA's A and B
-        base_names = {n: p for n, p in trained.named_parameters() if "lora_" not in n}
-        for n, p in base_names.items():
-            original = n.replace("base_model.model.", "").replace(".base_layer", "")
-            assert torch.equal(p, before[original]), n
-        lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
-        assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B started at zero and moved
-    assert s["parameters"]["trainable"] > 0
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_trainable_count_equals_parameters_that_received_gradients(strategy, tiny_model):
-    model = load_model(tiny_model)
-    (s,) = build_strategies(load_config({"data": {"train": "x"}, "strategy": strategy}).strategy)
-    model = s.apply(model)
-    out = model(input_ids=torch.tensor([[1, 50, 60, 70]]), labels=torch.tensor([[1, 50, 60, 70]]))
-    out.loss.backward()
-    # "received a gradient" = autograd wrote one (LoRA's A gets an all-zero one at step 0, since B = 0)
-    with_grad = sum(p.numel() for p in model.parameters() if p.grad is not None)
-    claimed = sum(p.numel() for g in s.param_groups(model, 1e-3) for p in g["params"])
-    assert with_grad == claimed
 
 
 def test_lora_parameter_count_equals_peft(tiny_model):
@@ -89,16 +40,6 @@ def test_lora_parameter_count_equals_peft(tiny_model):
     if "q_proj" in str(ours):
         # llama: q 32->32, v 32->16 (2 kv heads of 8)
         assert n_ours == 2 * (4 * (32 + 32) + 4 * (32 + 16))
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_save_reload_gives_identical_logits(strategy, tiny_model, memo_data, tmp_path, ids):
-    result = train(tiny_config(tiny_model, memo_data, tmp_path / "run", strategy, max_steps=4))
-    loaded = load_run(result.run_dir)
-    # the in-memory model right after training is gone; reload twice to compare with a second load too
-    again = load_run(result.run_dir)
-    assert torch.equal(logits(loaded.model, ids), logits(again.model, ids))
-    assert not torch.allclose(logits(loaded.model, ids), logits(load_model(tiny_model), ids))
 
 
 def test_lora_artefact_is_a_plain_peft_adapter(tiny_llama, memo_data, tmp_path, ids):
@@ -132,31 +73,22 @@ def test_merge_of_a_full_run_is_refused(tiny_llama, memo_data, tmp_path):
 
 def test_target_modules_that_match_nothing_is_an_error(tiny_llama, memo_data, tmp_path):
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", {"name": "lora", "target_modules": ["nope_proj"]})
-    from tunelab.strategies import StrategyError
-
-    with pytest.raises(StrategyError, match="matched nothing usable.*Linear layers in this model: .*q_proj"):
+    with pytest.raises(
+        StrategyError, match="could not be applied.*not found.*Linear layers in this model: .*q_proj"
+    ):
         train(cfg)
 
 
-def test_zero_trainable_parameters_is_an_error(tiny_llama, memo_data, tmp_path):
-    from tunelab.strategies.full import Full
-
-    class FreezeAll(Full):
-        def apply(self, model):
-            for p in model.parameters():
-                p.requires_grad_(False)
-            return model
-
-    cfg = load_config(tiny_config(tiny_llama, memo_data, tmp_path / "run", "full"))
-    import tunelab.run as run_mod
-
-    original = run_mod.build_strategies
-    run_mod.build_strategies = lambda configs: [FreezeAll(c) for c in configs]
-    try:
-        with pytest.raises(RunError, match="leaves no parameter to train"):
-            train(cfg)
-    finally:
-        run_mod.build_strategies = original
+def test_a_strategy_that_selects_nothing_is_an_error(tiny_llama, memo_data, tmp_path):
+    cfg = tiny_config(
+        tiny_llama, memo_data, tmp_path / "run", {"name": "layerwise", "patterns": ["no_such_param"]}
+    )
+    with pytest.raises(StrategyError, match="pattern 'no_such_param' matches no parameter"):
+        train(cfg)
+    cfg = tiny_config(
+        tiny_llama, memo_data, tmp_path / "run2", {"name": "layerwise", "top": 1, "kinds": ["norms"]}
+    )
+    assert train(cfg).summary["parameters"]["trainable"] == 2 * 32  # the block's two RMSNorm weights
 
 
 def test_dora_and_rslora_switches_reach_peft(tiny_llama):

@@ -39,6 +39,8 @@ def loss_and_perplexity(model, prepared: Prepared, pad_id: int, batch_size: int,
         batch = {k: v.to(device) for k, v in collate([prepared.features[i] for i in idx]).items()}
         with autocast(device, bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # prompt learners (prompt tuning, P-tuning) prepend virtual tokens: keep the real positions
+        logits = logits[:, -batch["input_ids"].shape[1] :]
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
         nll += F.cross_entropy(
             logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"

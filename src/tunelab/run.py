@@ -32,7 +32,7 @@ from tunelab.data import Collator, prepare_file, prepare_splits
 from tunelab.evaluate import generate_batch, score
 from tunelab.fsutil import atomic_dir
 from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model
-from tunelab.strategies import build_strategies
+from tunelab.strategies import build_strategies, mark_trainable
 
 CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
     "config.yaml",
@@ -208,9 +208,15 @@ def train(
     strategies = build_strategies(cfg.strategy)
     for s in strategies:
         model = s.apply(model)
+    components = mark_trainable(model, strategies)  # exactly the strategies' own parameters train
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise RunError(f"strategy {'+'.join(cfg.strategy_names())} leaves no parameter to train")
+    if main:
+        for s in strategies:
+            line = s.describe(model)
+            if line:
+                print(line, flush=True)
     if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings + checkpointing still need input grads
     lr = cfg.training.lr or strategies[0].default_lr
@@ -222,7 +228,12 @@ def train(
         "device": device,
         "precision": precision,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "parameters": {"trainable": trainable, "total": total, "trainable_pct": round(100 * trainable / total, 4)},
+        "parameters": {
+            "trainable": trainable,
+            "total": total,
+            "trainable_pct": round(100 * trainable / total, 4),
+            "components": components,
+        },
         "data": {
             "format": train_data.format,
             "labels": train_data.labels,
@@ -292,11 +303,17 @@ def train(
     return RunResult(run_dir, summary)
 
 
+def component_dir(model_dir: Path, strategies: list, strategy) -> Path:
+    """A single strategy's artefact is the model dir itself (e.g. a plain PEFT adapter dir); in a hybrid each
+    component gets a sub-directory named after it."""
+    return model_dir if len(strategies) == 1 else model_dir / strategy.name
+
+
 def save_artefact(strategies, model, tokenizer, target: Path) -> None:
     """Write the final artefact beside ``target`` and rename it into place: never half-written."""
     with atomic_dir(target) as tmp:
         for s in strategies:
-            s.save(model, tmp)
+            s.save(model, component_dir(tmp, strategies, s))
         tokenizer.save_pretrained(tmp)
 
 
@@ -323,8 +340,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         model = type(strategies[0]).load(None, run_dir / MODEL)
     else:
         model = load_model(resolve_model(cfg.model))
-        for s in strategies:
-            model = type(s).load(model, run_dir / MODEL)
+        for s in strategies:  # in application order, as in training
+            model = type(s).load(model, component_dir(run_dir / MODEL, strategies, s))
     model.eval()
     return LoadedRun(cfg, model, tokenizer, strategies)
 
@@ -393,6 +410,12 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise RunError(
             f"{run_dir} used {'+'.join(loaded.cfg.strategy_names())}: its {MODEL}/ is already a "
             "standalone model, nothing to merge"
+        )
+    fixed = [s.name for s in loaded.strategies if not s.mergeable]
+    if fixed:
+        raise RunError(
+            f"{run_dir}: {', '.join(fixed)} cannot be folded into the weights (they add modules or virtual "
+            "tokens); serve the run with its base model instead"
         )
     model = loaded.model
     for s in reversed(loaded.strategies):

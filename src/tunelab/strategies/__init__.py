@@ -1,14 +1,17 @@
 """Strategy registry. Importing this package registers the built-in strategies."""
 
-from tunelab.strategies import full, lora  # noqa: E402,F401  (registration side effect)
+# registration side effect: each module registers its strategies
+from tunelab.strategies import adapters, full, ia3, layerwise, lora, peft_any, prompt_learning  # noqa: E402,F401
 from tunelab.strategies.base import (
     Strategy,
     StrategyConfig,
     StrategyError,
     build_strategies,
     get_strategy,
+    mark_trainable,
     register_strategy,
     registered,
+    unwrap,
     validate_strategy_specs,
 )
 
@@ -17,6 +20,8 @@ __all__ = [
     "StrategyConfig",
     "StrategyError",
     "build_strategies",
+    "mark_trainable",
+    "unwrap",
     "get_strategy",
     "register_strategy",
     "registered",

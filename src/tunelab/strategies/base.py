@@ -4,7 +4,10 @@ A strategy says five things, and nothing else (STYLE.md, "one strategy, one modu
 
 1. ``apply(model)``: what it does to the model (wrap it, insert modules, freeze parameters). It returns
    the model to train.
-2. ``param_groups(model, lr)``: which parameters train and with which learning rate.
+2. ``own_parameters(model)`` / ``param_groups(model, lr)``: which parameters it trains, found by asking
+   the modules (never by name strings), and with which learning rates. After every strategy has applied
+   itself the engine freezes everything and unfreezes exactly the union of the strategies' own parameters,
+   so a strategy applied later (a PEFT wrapper freezes its base) cannot silently freeze another's.
 3. ``loss_terms(model, inputs, outputs)``: extra loss terms the engine adds to the task loss
    (a penalty such as EWC, a distillation loss). The engine sums them without knowing what they are.
 4. ``callbacks()``: ``transformers.TrainerCallback`` objects (schedules such as gradual unfreezing).
@@ -13,6 +16,11 @@ A strategy says five things, and nothing else (STYLE.md, "one strategy, one modu
 
 Register a strategy with :func:`register_strategy` next to its code. The registry refuses duplicate or
 malformed names, and a config class that lacks the ``name`` field.
+
+Hybrids: ``strategy:`` takes a list. Strategies apply in ``phase`` order, whatever the list order: PEFT
+tuners that inject layers (LoRA, IA3, ...) first, then PEFT prompt learners that wrap the model (prefix,
+prompt, P-tuning), then native strategies that edit the inner model (bottleneck adapters, layer-wise).
+:func:`validate_strategy_specs` refuses combinations that cannot work, saying why.
 """
 
 from __future__ import annotations
@@ -49,6 +57,12 @@ class Strategy:
     default_lr: ClassVar[float] = 1e-4
     #: What ``save`` writes: "full" (a standalone model directory) or "adapter" (weights on top of a base).
     artefact: ClassVar[str] = "adapter"
+    #: Application order in a hybrid: 0 PEFT tuners (inject layers), 1 PEFT prompt learners (wrap), 2 native.
+    phase: ClassVar[int] = 2
+    #: True when the strategy trains every parameter, so combining it with another adds nothing.
+    exclusive: ClassVar[bool] = False
+    #: Whether ``merge`` can fold it into plain weights.
+    mergeable: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig):
         self.config = config
@@ -58,14 +72,22 @@ class Strategy:
         raise NotImplementedError
 
     # -- 2. what trains ----------------------------------------------------------------------------
-    def trainable_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    def own_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters this strategy trains (after ``apply``), found by asking the modules."""
+        raise NotImplementedError
+
+    def base_lr(self, lr: float | None) -> float:
+        """The strategy's ``lr`` option, else training.lr, else the strategy's default."""
+        return self.config.lr or lr or self.default_lr
 
     def param_groups(self, model: torch.nn.Module, lr: float | None) -> list[dict[str, Any]]:
         """Optimizer groups. ``lr`` is training.lr; the strategy's own ``lr`` option wins over it."""
-        lr = self.config.lr or lr or self.default_lr
-        params = [p for _, p in self.trainable_parameters(model)]
-        return [{"params": params, "lr": lr, "name": self.name}] if params else []
+        params = [p for _, p in self.own_parameters(model)]
+        return [{"params": params, "lr": self.base_lr(lr), "name": self.name}] if params else []
+
+    def describe(self, model: torch.nn.Module) -> str | None:
+        """A line printed before training saying what trains (e.g. the chosen layers); None for nothing."""
+        return None
 
     # -- 3. extra loss terms -----------------------------------------------------------------------
     def loss_terms(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
@@ -130,14 +152,71 @@ def validate_strategy_specs(value: Any) -> list[StrategyConfig]:
     if not specs:
         raise ValueError("at least one strategy is needed")
     configs = [_one_spec(s) for s in specs]
-    names = [c.name for c in configs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"a strategy appears twice: {names}")
-    if len(configs) > 1:
-        # Combinations are the subject of their own work; until each pair is tested, refuse them.
-        raise ValueError(f"combining strategies ({' + '.join(names)}) is not supported yet; choose one")
+    check_combination(configs)
     return configs
 
 
+def check_combination(configs: list[StrategyConfig]) -> None:
+    """Refuse hybrids that cannot work, with the reason."""
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a strategy appears twice: {names}")
+    if len(configs) < 2:
+        return
+    classes = [get_strategy(c.name) for c in configs]
+    for cls in classes:
+        if cls.exclusive:
+            others = " + ".join(n for n in names if n != cls.name)
+            raise ValueError(
+                f"'{cls.name}' trains every parameter, so combining it with {others} adds nothing; "
+                "use 'layerwise' to choose which base weights train beside another strategy"
+            )
+    for phase, what in (
+        (0, "PEFT tuner (lora, ia3, peft ...)"),
+        (1, "PEFT prompt learner (prefix, prompt, ptuning)"),
+    ):
+        same = [cls.name for cls, c in zip(classes, configs, strict=True) if _phase(cls, c) == phase]
+        if len(same) > 1:
+            raise ValueError(
+                f"at most one {what} per run, got {' + '.join(same)}: PEFT cannot stack two of them "
+                "in one model and save each as a loadable adapter"
+            )
+
+
+def _phase(cls: type[Strategy], config: StrategyConfig) -> int:
+    phase_of = getattr(cls, "phase_of", None)
+    return phase_of(config) if phase_of else cls.phase
+
+
 def build_strategies(configs: Iterable[StrategyConfig]) -> list[Strategy]:
-    return [get_strategy(c.name)(c) for c in configs]
+    """Strategy objects in application order (see the module docstring)."""
+    strategies = [get_strategy(c.name)(c) for c in configs]
+    return sorted(strategies, key=lambda s: _phase(type(s), s.config))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model inside any PEFT wrappers."""
+    from peft import PeftModel
+
+    while isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model
+
+
+def mark_trainable(model: torch.nn.Module, strategies: list[Strategy]) -> dict[str, int]:
+    """Freeze every parameter, then unfreeze each strategy's own. Returns trainable counts per strategy."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    counts, seen = {}, set()
+    for s in strategies:
+        own = s.own_parameters(model)
+        if not own:
+            raise StrategyError(f"strategy {s.name} selects no parameter to train in this model")
+        overlap = [n for n, p in own if id(p) in seen]
+        if overlap:
+            raise StrategyError(f"strategy {s.name} would train parameters another strategy trains: {overlap[:3]}")
+        for _, p in own:
+            p.requires_grad_(True)
+            seen.add(id(p))
+        counts[s.name] = sum(p.numel() for _, p in own)
+    return counts

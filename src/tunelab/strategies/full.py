@@ -26,13 +26,14 @@ class Full(Strategy):
     Config = FullConfig
     default_lr = 2e-5
     artefact = "full"
+    exclusive = True
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        if not self.config.train_embeddings:
-            model.get_input_embeddings().weight.requires_grad_(False)
         return model
+
+    def own_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        frozen = set() if self.config.train_embeddings else {id(model.get_input_embeddings().weight)}
+        return [(n, p) for n, p in model.named_parameters() if id(p) not in frozen]
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir)

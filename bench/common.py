@@ -1,0 +1,56 @@
+"""What every benchmark here shares: one process per side (so peak memory is that side's own), the same
+tokens/s definition, the same generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def peak_mb() -> float:
+    """The process's peak: max allocated on CUDA, max resident set (KiB on Linux) on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ticket_rows(n: int) -> list[dict]:
+    from tunelab.demo import make_tickets
+
+    return make_tickets(n, seed=1)
+
+
+def report(result: dict) -> None:
+    """Called in a child: tokens/s = non-padding tokens consumed / Trainer's train_runtime."""
+    result["tokens_per_s"] = result["tokens"] / result["train_time_s"]
+    result["peak_mb"] = peak_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(script: str, *args: str) -> dict:
+    p = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not lines:
+        sys.exit(f"{script} {' '.join(args)} failed:\n{p.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def table(results: dict[str, dict], name: str) -> None:
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{'':24}{'tokens':>10}{'train s':>10}{'tokens/s':>10}{'peak MB':>10}")
+    for label, x in results.items():
+        if "tokens" in x:
+            print(
+                f"{label:24}{x['tokens']:>10}{x['train_time_s']:>10.1f}{x['tokens_per_s']:>10.1f}{x['peak_mb']:>10.0f}"
+            )

@@ -1,0 +1,200 @@
+"""Bottleneck adapters, native (PEFT has none; the ``adapters`` library pins transformers 4.57).
+
+An adapter is a small residual MLP on a hidden state ``h`` of width ``d``::
+
+    f(h) = W_up · act(W_down · h + b_down) + b_up        W_down: m x d, W_up: d x m, m = bottleneck
+    adapter(h) = h + f(h)   (residual: true)      or      f(h)   (residual: false)
+
+Placements (``placement``), in every transformer block:
+
+- ``houlsby`` (Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP", §2.1): two adapters,
+  one on the attention output and one on the MLP output, each before the block's residual add.
+- ``pfeiffer`` (Pfeiffer et al., 2021, "AdapterFusion", §3): one adapter on the MLP output.
+- ``parallel`` (He et al., 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning", §3):
+  one adapter beside the MLP, reading the MLP's input: ``mlp(x) + scale · f(x)``.
+
+Initialisation: ``W_down`` Kaiming-uniform (as ``nn.Linear``), ``W_up`` and ``b_up`` zero, so ``f = 0`` and the
+adapted model's outputs equal the base model's at step 0 (tested). Trainable parameters per adapter:
+``2·d·m + m + d``; the total is that times the adapters per block (2, 1, 1) times the blocks (tested).
+
+The adapters are attached to the blocks as sub-modules and act through forward hooks, so the base
+model's parameter names, and any PEFT layers on it, are untouched. Saved as safetensors of the adapter
+weights + ``bottleneck_config.json``; reloaded into a fresh base model with identical outputs.
+
+When to choose them: a classic, robust PEFT baseline with a small inference cost (extra layers, not
+mergeable), good when LoRA's linear updates are not expressive enough or for stacking per-task adapters.
+Works for Llama-family and GPT-2-family blocks (any block whose children include an ``*Attention`` and an
+``*MLP`` module).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
+
+from tunelab.strategies.base import Strategy, StrategyConfig, StrategyError, register_strategy, unwrap
+
+CONFIG_FILE, WEIGHTS_FILE = "bottleneck_config.json", "bottleneck_adapters.safetensors"
+ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU, "tanh": torch.nn.Tanh}
+PER_BLOCK = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",), "parallel": ("mlp",)}
+
+
+class AdaptersConfig(StrategyConfig):
+    placement: Literal["houlsby", "pfeiffer", "parallel"] = Field("pfeiffer", description="Where adapters go.")
+    bottleneck: int | None = Field(None, gt=0, description="Bottleneck width m (default: d / reduction_factor).")
+    reduction_factor: float = Field(16, gt=0, description="m = hidden size / reduction_factor, if no bottleneck.")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Non-linearity.")
+    residual: bool = Field(True, description="Add the adapter's input to its output (serial placements).")
+    scale: float = Field(1.0, gt=0, description="Scale of the adapter branch (parallel placement).")
+
+    @model_validator(mode="after")
+    def _residual_only_serial(self):
+        if self.placement == "parallel" and not self.residual:
+            raise ValueError("residual applies to serial placements; the parallel adapter is added beside the MLP")
+        return self
+
+    def width(self, hidden: int) -> int:
+        return self.bottleneck or max(1, round(hidden / self.reduction_factor))
+
+
+class BottleneckAdapter(torch.nn.Module):
+    def __init__(self, hidden: int, bottleneck: int, activation: str, residual: bool, scale: float = 1.0):
+        super().__init__()
+        self.down = torch.nn.Linear(hidden, bottleneck)
+        self.act = ACTIVATIONS[activation]()
+        self.up = torch.nn.Linear(bottleneck, hidden)
+        torch.nn.init.zeros_(self.up.weight)  # f(h) = 0 at step 0: the model starts as the base model
+        torch.nn.init.zeros_(self.up.bias)
+        self.residual, self.scale, self.enabled = residual, scale, True
+
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.act(self.down(h)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.branch(h) if self.residual else self.branch(h)
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks: the longest ModuleList whose length is the model's layer count."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return list(module)
+    raise StrategyError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+def _child(block: torch.nn.Module, suffix: str) -> torch.nn.Module:
+    found = [m for m in block.children() if type(m).__name__.endswith(suffix)]
+    if len(found) != 1:
+        raise StrategyError(
+            f"block {type(block).__name__} has no single *{suffix} child; adapters support "
+            "Llama- and GPT-2-family blocks"
+        )
+    return found[0]
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _serial_hook(adapter: BottleneckAdapter):
+    def hook(module, args, output):
+        if not adapter.enabled:
+            return output
+        if isinstance(output, tuple):
+            return (adapter(output[0]), *output[1:])
+        return adapter(output)
+
+    return hook
+
+
+def _parallel_hook(adapter: BottleneckAdapter):
+    def hook(module, args, kwargs, output):
+        if not adapter.enabled:
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        return output + adapter.branch(x)
+
+    return hook
+
+
+def insert_adapters(model: torch.nn.Module, cfg: AdaptersConfig) -> list[BottleneckAdapter]:
+    """Attach adapters to every block of the plain model inside ``model``; returns them in order."""
+    inner = unwrap(model)
+    hidden = inner.config.hidden_size
+    m = cfg.width(hidden)
+    added = []
+    for block in _blocks(inner):
+        for where in PER_BLOCK[cfg.placement]:
+            target = _child(block, "Attention" if where == "attn" else "MLP")
+            adapter = BottleneckAdapter(hidden, m, cfg.activation, cfg.residual, cfg.scale)
+            adapter.to(device=next(target.parameters()).device)
+            block.add_module(f"bottleneck_{where}", adapter)
+            if cfg.placement == "parallel":
+                target.register_forward_hook(_parallel_hook(adapter), with_kwargs=True)
+            else:
+                target.register_forward_hook(_serial_hook(adapter))
+            added.append(adapter)
+    return added
+
+
+def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, BottleneckAdapter):
+            module.enabled = enabled
+
+
+def expected_parameters(hidden: int, layers: int, cfg: AdaptersConfig) -> int:
+    m = cfg.width(hidden)
+    return layers * len(PER_BLOCK[cfg.placement]) * (2 * hidden * m + m + hidden)
+
+
+@register_strategy
+class Adapters(Strategy):
+    name = "adapters"
+    Config = AdaptersConfig
+    default_lr = 1e-3
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        self.adapters = insert_adapters(model, self.config)
+        return model
+
+    def own_parameters(self, model):
+        return [
+            (f"{type(a).__name__}[{i}].{n}", p)
+            for i, a in enumerate(self.adapters)
+            for n, p in a.named_parameters()
+        ]
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        inner = unwrap(model)
+        ids = {id(a) for a in self.adapters}
+        tensors = {}
+        for mname, module in inner.named_modules():
+            if id(module) in ids:
+                tensors.update(
+                    {f"{mname}.{n}": p.detach().contiguous().cpu() for n, p in module.named_parameters()}
+                )
+        save_file(tensors, out_dir / WEIGHTS_FILE)
+        (out_dir / CONFIG_FILE).write_text(json.dumps(self.config.model_dump(), indent=2))
+
+    @classmethod
+    def load(cls, base_model: torch.nn.Module, out_dir: Path) -> torch.nn.Module:
+        cfg = AdaptersConfig.model_validate(json.loads((out_dir / CONFIG_FILE).read_text()))
+        insert_adapters(base_model, cfg)
+        tensors = load_file(out_dir / WEIGHTS_FILE)
+        inner = unwrap(base_model)
+        params = dict(inner.named_parameters())
+        missing = sorted(set(tensors) - set(params))
+        if missing:
+            raise StrategyError(f"{out_dir / WEIGHTS_FILE}: tensors {missing[:3]} do not fit this model")
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v)
+        return base_model

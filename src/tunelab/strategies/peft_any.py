@@ -1,0 +1,60 @@
+"""Any other PEFT method by its PEFT config: ``{name: peft, type: loha, r: 8, target_modules: all-linear}``.
+
+``type`` is a PEFT method (``loha``, ``lokr``, ``adalora``, ``oft``, ``boft``, ``vera``, ``fourierft``, ... —
+whatever the installed PEFT registers); every other key is passed to that method's config class and
+checked against its fields, so a misspelled option fails at validation. ``task_type`` is set to
+CAUSAL_LM. Users are never limited to the methods tunelab wraps by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import ConfigDict, Field, model_validator
+
+from tunelab.strategies.base import StrategyConfig, register_strategy
+from tunelab.strategies.peft_base import PeftStrategy
+
+
+def peft_config_class(kind: str):
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    mapping = {str(getattr(k, "value", k)).lower(): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    if kind.lower() not in mapping:
+        raise ValueError(f"type: unknown PEFT method '{kind}'; this PEFT has: {', '.join(sorted(mapping))}")
+    return mapping[kind.lower()]
+
+
+class PeftAnyConfig(StrategyConfig):
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    type: str = Field(description="PEFT method name, e.g. loha, lokr, adalora, vera, oft.")
+
+    @model_validator(mode="after")
+    def _options_match_peft(self):
+        cls = peft_config_class(self.type)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"peft_type", "task_type"}
+        unknown = sorted(set(self.options()) - fields)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for PEFT {cls.__name__}; allowed: {', '.join(sorted(fields))}"
+            )
+        return self
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+@register_strategy
+class PeftAny(PeftStrategy):
+    name = "peft"
+    Config = PeftAnyConfig
+    default_lr = 2e-4
+    phase = 0
+
+    @classmethod
+    def phase_of(cls, config) -> int:
+        return 1 if peft_config_class(config.type)().is_prompt_learning else 0
+
+    def peft_config(self, model):
+        return peft_config_class(self.config.type)(task_type="CAUSAL_LM", **self.config.options())

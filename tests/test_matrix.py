@@ -1,0 +1,111 @@
+"""The behavioural matrix (PEFT's TEST_CASES idea): every strategy and hybrid x Llama- and GPT-2-shaped tiny
+models, each checked for the same properties in one training run:
+
+- the eval loss on a memorisable set goes down;
+- only the parameters the strategy claims (the optimizer's) change; every other tensor is bit-identical;
+- the trainable count in summary.json equals the count that actually received gradients;
+- save -> load into a fresh base model gives identical logits;
+- with every added module disabled, the model gives the base model's outputs (where that applies).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import tiny_config
+from tunelab.models import load_model
+from tunelab.run import load_run, train
+from tunelab.strategies.switch import adapters_disabled
+
+LAYERWISE = {"name": "layerwise", "top": 1, "head": True}
+CASES = {
+    # id: (strategy spec, learning rate, whether disabling gives the base model back)
+    "full": ("full", 1e-2, False),
+    "lora": ({"name": "lora", "r": 8}, 2e-2, True),
+    "ia3": ({"name": "ia3"}, 1e-1, True),
+    "prefix": ({"name": "prefix", "num_virtual_tokens": 4}, 2e-1, True),
+    "prefix-projection": (
+        {"name": "prefix", "num_virtual_tokens": 4, "projection": True, "encoder_hidden_size": 16},
+        1e-2,
+        True,
+    ),
+    "prompt": ({"name": "prompt", "num_virtual_tokens": 4}, 1e-1, True),
+    "prompt-text-init": (
+        {"name": "prompt", "num_virtual_tokens": 4, "init": "text", "init_text": "classify the text"},
+        1e-1,
+        True,
+    ),
+    "ptuning": ({"name": "ptuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16}, 1e-2, True),
+    "adapters-houlsby": ({"name": "adapters", "placement": "houlsby", "bottleneck": 8}, 1e-2, True),
+    "adapters-pfeiffer": ({"name": "adapters", "placement": "pfeiffer", "bottleneck": 8}, 1e-2, True),
+    "adapters-parallel": ({"name": "adapters", "placement": "parallel", "bottleneck": 8}, 1e-2, True),
+    "layerwise-top": (LAYERWISE, 1e-2, False),
+    "layerwise-decay-unfreeze": (
+        {"name": "layerwise", "top": 2, "lr_decay": 0.5, "unfreeze_every_steps": 5, "embeddings": True},
+        1e-2,
+        False,
+    ),
+    "hybrid-layerwise+prefix": ([LAYERWISE, {"name": "prefix", "num_virtual_tokens": 4}], 1e-2, False),
+    "hybrid-prefix+lora": ([{"name": "prefix", "num_virtual_tokens": 4}, {"name": "lora", "r": 8}], 2e-2, True),
+    "hybrid-adapters+lora": ([{"name": "adapters", "bottleneck": 8}, {"name": "lora", "r": 8}], 1e-2, True),
+    "hybrid-layerwise+adapters": ([LAYERWISE, {"name": "adapters", "bottleneck": 8}], 1e-2, False),
+}
+
+
+class Probe(TrainerCallback):
+    """Records the claimed parameters, their values before/after, and which ones received gradients."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.model = model
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.claimed = {self.names[id(p)] for g in optimizer.param_groups for p in g["params"]}
+        self.with_grad: set[str] = set()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.with_grad |= {n for n, p in model.named_parameters() if p.grad is not None}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_strategy_behaviour(case, tiny_model, memo_data, tmp_path):
+    spec, lr, disable_gives_base = CASES[case]
+    cfg = tiny_config(tiny_model, memo_data, tmp_path / "run", spec, max_steps=30, lr=lr, schedule="constant")
+    cfg["eval"]["before"] = True
+    probe = Probe()
+    s = train(cfg, callbacks=[probe]).summary
+
+    # the loss goes down
+    assert s["eval"]["loss"] < 0.9 * s["eval_before"]["loss"], (s["eval_before"]["loss"], s["eval"]["loss"])
+
+    # only claimed parameters change; everything else is bit-identical
+    changed = {n for n in probe.before if not torch.equal(probe.before[n], probe.after[n])}
+    assert changed <= probe.claimed, sorted(changed - probe.claimed)[:5]
+    assert changed == probe.claimed, sorted(probe.claimed - changed)[:5]
+
+    # the trainable count reported is the count that received gradients
+    params = dict(probe.model.named_parameters())
+    assert s["parameters"]["trainable"] == sum(params[n].numel() for n in probe.with_grad)
+    assert sum(s["parameters"]["components"].values()) == s["parameters"]["trainable"]
+
+    # save -> load into a fresh base model -> identical logits
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 2]])
+    trained = logits(probe.model, ids)
+    loaded = load_run(tmp_path / "run").model
+    assert torch.equal(logits(loaded, ids), trained)
+
+    # disabling every added module gives the base model back (strategies that add modules only)
+    base = logits(load_model(tiny_model), ids)
+    with adapters_disabled(loaded):
+        disabled = logits(loaded, ids)
+    assert torch.allclose(disabled, base, atol=1e-6) == disable_gives_base
