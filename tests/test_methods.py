@@ -105,7 +105,8 @@ def test_frozen_lower_blocks_get_no_gradient(tiny_llama):
     assert all(p.grad is not None for n, p in model.named_parameters() if "layers.1." in n)
 
 
-def test_gradual_unfreezing_adds_one_block_group_on_schedule(tiny_llama, memo_data, tmp_path):
+@pytest.mark.parametrize("schedule", [{"unfreeze_every_steps": 3}, {"unfreeze_every_epoch": True}])
+def test_gradual_unfreezing_adds_one_block_group_on_schedule(schedule, tiny_llama, memo_data, tmp_path):
     from transformers import TrainerCallback
 
     seen = []
@@ -117,12 +118,14 @@ def test_gradual_unfreezing_adds_one_block_group_on_schedule(tiny_llama, memo_da
                 for n, p in model.named_parameters()
                 if p.requires_grad and "layers." in n
             }
-            seen.append((state.global_step, sorted(blocks)))
+            seen.append(sorted(blocks))
 
-    spec = {"name": "layerwise", "top": 2, "unfreeze_every_steps": 3}
-    train(tiny_config(tiny_llama, memo_data, tmp_path / "run", spec, max_steps=6), callbacks=[Watch()])
-    assert seen[0] == (1, [1]) and seen[1] == (2, [1])  # steps 1-3 train the top block only
-    assert seen[3] == (4, [0, 1]) and seen[-1] == (6, [0, 1])  # from step 4 the next block joins
+    # 16 rows / batch 4: an epoch is 4 steps
+    spec = {"name": "layerwise", "top": 2, **schedule}
+    train(tiny_config(tiny_llama, memo_data, tmp_path / "run", spec, max_steps=8), callbacks=[Watch()])
+    first = 3 if "unfreeze_every_steps" in schedule else 4  # steps in the first stage
+    assert seen[:first] == [[1]] * first  # the top block alone
+    assert seen[first:] == [[0, 1]] * (8 - first)  # then the next block joins
 
 
 def test_hybrid_summary_lists_each_component(tiny_llama, memo_data, tmp_path):

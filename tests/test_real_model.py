@@ -77,13 +77,25 @@ def test_missing_model_package_says_how_to_install(monkeypatch, tmp_path):
         resolve_model("smollm2-135m-instruct")
 
 
-@pytest.mark.parametrize("case", ["lora", "ia3", "prefix", "prompt-text-init", "ptuning", "adapters-houlsby",
-                                  "adapters-parallel", "layerwise-decay-unfreeze", "hybrid-prefix+lora",
-                                  "hybrid-adapters+lora", "hybrid-layerwise+prefix"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "lora",
+        "ia3",
+        "prefix",
+        "prompt-text-init",
+        "ptuning",
+        "adapters-houlsby",
+        "adapters-parallel",
+        "layerwise-decay-unfreeze",
+        "hybrid-prefix+lora",
+        "hybrid-adapters+lora",
+        "hybrid-layerwise+prefix",
+    ],
+)
 def test_each_strategy_works_on_the_default_model(case, converted, tmp_path):
     """Two steps of each strategy on SmolLM2-135M: it applies, trains, saves and reloads to the same logits."""
     from test_matrix import CASES, Probe, logits
-
     from tunelab.run import load_run
 
     spec, lr, _ = CASES[case]
