@@ -95,6 +95,15 @@ def make_model_dir(path: Path, arch: str = "llama") -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tunelab_home(tmp_path_factory):
+    """Caches (converted models, retention references) go to a temporary home, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TUNELAB_HOME", str(tmp_path_factory.mktemp("tunelab-home")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")

@@ -61,6 +61,9 @@ def test_a_few_lora_steps_and_generation(converted, tmp_path):
     s = train(cfg).summary
     assert s["eval"]["loss"] < s["eval_before"]["loss"]
     assert s["parameters"]["total"] > 130_000_000
+    f = s["forgetting"]
+    assert f["before"]["prompts"] >= 30 and f["after"]["kl"] > 0  # 4 LoRA steps moved it, a little
+    assert f["after"]["base_answer_ppl"] >= f["before"]["base_answer_ppl"] * 0.99
     base_answer = generate(str(converted), "What is the capital of France?", max_new_tokens=16)
     assert "Paris" in base_answer
     tuned_answer = generate(tmp_path / "run", "Say the magic word.", max_new_tokens=8)
@@ -108,6 +111,7 @@ def test_each_strategy_works_on_the_default_model(case, converted, tmp_path):
         "data": {"train": str(data)},
         "strategy": spec,
         "training": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "max_length": 64, "precision": "fp32"},
+        "forgetting": {"enabled": False},  # measured on the real model in test_a_few_lora_steps_and_generation
         "output_dir": str(tmp_path / "run"),
     }
     probe = Probe()

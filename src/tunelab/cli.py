@@ -114,6 +114,15 @@ def _dispatch(args) -> int:
 
 def _print_summary(s: dict) -> None:
     p, t = s["parameters"], s["train"]
+    if "continual" in s:
+        c = s["continual"]
+        print(
+            f"\ntrained {'+'.join(s['strategy'])} on tasks {', '.join(c['tasks'])}: average {c['metric']} "
+            f"{c['average_accuracy']:.3f}, backward transfer {c.get('backward_transfer', 0):+.3f}, "
+            f"forgetting {c.get('forgetting', 0):.3f}"
+        )
+        print(f"outputs: {s['outputs']['run_dir']} (continual.json, continual.png)")
+        return
     print(
         f"\ntrained {'+'.join(s['strategy'])}: {t['steps']} steps, {t['tokens_seen']:,} tokens, "
         f"{t['tokens_per_s']:.0f} tokens/s, peak memory {s['memory']['peak_mb']:.0f} MB, {s['wall_time_s']:.0f} s"
@@ -129,6 +138,12 @@ def _print_summary(s: dict) -> None:
             if "eval_before" in s and headline(s["eval_before"]):
                 line += f" (before: {headline(s['eval_before'])[1]:.3f})"
         print(line)
+    if "forgetting" in s and "after" in s["forgetting"]:
+        f, b = s["forgetting"]["after"], s["forgetting"]["before"]
+        print(
+            f"forgetting: KL to base {f['kl']:.4f}, base-answer perplexity {b['base_answer_ppl']:.3f} -> "
+            f"{f['base_answer_ppl']:.3f}, base answers reproduced {f['exact_reproduction']:.0%}"
+        )
     print(f"outputs: {s['outputs']['run_dir']}")
 
 

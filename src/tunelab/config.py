@@ -133,11 +133,45 @@ class EvalConfig(Strict):
     max_examples: int | None = Field(None, gt=0, description="Score only the first N eval rows (default all).")
 
 
+class ForgettingConfig(Strict):
+    enabled: bool = Field(True, description="Measure forgetting against the base model after training.")
+    builtin: bool = Field(True, description="Use tunelab's built-in general prompts as the retention set.")
+    file: str | None = Field(None, description="Extra retention prompts: a file with a `prompt` column.")
+    max_new_tokens: int = Field(32, gt=0, description="Length of the base answers used as references.")
+    original_tasks: list[str] = Field(
+        default_factory=list,
+        description="Eval files of the model's original tasks (with references), scored before and after.",
+    )
+
+    @model_validator(mode="after")
+    def _some_prompts(self) -> ForgettingConfig:
+        if self.enabled and not self.builtin and not self.file:
+            raise ValueError("forgetting needs retention prompts: builtin: true or a file")
+        return self
+
+
+class TaskConfig(DataConfig):
+    name: str = Field(description="Task name, used in the accuracy matrix.")
+
+
+class ContinualConfig(Strict):
+    per_task_adapter: bool = Field(
+        False,
+        description="Train a fresh copy of the strategy (e.g. one LoRA) per task on the base model and route each "
+        "task's evaluation to its own adapter (task identity known at test time).",
+    )
+
+
 class RunConfig(Strict):
     model: str = Field(
         DEFAULT_MODEL, description=f"A known model name ({DEFAULT_MODEL}) or a local Hugging Face model directory."
     )
-    data: DataConfig
+    data: DataConfig | None = Field(None, description="The training data (or `tasks` for continual learning).")
+    tasks: list[TaskConfig] | None = Field(
+        None, description="Continual learning: tasks trained in order, each with its own train and eval data."
+    )
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig)
     strategy: list[Any] = Field(
         default_factory=lambda: [{"name": "lora"}],
         validate_default=True,
@@ -146,6 +180,18 @@ class RunConfig(Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("runs/latest", description="Run directory; must not hold another run (see --resume).")
+
+    @model_validator(mode="after")
+    def _data_or_tasks(self) -> RunConfig:
+        if (self.data is None) == (self.tasks is None):
+            raise ValueError("give either data (one training set) or tasks (a sequence, for continual learning)")
+        if self.tasks is not None:
+            names = [t.name for t in self.tasks]
+            if len(self.tasks) < 2 or len(set(names)) != len(names):
+                raise ValueError(f"tasks needs at least two tasks with distinct names, got {names}")
+            if any(t.eval is None and t.eval_split is None for t in self.tasks):
+                raise ValueError("every task needs eval data (eval or eval_split) to fill the accuracy matrix")
+        return self
 
     @field_validator("strategy", mode="before")
     @classmethod

@@ -162,6 +162,12 @@ def run_demo(
     print(f"reference: {sample_a['reference']}")
     print(f"before:    {sample_b['prediction']}")
     print(f"after:     {sample_a['prediction']}")
+    if "forgetting" in s:
+        f = s["forgetting"]["after"]
+        print(
+            f"forgetting:    KL to the base model {f['kl']:.3f}, base answers reproduced "
+            f"{f['exact_reproduction']:.0%} (of {f['prompts']} general prompts)"
+        )
     print(
         f"trainable parameters: {s['parameters']['trainable']:,} of {s['parameters']['total']:,} "
         f"({s['parameters']['trainable_pct']:.2f}%)"

@@ -20,7 +20,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,11 @@ import torch
 import yaml
 
 from tunelab.config import ConfigError, RunConfig, load_config
-from tunelab.data import Collator, prepare_file, prepare_splits
-from tunelab.evaluate import generate_batch, score
+from tunelab.data import Collator, Prepared, prepare_file, prepare_splits
+from tunelab.evaluate import generate_batch, loss_and_perplexity, score
+from tunelab.forgetting import Reference, build_retention_set, forgetting_summary, measure, retention_batches
 from tunelab.fsutil import atomic_dir
-from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model
+from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model, tunelab_home
 from tunelab.strategies import build_strategies, mark_trainable
 
 CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
@@ -175,6 +176,202 @@ def training_arguments(cfg: RunConfig, run_dir: Path, lr: float, precision: str,
 # ----------------------------------------------------------------------------- the run
 
 
+@dataclass
+class Context:
+    """What strategies' ``prepare`` / ``training_features`` / ``on_task_end`` hooks may use."""
+
+    tokenizer: Any
+    device: str
+    bf16: bool
+    seed: int
+    data_cfg: Any
+    max_length: int
+    retention: Prepared | None
+    reference: Reference
+    previous_features: list = field(default_factory=list)  # continual: earlier tasks' training rows
+    task_features: list = field(default_factory=list)  # continual: the task just trained
+
+    def retention_batches(self, batch_size: int) -> list[dict]:
+        if self.retention is None:
+            raise RunError("this strategy needs the retention set; set forgetting.enabled: true")
+        return retention_batches(self.retention, self.tokenizer.pad_token_id, batch_size, self.device)
+
+    def load_rows(self, path: str) -> list[dict]:
+        return prepare_file(path, self.tokenizer, self.data_cfg, self.max_length).features
+
+
+def _needs_retention(cfg: RunConfig) -> bool:
+    needs = {"retention", "replay"}
+    return cfg.forgetting.enabled or any(
+        s.name in needs or (s.name == "ewc" and s.data == "retention") for s in cfg.strategy
+    )
+
+
+class Session:
+    """A loaded base model with its strategies applied: what one run (or one continual sequence) trains."""
+
+    def __init__(self, cfg: RunConfig, main: bool):
+        from transformers import set_seed
+
+        self.cfg, self.main = cfg, main
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = resolve_precision(cfg.training.precision, self.device)
+        self.bf16 = self.precision == "bf16"
+        self.model_dir = resolve_model(cfg.model)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.data_cfg = cfg.data if cfg.data is not None else cfg.tasks[0]
+        set_seed(cfg.training.seed)
+
+    def load(self, strategy_configs=None) -> None:
+        """Load the base model, build the retention set on it (untouched), apply and mark the strategies."""
+        from transformers import set_seed
+
+        cfg = self.cfg
+        set_seed(cfg.training.seed)
+        self.model = load_model(self.model_dir).to(self.device)
+        self.retention = None
+        if _needs_retention(cfg):
+            self.retention = build_retention_set(
+                self.model,
+                self.tokenizer,
+                self.model_dir,
+                self.data_cfg,
+                cfg.forgetting,
+                cfg.training.max_length,
+                self.bf16,
+                tunelab_home(),
+            )
+        set_seed(cfg.training.seed)
+        self.strategies = build_strategies(strategy_configs or cfg.strategy)
+        model = self.model
+        for s in self.strategies:
+            model = s.apply(model)
+        self.model = model.to(self.device)
+        self.components = mark_trainable(self.model, self.strategies)
+        self.trainable, self.total = count_parameters(self.model)
+        if self.trainable == 0:
+            raise RunError(f"strategy {'+'.join(cfg.strategy_names())} leaves no parameter to train")
+        if self.main:
+            for s in self.strategies:
+                line = s.describe(self.model)
+                if line:
+                    print(line, flush=True)
+        if cfg.training.gradient_checkpointing and hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()  # frozen embeddings + checkpointing still need input grads
+        self.ctx = Context(
+            self.tokenizer,
+            self.device,
+            self.bf16,
+            cfg.training.seed,
+            self.data_cfg,
+            cfg.training.max_length,
+            self.retention,
+            Reference(self.model, self.strategies, self.model_dir),
+        )
+        for s in self.strategies:
+            s.prepare(self.model, self.ctx)
+
+    def retention_before(self) -> dict[str, Any] | None:
+        """Retention metrics of the untouched model: KL 0 and exact reproduction 1 by construction."""
+        if self.retention is None or not self.cfg.forgetting.enabled:
+            return None
+        from tunelab.strategies.switch import adapters_disabled
+
+        # before training a strategy that changes base weights has not changed them yet; one that adds
+        # modules is switched off
+        with adapters_disabled(self.model):
+            m = loss_and_perplexity(self.model, self.retention, self.tokenizer.pad_token_id, 8, self.bf16)
+        return {
+            "kl": 0.0,
+            "base_answer_ppl": m["perplexity"],
+            "exact_reproduction": 1.0,
+            "prompts": len(self.retention.features),
+        }
+
+    def retention_after(self) -> dict[str, Any] | None:
+        if self.retention is None or not self.cfg.forgetting.enabled:
+            return None
+        return measure(
+            self.model, self.tokenizer, self.retention, self.ctx.reference, self.cfg.forgetting, self.bf16
+        )
+
+    def original_tasks(self) -> dict[str, Prepared]:
+        return {
+            f: prepare_file(f, self.tokenizer, self.data_cfg, self.cfg.training.max_length)
+            for f in self.cfg.forgetting.original_tasks
+        }
+
+    def fit(
+        self,
+        train_features: list[dict],
+        eval_data: Prepared | None,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        callbacks: list | None = None,
+        log_dir: Path | None = None,
+    ) -> dict[str, Any]:
+        """One Trainer run over ``train_features`` (after the strategies' data hooks); returns train stats."""
+        import datasets
+        from transformers.integrations import TensorBoardCallback
+        from transformers.trainer_callback import ProgressCallback
+        from transformers.trainer_utils import get_last_checkpoint
+
+        from tunelab.engine import BarCallback, MetricsCallback, Throughput, TunelabTrainer
+
+        cfg = self.cfg
+        for s in self.strategies:
+            train_features = s.training_features(train_features, self.ctx)
+        cols = {k: [f[k] for f in train_features] for k in ("input_ids", "labels", "length")}
+        lr = cfg.training.lr or next(s for s in self.strategies if s.trains).default_lr
+        log_dir = log_dir or run_dir
+        throughput = Throughput()
+        trainer = TunelabTrainer(
+            model=self.model,
+            args=training_arguments(cfg, run_dir, lr, self.precision, eval_data is not None),
+            data_collator=Collator(self.tokenizer.pad_token_id),
+            train_dataset=datasets.Dataset.from_dict(cols),
+            eval_dataset=eval_data.dataset() if eval_data is not None else None,
+            processing_class=self.tokenizer,
+            strategies=self.strategies,
+        )
+        trainer.remove_callback(ProgressCallback)
+        tb = TensorBoardCallback()
+        tb.logging_dir = str(log_dir / "tb")
+        for cb in [
+            BarCallback(throughput),
+            MetricsCallback(log_dir / METRICS, throughput),
+            tb,
+            *[c for s in self.strategies for c in s.callbacks()],
+            *(callbacks or []),
+        ]:
+            trainer.add_callback(cb)
+        ckpt_dir = run_dir / CHECKPOINTS
+        checkpoint = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+        out = trainer.train(resume_from_checkpoint=checkpoint)
+        state = trainer.state
+        self.model = trainer.model
+        return {
+            "steps": state.global_step,
+            "epochs": round(state.epoch or 0.0, 4),
+            "train_loss": out.training_loss,
+            "rows": len(train_features),
+            "tokens_seen": int(state.num_input_tokens_seen),
+            "tokens_per_s": round(throughput.rate(state), 2),
+            "train_time_s": round(out.metrics.get("train_runtime", 0.0), 2),
+            "resumed_from": Path(checkpoint).name if checkpoint else None,
+            "learning_rate": lr,
+        }
+
+    def parameters_summary(self) -> dict[str, Any]:
+        return {
+            "trainable": self.trainable,
+            "total": self.total,
+            "trainable_pct": round(100 * self.trainable / self.total, 4),
+            "components": self.components,
+        }
+
+
 def train(
     config: RunConfig | str | os.PathLike | dict,
     *,
@@ -184,56 +381,30 @@ def train(
     callbacks: list | None = None,
 ) -> RunResult:
     """Train as ``config`` says and write the run directory. Mirrors ``tunelab train``."""
-    from transformers import set_seed
-    from transformers.integrations import TensorBoardCallback
-    from transformers.trainer_callback import ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from tunelab.engine import BarCallback, MetricsCallback, Throughput, TunelabTrainer
-
     t_start = time.perf_counter()
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(cfg.training.precision, device)
+    if cfg.tasks is not None:
+        from tunelab.continual import train_continual
+
+        return train_continual(cfg, overwrite=overwrite, callbacks=callbacks)
     main = is_main_process()
 
     # -- set up: model files, data (bad rows fail here, before the model loads), run dir, model, strategies.
     # The run dir is written only once the inputs are known good, so a failed setup leaves nothing behind.
-    model_dir = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_dir)
-    train_data, eval_data = prepare_splits(cfg.data, tokenizer, cfg.training.max_length, cfg.training.seed)
+    session = Session(cfg, main)
+    train_data, eval_data = prepare_splits(cfg.data, session.tokenizer, cfg.training.max_length, cfg.training.seed)
+    originals = session.original_tasks()
     run_dir = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.output_dir)
-    set_seed(cfg.training.seed)
-    model = load_model(model_dir)
-    strategies = build_strategies(cfg.strategy)
-    for s in strategies:
-        model = s.apply(model)
-    components = mark_trainable(model, strategies)  # exactly the strategies' own parameters train
-    trainable, total = count_parameters(model)
-    if trainable == 0:
-        raise RunError(f"strategy {'+'.join(cfg.strategy_names())} leaves no parameter to train")
-    if main:
-        for s in strategies:
-            line = s.describe(model)
-            if line:
-                print(line, flush=True)
-    if cfg.training.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()  # frozen embeddings + checkpointing still need input grads
-    lr = cfg.training.lr or strategies[0].default_lr
-    bf16 = precision == "bf16"
+    session.load()
+    model, tokenizer, bf16 = session.model, session.tokenizer, session.bf16
 
     summary: dict[str, Any] = {
         "strategy": cfg.strategy_names(),
-        "model": str(model_dir),
-        "device": device,
-        "precision": precision,
+        "model": str(session.model_dir),
+        "device": session.device,
+        "precision": session.precision,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "parameters": {
-            "trainable": trainable,
-            "total": total,
-            "trainable_pct": round(100 * trainable / total, 4),
-            "components": components,
-        },
+        "parameters": session.parameters_summary(),
         "data": {
             "format": train_data.format,
             "labels": train_data.labels,
@@ -241,57 +412,34 @@ def train(
             "eval": eval_data.stats.as_dict() if eval_data else None,
         },
     }
-    if main and cfg.eval.before and eval_data is not None:
-        model.to(device)
-        summary["eval_before"] = score(model, tokenizer, eval_data, cfg.eval, bf16)
+    before = {}
+    if main:
+        if cfg.eval.before and eval_data is not None:
+            summary["eval_before"] = _score_base(session, eval_data)
+        before["retention"] = session.retention_before()
+        before["original"] = {f: _score_base(session, p) for f, p in originals.items()}
 
     # -- train
-    throughput = Throughput()
-    args = training_arguments(cfg, run_dir, lr, precision, eval_data is not None)
-    trainer = TunelabTrainer(
-        model=model,
-        args=args,
-        data_collator=Collator(tokenizer.pad_token_id),
-        train_dataset=train_data.dataset(),
-        eval_dataset=eval_data.dataset() if eval_data is not None else None,
-        processing_class=tokenizer,
-        strategies=strategies,
-    )
-    trainer.remove_callback(ProgressCallback)
-    tb = TensorBoardCallback()
-    tb.logging_dir = str(run_dir / "tb")
-    for cb in [
-        BarCallback(throughput),
-        MetricsCallback(run_dir / METRICS, throughput),
-        tb,
-        *[c for s in strategies for c in s.callbacks()],
-        *(callbacks or []),
-    ]:
-        trainer.add_callback(cb)
-    checkpoint = (
-        get_last_checkpoint(str(run_dir / CHECKPOINTS)) if resume and (run_dir / CHECKPOINTS).is_dir() else None
-    )
-    out = trainer.train(resume_from_checkpoint=checkpoint)
-    state = trainer.state
-    train_time = out.metrics.get("train_runtime", 0.0)
-    summary["train"] = {
-        "steps": state.global_step,
-        "epochs": round(state.epoch or 0.0, 4),
-        "train_loss": out.training_loss,
-        "tokens_seen": int(state.num_input_tokens_seen),
-        "tokens_per_s": round(throughput.rate(state), 2),
-        "train_time_s": round(train_time, 2),
-        "resumed_from": Path(checkpoint).name if checkpoint else None,
-        "learning_rate": lr,
-    }
+    summary["train"] = session.fit(train_data.features, eval_data, run_dir, resume=resume, callbacks=callbacks)
 
     # -- save, score (rank 0 only), clean up
-    model = trainer.model
+    model = session.model
     if main:
-        save_artefact(strategies, model, tokenizer, run_dir / MODEL)
+        save_artefact(session.strategies, model, tokenizer, run_dir / MODEL)
         if eval_data is not None:
             summary["eval"] = score(model, tokenizer, eval_data, cfg.eval, bf16)
-        summary["memory"] = peak_memory_mb(device)
+        forgetting: dict[str, Any] = {}
+        after = session.retention_after()
+        if after is not None:
+            forgetting.update(forgetting_summary(before["retention"], after))
+        if originals:
+            forgetting["original_tasks"] = {
+                f: forgetting_summary(before["original"][f], score(model, tokenizer, p, cfg.eval, bf16))
+                for f, p in originals.items()
+            }
+        if forgetting:
+            summary["forgetting"] = forgetting
+        summary["memory"] = peak_memory_mb(session.device)
         summary["wall_time_s"] = round(time.perf_counter() - t_start, 2)
         summary["outputs"] = {
             "run_dir": str(run_dir),
@@ -299,14 +447,24 @@ def train(
             "config": str(run_dir / CONFIG),
         }
         write_json_atomic(run_dir / SUMMARY, summary)
-    del trainer, model
+    del session, model
     return RunResult(run_dir, summary)
+
+
+def _score_base(session: Session, prepared: Prepared) -> dict[str, Any]:
+    """Scores of the untouched model: added modules disabled, or the frozen copy if base weights will train."""
+    from tunelab.strategies.switch import adapters_disabled
+
+    # before training, base weights have not changed yet, and added modules are switched off
+    with adapters_disabled(session.model):
+        return score(session.model, session.tokenizer, prepared, session.cfg.eval, session.bf16)
 
 
 def component_dir(model_dir: Path, strategies: list, strategy) -> Path:
     """A single strategy's artefact is the model dir itself (e.g. a plain PEFT adapter dir); in a hybrid each
-    component gets a sub-directory named after it."""
-    return model_dir if len(strategies) == 1 else model_dir / strategy.name
+    component that saves something gets a sub-directory named after it."""
+    savers = [s for s in strategies if s.saves]
+    return model_dir if len(savers) <= 1 else model_dir / strategy.name
 
 
 def save_artefact(strategies, model, tokenizer, target: Path) -> None:

@@ -1,8 +1,23 @@
 """Strategy registry. Importing this package registers the built-in strategies."""
 
 # registration side effect: each module registers its strategies
-from tunelab.strategies import adapters, full, ia3, layerwise, lora, peft_any, prompt_learning  # noqa: E402,F401
+from tunelab.strategies import (  # noqa: E402,F401
+    adapters,
+    dropout,
+    ewc,
+    full,
+    ia3,
+    l2,
+    l2sp,
+    layerwise,
+    lora,
+    peft_any,
+    prompt_learning,
+    replay,
+    retention,
+)
 from tunelab.strategies.base import (
+    Regularizer,
     Strategy,
     StrategyConfig,
     StrategyError,
@@ -16,6 +31,7 @@ from tunelab.strategies.base import (
 )
 
 __all__ = [
+    "Regularizer",
     "Strategy",
     "StrategyConfig",
     "StrategyError",

@@ -63,6 +63,13 @@ class Strategy:
     exclusive: ClassVar[bool] = False
     #: Whether ``merge`` can fold it into plain weights.
     mergeable: ClassVar[bool] = False
+    #: False for regularizers: they train nothing themselves, they add loss terms, data or callbacks.
+    trains: ClassVar[bool] = True
+    #: False when there is no artefact to write (regularizers).
+    saves: ClassVar[bool] = True
+    #: True when it changes base weights (full, layer-wise): the base model's outputs then need a frozen
+    #: copy; otherwise disabling the added modules gives them.
+    changes_base_weights: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig):
         self.config = config
@@ -93,6 +100,17 @@ class Strategy:
     def loss_terms(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
         return {}
 
+    def prepare(self, model: torch.nn.Module, ctx: Any) -> None:
+        """Called once the trainable set is known, before training (EWC estimates its Fisher here).
+        ``ctx`` is a :class:`tunelab.run.Context`: tokenizer, device, retention set, base reference, ..."""
+
+    def training_features(self, features: list[dict], ctx: Any) -> list[dict]:
+        """The tokenized training rows; replay mixes in earlier examples here."""
+        return features
+
+    def on_task_end(self, model: torch.nn.Module, ctx: Any) -> None:
+        """Continual learning: called after each task (online EWC accumulates its Fisher here)."""
+
     # -- 4. callbacks ------------------------------------------------------------------------------
     def callbacks(self) -> list:
         return []
@@ -107,6 +125,40 @@ class Strategy:
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError(f"strategy '{self.name}' has nothing to merge")
+
+
+class Regularizer(Strategy):
+    """A strategy that trains nothing itself: it adds loss terms, data or callbacks to the strategies that
+    train, and acts on exactly their trainable parameters (so its memory is bounded by theirs)."""
+
+    phase = 3
+    trains = False
+    saves = False
+    mergeable = True
+
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def own_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        return []
+
+    def param_groups(self, model: torch.nn.Module, lr: float | None) -> list[dict[str, Any]]:
+        return []
+
+    @staticmethod
+    def trained(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters the training strategies chose (called after ``mark_trainable``)."""
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
+        pass
+
+    @classmethod
+    def load(cls, base_model: torch.nn.Module, out_dir: Path) -> torch.nn.Module:
+        return base_model
+
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
@@ -161,12 +213,18 @@ def check_combination(configs: list[StrategyConfig]) -> None:
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"a strategy appears twice: {names}")
+    classes = [get_strategy(c.name) for c in configs]
+    if not any(cls.trains for cls in classes):
+        raise ValueError(
+            f"{' + '.join(names)} train nothing by themselves; add a strategy that trains, "
+            "e.g. [full, ewc] or [lora, retention]"
+        )
     if len(configs) < 2:
         return
-    classes = [get_strategy(c.name) for c in configs]
     for cls in classes:
-        if cls.exclusive:
-            others = " + ".join(n for n in names if n != cls.name)
+        trained_too = [c.name for c in classes if c.trains and c is not cls]
+        if cls.exclusive and trained_too:
+            others = " + ".join(trained_too)
             raise ValueError(
                 f"'{cls.name}' trains every parameter, so combining it with {others} adds nothing; "
                 "use 'layerwise' to choose which base weights train beside another strategy"
@@ -209,6 +267,8 @@ def mark_trainable(model: torch.nn.Module, strategies: list[Strategy]) -> dict[s
         p.requires_grad_(False)
     counts, seen = {}, set()
     for s in strategies:
+        if not s.trains:
+            continue
         own = s.own_parameters(model)
         if not own:
             raise StrategyError(f"strategy {s.name} selects no parameter to train in this model")

@@ -27,6 +27,7 @@ class Full(Strategy):
     default_lr = 2e-5
     artefact = "full"
     exclusive = True
+    changes_base_weights = True
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

@@ -136,6 +136,7 @@ class Layerwise(Strategy):
     Config = LayerwiseConfig
     default_lr = 5e-5
     mergeable = True
+    changes_base_weights = True
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         inner = unwrap(model)
