@@ -281,3 +281,26 @@ def test_decoupled_l2_shrinks_each_trained_parameter_by_lr_times_weight():
     _Decay(weight=0.2).on_pre_optimizer_step(None, None, None, optimizer=opt)
     torch.testing.assert_close(p.detach(), torch.tensor([0.98, -1.96]))
     assert q.item() == 3.0
+
+
+def test_online_ewc_accumulates_the_fisher_at_each_task_end(tiny_llama, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(state.global_step)
+
+    cfg = continual_config(
+        tiny_llama,
+        tmp_path,
+        ["full", {"name": "ewc", "lam": 10.0, "gamma": 0.5, "samples": 4}, {"name": "replay", "share": 0.25}],
+    )
+    s = train(cfg, callbacks=[Watch()]).summary
+    assert len(seen) == 2  # one Trainer run per task
+    assert s["train"][1]["rows"] > 16  # task B's 16 rows + replayed rows of task A and the retention set
+    losses = [
+        json.loads(x) for x in (tmp_path / "run" / "tasks" / "1-B" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any(r.get("loss_terms/ewc/penalty", 0) > 0 for r in losses)  # the anchor from task A pulls in task B

@@ -386,6 +386,9 @@ def train(
     if cfg.tasks is not None:
         from tunelab.continual import train_continual
 
+        if resume:
+            raise RunError("--resume is not supported for continual runs (tasks:); start the sequence again")
+
         return train_continual(cfg, overwrite=overwrite, callbacks=callbacks)
     main = is_main_process()
 
