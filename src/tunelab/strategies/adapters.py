@@ -35,9 +35,17 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from tunelab.strategies.base import Strategy, StrategyConfig, StrategyError, register_strategy, unwrap
+from tunelab.strategies.base import (
+    Strategy,
+    StrategyConfig,
+    StrategyError,
+    load_named_tensors,
+    register_strategy,
+    transformer_blocks,
+    unwrap,
+)
 
 CONFIG_FILE, WEIGHTS_FILE = "bottleneck_config.json", "bottleneck_adapters.safetensors"
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU, "tanh": torch.nn.Tanh}
@@ -77,15 +85,6 @@ class BottleneckAdapter(torch.nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.branch(h) if self.residual else self.branch(h)
-
-
-def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks: the longest ModuleList whose length is the model's layer count."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return list(module)
-    raise StrategyError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
 
 
 def _child(block: torch.nn.Module, suffix: str) -> torch.nn.Module:
@@ -129,7 +128,7 @@ def insert_adapters(model: torch.nn.Module, cfg: AdaptersConfig) -> list[Bottlen
     hidden = inner.config.hidden_size
     m = cfg.width(hidden)
     added = []
-    for block in _blocks(inner):
+    for block in transformer_blocks(inner):
         for where in PER_BLOCK[cfg.placement]:
             target = _child(block, "Attention" if where == "attn" else "MLP")
             adapter = BottleneckAdapter(hidden, m, cfg.activation, cfg.residual, cfg.scale)
@@ -188,13 +187,5 @@ class Adapters(Strategy):
     def load(cls, base_model: torch.nn.Module, out_dir: Path) -> torch.nn.Module:
         cfg = AdaptersConfig.model_validate(json.loads((out_dir / CONFIG_FILE).read_text()))
         insert_adapters(base_model, cfg)
-        tensors = load_file(out_dir / WEIGHTS_FILE)
-        inner = unwrap(base_model)
-        params = dict(inner.named_parameters())
-        missing = sorted(set(tensors) - set(params))
-        if missing:
-            raise StrategyError(f"{out_dir / WEIGHTS_FILE}: tensors {missing[:3]} do not fit this model")
-        with torch.no_grad():
-            for k, v in tensors.items():
-                params[k].copy_(v)
+        load_named_tensors(base_model, out_dir / WEIGHTS_FILE)
         return base_model

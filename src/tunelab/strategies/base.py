@@ -261,6 +261,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks: the longest ModuleList whose length is the model's layer count."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return list(module)
+    raise StrategyError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+def load_named_tensors(model: torch.nn.Module, path: Path) -> None:
+    """Copy the tensors of a safetensors file into the same-named parameters of the plain model inside
+    ``model``; a tensor with no such parameter is an error (the file belongs to another model)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    params = dict(unwrap(model).named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise StrategyError(f"{path}: tensors {missing[:3]} do not fit this model")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v)
+
+
 def mark_trainable(model: torch.nn.Module, strategies: list[Strategy]) -> dict[str, int]:
     """Freeze every parameter, then unfreeze each strategy's own. Returns trainable counts per strategy."""
     for p in model.parameters():

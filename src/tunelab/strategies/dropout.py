@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from tunelab.strategies.adapters import _blocks
-from tunelab.strategies.base import Regularizer, StrategyConfig, register_strategy, unwrap
+from tunelab.strategies.base import Regularizer, StrategyConfig, register_strategy, transformer_blocks, unwrap
 
 
 class DropoutConfig(StrategyConfig):
@@ -46,7 +45,7 @@ class Dropout(Regularizer):
     def apply(self, model):
         c = self.config
         inner = unwrap(model)
-        for block in _blocks(inner):
+        for block in transformer_blocks(inner):
             for child in block.children():
                 if not type(child).__name__.endswith("Attention") or c.attention is None:
                     continue

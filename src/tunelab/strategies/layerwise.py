@@ -34,11 +34,18 @@ from pathlib import Path
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from tunelab.strategies.adapters import _blocks
-from tunelab.strategies.base import Strategy, StrategyConfig, StrategyError, register_strategy, unwrap
+from tunelab.strategies.base import (
+    Strategy,
+    StrategyConfig,
+    StrategyError,
+    load_named_tensors,
+    register_strategy,
+    transformer_blocks,
+    unwrap,
+)
 
 WEIGHTS_FILE = "layerwise.safetensors"
 KINDS = ("attention", "mlp", "norms")
@@ -140,7 +147,7 @@ class Layerwise(Strategy):
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         inner = unwrap(model)
-        blocks = _blocks(inner)
+        blocks = transformer_blocks(inner)
         self.n_blocks = len(blocks)
         chosen = _block_indices(self.config, len(blocks))
         # groups: (lr exponent, parameters, label); block i has exponent L-1-i
@@ -251,14 +258,7 @@ class Layerwise(Strategy):
 
     @classmethod
     def load(cls, base_model: torch.nn.Module, out_dir: Path) -> torch.nn.Module:
-        tensors = load_file(out_dir / WEIGHTS_FILE)
-        params = dict(unwrap(base_model).named_parameters())
-        missing = sorted(set(tensors) - set(params))
-        if missing:
-            raise StrategyError(f"{out_dir / WEIGHTS_FILE}: tensors {missing[:3]} do not fit this model")
-        with torch.no_grad():
-            for k, v in tensors.items():
-                params[k].copy_(v)
+        load_named_tensors(base_model, out_dir / WEIGHTS_FILE)
         return base_model
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
