@@ -217,6 +217,10 @@ def test_continual_run_writes_matrix_metrics_and_heatmap(tiny_llama, tmp_path):
     assert s["continual"]["average_accuracy"] == c["average_accuracy"]
     assert (tmp_path / "run" / "tasks" / "0-A" / "metrics.jsonl").is_file()
     assert "forgetting" in s
+    from tunelab.run import evaluate
+
+    metrics = evaluate(tmp_path / "run", tmp_path / "b.jsonl")  # the final model, on any file
+    assert metrics["exact_match"] == pytest.approx(c["matrix"][-1][1])
 
 
 def test_per_task_adapters_with_routing_cannot_forget(tiny_llama, tmp_path):
@@ -226,6 +230,10 @@ def test_per_task_adapters_with_routing_cannot_forget(tiny_llama, tmp_path):
     assert s["continual"]["forgetting"] == 0
     assert (tmp_path / "run" / "model" / "A" / "lora" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "model" / "B" / "lora" / "adapter_config.json").is_file()
+    from tunelab.run import RunError, load_run
+
+    with pytest.raises(RunError, match="one adapter per task"):
+        load_run(tmp_path / "run")
 
 
 def test_continual_config_checks():

@@ -495,10 +495,17 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if not (run_dir / CONFIG).is_file() or not (run_dir / MODEL).is_dir():
         raise RunError(f"{run_dir} is not a finished tunelab run (needs {CONFIG} and {MODEL}/)")
     cfg = load_config(run_dir / CONFIG)
+    if cfg.tasks is not None and cfg.continual.per_task_adapter:
+        raise RunError(
+            f"{run_dir} holds one adapter per task under {MODEL}/<task>/; load one with "
+            f"PeftModel.from_pretrained(base, '{run_dir / MODEL}/<task>/<strategy>') or evaluate a task "
+            "from continual.json"
+        )
     strategies = build_strategies(cfg.strategy)
     tokenizer = load_tokenizer(run_dir / MODEL)
-    if all(s.artefact == "full" for s in strategies):
-        model = type(strategies[0]).load(None, run_dir / MODEL)
+    savers = [s for s in strategies if s.saves]
+    if all(s.artefact == "full" for s in savers):
+        model = type(savers[0]).load(None, run_dir / MODEL)
     else:
         model = load_model(resolve_model(cfg.model))
         for s in strategies:  # in application order, as in training
@@ -524,16 +531,17 @@ def evaluate(target: str | Path, data: str | Path | None = None, overrides: list
         cfg = load_config({"model": str(target), "data": {"train": str(data)}}, overrides)
     else:
         cfg = load_config(loaded.cfg.to_dict(), overrides)
-    data = data or cfg.data.eval
+    data_cfg = cfg.data if cfg.data is not None else cfg.tasks[0]
+    data = data or (cfg.data.eval if cfg.data is not None else None)
     if data is None:
-        raise RunError(f"{target}: the run has no eval file; pass --data FILE")
+        raise RunError(f"{target}: the run has no single eval file; pass --data FILE")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded.model.to(device)
     labels = None
     if loaded.cfg is not None and (Path(target) / SUMMARY).is_file():
         # classification prompts list the training label set, recorded in the run's summary
-        labels = json.loads((Path(target) / SUMMARY).read_text())["data"].get("labels")
-    prepared = prepare_file(data, loaded.tokenizer, cfg.data, cfg.training.max_length, labels=labels)
+        labels = json.loads((Path(target) / SUMMARY).read_text()).get("data", {}).get("labels")
+    prepared = prepare_file(data, loaded.tokenizer, data_cfg, cfg.training.max_length, labels=labels)
     bf16 = resolve_precision(cfg.training.precision, device) == "bf16"
     return score(loaded.model, loaded.tokenizer, prepared, cfg.eval, bf16)
 
@@ -567,7 +575,7 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RunError(f"{out_dir} is not empty; choose a new directory for the merged model")
     loaded = load_run(run_dir)
-    if all(s.artefact == "full" for s in loaded.strategies):
+    if all(s.artefact == "full" for s in loaded.strategies if s.saves):
         raise RunError(
             f"{run_dir} used {'+'.join(loaded.cfg.strategy_names())}: its {MODEL}/ is already a "
             "standalone model, nothing to merge"

@@ -4,7 +4,9 @@ overfitting of small task sets.
 
 - ``attention``: attention-probability dropout (``attention_dropout`` of Llama-family attention, the
   attention ``nn.Dropout`` of GPT-2-family blocks);
-- ``hidden``: dropout on each block's output (added by a forward hook where the architecture has none);
+- ``hidden``: dropout on the output of each attention and MLP sub-layer, before the residual add (as BERT's
+  ``hidden_dropout_prob`` and GPT-2's ``resid_pdrop``; added by forward hooks, so it never touches the
+  residual stream itself);
 - ``lora``: the dropout on LoRA inputs.
 
 A rate left unset is not changed. Evaluation runs in eval mode, so no dropout applies there.
@@ -21,7 +23,7 @@ from tunelab.strategies.base import Regularizer, StrategyConfig, register_strate
 
 class DropoutConfig(StrategyConfig):
     attention: float | None = Field(None, ge=0, lt=1, description="Attention dropout.")
-    hidden: float | None = Field(None, ge=0, lt=1, description="Dropout on each block's output.")
+    hidden: float | None = Field(None, ge=0, lt=1, description="Dropout on attention and MLP outputs.")
     lora: float | None = Field(None, ge=0, lt=1, description="Dropout on LoRA inputs.")
 
 
@@ -47,14 +49,14 @@ class Dropout(Regularizer):
         inner = unwrap(model)
         for block in transformer_blocks(inner):
             for child in block.children():
-                if not type(child).__name__.endswith("Attention") or c.attention is None:
-                    continue
-                if hasattr(child, "attention_dropout"):  # Llama family: a rate passed to the attention kernel
-                    child.attention_dropout = c.attention
-                if isinstance(getattr(child, "attn_dropout", None), torch.nn.Dropout):  # GPT-2 family
-                    child.attn_dropout.p = c.attention
-            if c.hidden is not None:
-                block.register_forward_hook(_hidden_hook(c.hidden))
+                kind = type(child).__name__
+                if kind.endswith("Attention") and c.attention is not None:
+                    if hasattr(child, "attention_dropout"):  # Llama family: a rate passed to the attention kernel
+                        child.attention_dropout = c.attention
+                    if isinstance(getattr(child, "attn_dropout", None), torch.nn.Dropout):  # GPT-2 family
+                        child.attn_dropout.p = c.attention
+                if (kind.endswith("Attention") or kind.endswith("MLP")) and c.hidden is not None:
+                    child.register_forward_hook(_hidden_hook(c.hidden))
         if c.lora is not None:
             from peft.tuners.lora import LoraLayer
 
