@@ -34,14 +34,12 @@ from tunelab.data import prepare_splits
 from tunelab.evaluate import headline, score
 from tunelab.forgetting import forgetting_summary
 from tunelab.run import (
-    CONFIG,
     MODEL,
-    SUMMARY,
     RunError,
     RunResult,
     Session,
+    finish_summary,
     is_main_process,
-    peak_memory_mb,
     prepare_run_dir,
     save_artefact,
     write_json_atomic,
@@ -187,14 +185,12 @@ def train_continual(cfg, *, overwrite: bool = False, callbacks: list | None = No
     after = session.retention_after()
     if after is not None:
         summary["forgetting"] = forgetting_summary(before_retention, after)
-    summary["memory"] = peak_memory_mb(session.device)
-    summary["wall_time_s"] = round(time.perf_counter() - t_start, 2)
-    summary["outputs"] = {
-        "run_dir": str(run_dir),
-        "model": str(run_dir / MODEL),
-        "config": str(run_dir / CONFIG),
-        "continual": str(run_dir / "continual.json"),
-        "heatmap": str(run_dir / "continual.png"),
-    }
-    write_json_atomic(run_dir / SUMMARY, summary)
+    finish_summary(
+        summary,
+        session.device,
+        run_dir,
+        t_start,
+        continual=run_dir / "continual.json",
+        heatmap=run_dir / "continual.png",
+    )
     return RunResult(run_dir, summary)

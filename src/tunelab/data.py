@@ -252,14 +252,18 @@ class Prepared:
     labels: list[str] | None
 
     def dataset(self):
-        import datasets
-
-        cols = {k: [f[k] for f in self.features] for k in ("input_ids", "labels", "length")}
-        return datasets.Dataset.from_dict(cols)
+        return features_dataset(self.features)
 
     @property
     def scorable(self) -> bool:
         return any(r is not None for r in self.references)
+
+
+def features_dataset(features: list[dict[str, Any]]):
+    """Tokenized rows as a ``datasets.Dataset`` (the columns the collator and length grouping read)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({k: [f[k] for f in features] for k in ("input_ids", "labels", "length")})
 
 
 def _apply_columns(rows: list[dict], mapping: dict[str, str]) -> list[dict]:

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from tunelab.config import ConfigError, RunConfig, load_config
-from tunelab.data import Collator, Prepared, prepare_file, prepare_splits
+from tunelab.data import Collator, Prepared, features_dataset, prepare_file, prepare_splits
 from tunelab.evaluate import generate_batch, loss_and_perplexity, score
 from tunelab.forgetting import Reference, build_retention_set, forgetting_summary, measure, retention_batches
 from tunelab.fsutil import atomic_dir
@@ -211,8 +211,6 @@ class Session:
     """A loaded base model with its strategies applied: what one run (or one continual sequence) trains."""
 
     def __init__(self, cfg: RunConfig, main: bool):
-        from transformers import set_seed
-
         self.cfg, self.main = cfg, main
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precision = resolve_precision(cfg.training.precision, self.device)
@@ -220,7 +218,6 @@ class Session:
         self.model_dir = resolve_model(cfg.model)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.data_cfg = cfg.data if cfg.data is not None else cfg.tasks[0]
-        set_seed(cfg.training.seed)
 
     def load(self, strategy_configs=None) -> None:
         """Load the base model, build the retention set on it (untouched), apply and mark the strategies."""
@@ -312,7 +309,6 @@ class Session:
         log_dir: Path | None = None,
     ) -> dict[str, Any]:
         """One Trainer run over ``train_features`` (after the strategies' data hooks); returns train stats."""
-        import datasets
         from transformers.integrations import TensorBoardCallback
         from transformers.trainer_callback import ProgressCallback
         from transformers.trainer_utils import get_last_checkpoint
@@ -322,7 +318,6 @@ class Session:
         cfg = self.cfg
         for s in self.strategies:
             train_features = s.training_features(train_features, self.ctx)
-        cols = {k: [f[k] for f in train_features] for k in ("input_ids", "labels", "length")}
         lr = cfg.training.lr or next(s for s in self.strategies if s.trains).default_lr
         log_dir = log_dir or run_dir
         throughput = Throughput()
@@ -330,7 +325,7 @@ class Session:
             model=self.model,
             args=training_arguments(cfg, run_dir, lr, self.precision, eval_data is not None),
             data_collator=Collator(self.tokenizer.pad_token_id),
-            train_dataset=datasets.Dataset.from_dict(cols),
+            train_dataset=features_dataset(train_features),
             eval_dataset=eval_data.dataset() if eval_data is not None else None,
             processing_class=self.tokenizer,
             strategies=self.strategies,
@@ -442,16 +437,18 @@ def train(
             }
         if forgetting:
             summary["forgetting"] = forgetting
-        summary["memory"] = peak_memory_mb(session.device)
-        summary["wall_time_s"] = round(time.perf_counter() - t_start, 2)
-        summary["outputs"] = {
-            "run_dir": str(run_dir),
-            "model": str(run_dir / MODEL),
-            "config": str(run_dir / CONFIG),
-        }
-        write_json_atomic(run_dir / SUMMARY, summary)
+        finish_summary(summary, session.device, run_dir, t_start)
     del session, model
     return RunResult(run_dir, summary)
+
+
+def finish_summary(summary: dict[str, Any], device: str, run_dir: Path, t_start: float, **outputs: Path) -> None:
+    """Peak memory, wall time and output paths, then ``summary.json`` written atomically (rank 0 only)."""
+    summary["memory"] = peak_memory_mb(device)
+    summary["wall_time_s"] = round(time.perf_counter() - t_start, 2)
+    paths = {"run_dir": run_dir, "model": run_dir / MODEL, "config": run_dir / CONFIG, **outputs}
+    summary["outputs"] = {k: str(v) for k, v in paths.items()}
+    write_json_atomic(run_dir / SUMMARY, summary)
 
 
 def _score_base(session: Session, prepared: Prepared) -> dict[str, Any]:
