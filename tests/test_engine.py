@@ -101,7 +101,7 @@ def test_an_existing_run_is_never_overwritten_silently(tiny_llama, memo_data, tm
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=2)
     train(cfg)
     before = (tmp_path / "run" / "summary.json").read_text()
-    with pytest.raises(RunError, match="is not empty; use --resume"):
+    with pytest.raises(RunError, match="holds a tunelab run; use --resume"):
         train(cfg)
     assert (tmp_path / "run" / "summary.json").read_text() == before
     train(cfg, overwrite=True)
@@ -109,7 +109,7 @@ def test_an_existing_run_is_never_overwritten_silently(tiny_llama, memo_data, tm
     other = tmp_path / "mine"
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
-    with pytest.raises(RunError, match="does not look like a tunelab run"):
+    with pytest.raises(RunError, match=r"is not a tunelab run \(no .tunelab-run marker\)"):
         train(tiny_config(tiny_llama, memo_data, other, "lora", max_steps=2), overwrite=True)
     assert (other / "thesis.tex").read_text() == "precious"
 

@@ -1,7 +1,9 @@
 """``tunelab`` command line: train | eval | generate | merge | validate | demo.
 
 Each verb is a thin layer over the Python API of the same name (``tunelab.train`` etc.). Errors a user can
-fix (bad config, bad data, missing model, occupied output dir) print one clear message and exit 2.
+fix (bad config, bad data, missing model, occupied output dir, an unreadable or full disk) print one clear
+message and exit 2; a diverged run exits 3; SIGINT or SIGTERM stop the run cleanly with exit 130 and say
+how to resume. ``--debug`` shows the traceback as well.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 # Quiet third-party noise before they are imported; users see tunelab's own output.
@@ -19,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs and measure the result.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error as well")
     sub = p.add_subparsers(dest="verb", required=True)
 
     t = sub.add_parser("train", help="train as a YAML config says")
@@ -57,19 +61,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a scheduler) stops the run as Ctrl-C does: cleanly
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from tunelab.config import ConfigError
     from tunelab.data import DataError
+    from tunelab.errors import Interrupted, RunError
     from tunelab.models import ModelNotFound
-    from tunelab.run import RunError
     from tunelab.strategies import StrategyError
 
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return _dispatch(args)
     except (ConfigError, DataError, ModelNotFound, RunError, StrategyError) as e:
-        print(f"tunelab {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args, e, getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        return _fail(args, Interrupted("interrupted"), Interrupted.exit_code)
+    except OSError as e:  # the file system said no: permissions, a full disk, a path that is a file
+        where = f": {e.filename}" if e.filename else ""
+        return _fail(args, f"{e.strerror or e}{where}", 2)
+
+
+def _fail(args, error, code: int) -> int:
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()  # a progress bar left open would repaint itself after the message, at exit
+    if args.debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"tunelab {args.verb}: error: {error}", file=sys.stderr)
+    return code
 
 
 def _dispatch(args) -> int:

@@ -12,13 +12,16 @@ Strategy options are validated by the config class that each strategy registers 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from tunelab.schema import StrictModel
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -33,10 +36,9 @@ class ConfigError(ValueError):
         super().__init__(head + ":\n  " + "\n  ".join(problems))
 
 
-class Strict(BaseModel):
-    """Base for every config section: unknown keys fail, values are re-validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class Strict(StrictModel):
+    """Base for every config section: unknown keys fail, values are re-validated on assignment, no boolean
+    is read as a number (tunelab.schema)."""
 
 
 class DataConfig(Strict):
@@ -101,7 +103,13 @@ class TrainingConfig(Strict):
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of all steps (if > 0).")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW) weight decay.")
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Decoupled (AdamW) weight decay, 0 to 1 (0.01-0.1 is usual; each step shrinks weights by lr x "
+        "this, so larger values only destroy the model).",
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
     seed: int = Field(42, description="Seed for weights of new modules, data order and dropout.")
     max_length: int = Field(512, ge=8, description="Tokens per example; longer rows are truncated on the right.")
@@ -166,6 +174,11 @@ class RunConfig(Strict):
     model: str = Field(
         DEFAULT_MODEL, description=f"A known model name ({DEFAULT_MODEL}) or a local Hugging Face model directory."
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Allow a model directory whose weights are pickled (.bin, .pt, ...). Unpickling can run code "
+        "stored in the file: only for files you trust; converting them to safetensors is better.",
+    )
     data: DataConfig | None = Field(None, description="The training data (or `tasks` for continual learning).")
     tasks: list[TaskConfig] | None = Field(
         None, description="Continual learning: tasks trained in order, each with its own train and eval data."
@@ -214,15 +227,76 @@ class RunConfig(Strict):
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a config tree. List items (the strategies of a hybrid) are reached by index
+    (``strategy.1.r``) or by strategy name (``strategy.lora.r``); a one-item list also by its keys
+    (``strategy.r``). A strategy given as a bare name becomes ``{name: ...}`` when a key is set inside it."""
     keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        if isinstance(node.get(k), str) and k == "strategy":
-            node[k] = {"name": node[k]}  # `--set strategy.r=4` on `strategy: lora`
-        node = node.setdefault(k, {})
+    node: Any = tree
+    for i, k in enumerate(keys):
+        where, last = ".".join(keys[:i]), i == len(keys) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, k, dotted, where)
+            through = idx is None  # a one-item list reached by its item's keys: k applies to the item
+            idx = 0 if through else idx
+            if last and not through:
+                node[idx] = value
+                return
+            if isinstance(node[idx], str):
+                node[idx] = {"name": node[idx]}  # a strategy given by name
+            node = node[idx]
+            if not through:
+                continue
         if not isinstance(node, dict):
-            raise ConfigError([f"--set {dotted}: '{k}' is not a mapping, cannot set a key inside it"])
-    node[keys[-1]] = value
+            raise ConfigError([f"--set {dotted}: {where} is {node!r}, not a mapping; cannot set {k!r} inside it"])
+        if last:
+            node[k] = value
+            return
+        if k == "strategy" and isinstance(node.get(k), str | dict):
+            node[k] = [node[k]]  # `strategy: lora` is a one-item list: strategy.r, strategy.0.r, strategy.lora.r
+        node = node.setdefault(k, {})
+
+
+def _list_index(items: list, key: str, dotted: str, where: str) -> int | None:
+    """The item ``key`` names (an index or a strategy name); None for the only item of a one-item list."""
+    names = [it if isinstance(it, str) else it.get("name") if isinstance(it, dict) else None for it in items]
+    if key.lstrip("-").isdigit():
+        if 0 <= int(key) < len(items):
+            return int(key)
+        problem = f"index {key} is out of range ({where} has {len(items)} item(s): 0..{len(items) - 1})"
+    elif names.count(key) == 1:
+        return names.index(key)
+    elif names.count(key) > 1:
+        problem = f"{key!r} names {names.count(key)} items of {where}; use the index"
+    elif len(items) == 1:
+        return None
+    else:
+        problem = f"{key!r} is neither an index nor a name in {where} (names: {', '.join(map(str, names))})"
+    forms = f"reach an item by index ({where}.0.KEY=VALUE) or by name ({where}.NAME.KEY=VALUE)"
+    raise ConfigError([f"--set {dotted}: {problem}; {forms}"])
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML with duplicate keys refused: PyYAML keeps the last silently, so a second ``training:`` block
+    would replace the first."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen and key != "<<":
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (first at line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -234,7 +308,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError([f"--set {text!r}: empty key"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError([f"--set {key}: value {raw!r} is not valid YAML ({e})"]) from None
     return key, value
@@ -316,15 +390,18 @@ def load_config(source: str | os.PathLike | dict, overrides: list[str] | None = 
     """
     text, name = None, None
     if isinstance(source, dict):
-        raw = dict(source)
+        raw = copy.deepcopy(source)  # overrides must not reach into the caller's dict
     else:
         path = Path(source)
         name = str(path)
         if not path.is_file():
             raise ConfigError([f"config file not found: {path.resolve()}"])
-        text = path.read_text()
         try:
-            raw = yaml.safe_load(text)
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"{name}: not UTF-8 text (byte {e.start})"], name) from None
+        try:
+            raw = safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{name}:{mark.line + 1}" if mark else name

@@ -39,11 +39,12 @@ from tunelab.run import (
     RunResult,
     Session,
     finish_summary,
+    guarded,
     is_main_process,
-    prepare_run_dir,
     save_artefact,
     write_json_atomic,
 )
+from tunelab.rundir import RunDir
 
 
 def continual_metrics(matrix: list[list[float]]) -> dict[str, float]:
@@ -85,15 +86,24 @@ def train_continual(cfg, *, overwrite: bool = False, callbacks: list | None = No
     t_start = time.perf_counter()
     main = is_main_process()
     session = Session(cfg, main)
-    names = [t.name for t in cfg.tasks]
     tasks = []
     for t in cfg.tasks:
         tr, ev = prepare_splits(t, session.tokenizer, cfg.training.max_length, cfg.training.seed)
         if not ev.scorable:
             raise RunError(f"task {t.name}: its eval rows have no references to score (accuracy / exact match)")
         tasks.append((t.name, tr, ev))
-    run_dir = prepare_run_dir(cfg, False, overwrite) if main else Path(cfg.output_dir)
-    session.load()
+    claim = RunDir.claim(cfg.output_dir, resume=False, overwrite=overwrite) if main else None
+    run_dir = Path(cfg.output_dir)
+    with guarded(claim, cfg):
+        session.load()
+        if claim is not None:
+            claim.begin(cfg.to_dict())
+        summary = _run_tasks(session, cfg, tasks, run_dir, callbacks, t_start)
+    return RunResult(run_dir, summary)
+
+
+def _run_tasks(session: Session, cfg, tasks: list, run_dir: Path, callbacks, t_start: float) -> dict[str, Any]:
+    main, names = session.main, [name for name, _, _ in tasks]
     routed = cfg.continual.per_task_adapter
     if routed and any(s.changes_base_weights for s in session.strategies):
         raise RunError(
@@ -145,7 +155,7 @@ def train_continual(cfg, *, overwrite: bool = False, callbacks: list | None = No
             )
 
     if not main:
-        return RunResult(run_dir, {})
+        return {}
     metrics = continual_metrics(matrix)
     result = {
         "tasks": names,
@@ -193,4 +203,4 @@ def train_continual(cfg, *, overwrite: bool = False, callbacks: list | None = No
         continual=run_dir / "continual.json",
         heatmap=run_dir / "continual.png",
     )
-    return RunResult(run_dir, summary)
+    return summary

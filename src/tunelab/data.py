@@ -19,6 +19,8 @@ Rows that are malformed, miss fields, or keep no trainable token after truncatio
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 
 IGNORE = -100
-LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+LOADERS = (".jsonl", ".json", ".csv", ".parquet")
 
 
 class DataError(ValueError):
@@ -49,49 +51,94 @@ class DataStats:
 # ----------------------------------------------------------------------------- reading files
 
 
-def _row_lines(path: Path) -> list[int] | None:
-    """Line number of each row for JSONL (blank lines are not rows); None where rows have no single line."""
-    if path.suffix != ".jsonl":
-        return None
-    with path.open(encoding="utf-8") as f:
-        return [i for i, line in enumerate(f, 1) if line.strip()]
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is dropped
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); save the file as UTF-8"
+        ) from None
 
 
-def _diagnose_jsonl(path: Path) -> str | None:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})"
-            if not isinstance(obj, dict):
-                return f"{path}:{i}: each line must be a JSON object, got {type(obj).__name__}"
-    return None
+def _read_json_lines(path: Path, text: str) -> tuple[list[dict], list[int]]:
+    rows, lines = [], []
+    for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{i}: each line must be a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+        lines.append(i)
+    return rows, lines
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local JSONL/JSON/CSV/Parquet file, loaded with ``datasets``."""
+def _read_json(path: Path, text: str) -> tuple[list[dict], list[int] | None]:
+    if path.suffix == ".jsonl":
+        return _read_json_lines(path, text)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines in a .json file
+            return _read_json_lines(path, text)
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise DataError(f"{path}: a .json file must hold a list of objects (one per row), or one object per line")
+    return obj, None
+
+
+def _read_csv(path: Path, text: str) -> tuple[list[dict], list[int]]:
+    """Every cell as the string in the file: no type guessing, "NA" stays "NA", "007" stays "007"."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows, lines, last = [], [], 1  # line 1 is the header
+    try:
+        for row in reader:
+            rows.append({k: v for k, v in row.items() if k is not None})  # cells past the header are dropped
+            lines.append(last + 1)
+            last = reader.line_num
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    return rows, lines
+
+
+def read_rows_with_lines(path: str | Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """Rows of a local JSONL/JSON/CSV/Parquet file, and the line each row starts on (None for Parquet and
+    JSON arrays).
+
+    Text reaches training exactly as written: JSON and CSV are read with the standard library, not with
+    loaders that infer types (which turn "2021-03-04" into a date, "007" into 7 and "NA" into a missing
+    value). Parquet files carry their own column types and are read with ``datasets``.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path.resolve()}")
-    kind = LOADERS.get(path.suffix.lower())
-    if kind is None:
+    suffix = path.suffix.lower()
+    if suffix not in LOADERS:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOADERS)}")
-    if path.suffix == ".jsonl":
-        # datasets' own JSON errors name neither line nor cause; find the bad line first.
-        problem = _diagnose_jsonl(path)
-        if problem:
-            raise DataError(problem)
+    if suffix in (".jsonl", ".json"):
+        return _read_json(path, _decode(path))
+    if suffix == ".csv":
+        return _read_csv(path, _decode(path))
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train", keep_in_memory=True)
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train", keep_in_memory=True)
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"{path}: could not be read as {kind}: {e}") from None
-    return ds.to_list()
+        raise DataError(
+            f"{path}: could not be read as parquet: {str(e).splitlines()[0] if str(e) else e}"
+        ) from None
+    return ds.to_list(), None
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    return read_rows_with_lines(path)[0]
 
 
 # ----------------------------------------------------------------------------- row shapes
@@ -138,6 +185,10 @@ class Formatter:
             raise DataError("`messages` rows need a tokenizer with a chat template; this tokenizer has none")
         self.chat = data_cfg.template == "chat" or (data_cfg.template == "auto" and has_template)
         self.eos = tokenizer.eos_token or ""
+        # No token covers more input characters than its vocabulary string has (byte-level pieces are one
+        # character per byte), so (max_length + margin) * this many characters hold every token that can
+        # survive truncation: a 50 MB row costs no more than one of that length.
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=16)
 
     # -- helpers --------------------------------------------------------------------------------
     def _template(self, messages, generation_prompt=False) -> str:
@@ -178,10 +229,10 @@ class Formatter:
     # -- one row --------------------------------------------------------------------------------
     def render(self, row: dict[str, Any]) -> Rendered:
         if self.fmt == "text":
-            text = _need_str(row, "text")
+            text = _need_text(row, "text")
             return Rendered(text + self.eos, [(0, len(text) + len(self.eos))])
         if self.fmt == "prompt_completion":
-            return self.render_pair(_need_str(row, "prompt"), _need_str(row, "completion"))
+            return self.render_pair(_need_str(row, "prompt"), _need_text(row, "completion"))
         if self.fmt == "classification":
             text, label = _need_str(row, "text"), row.get("label")
             if label is None or (isinstance(label, str) and not label.strip()):
@@ -200,6 +251,8 @@ class Formatter:
                 raise ValueError(f"messages[{j}] must be an object with a string 'content'")
             if m.get("role") not in ("system", "user", "assistant"):
                 raise ValueError(f"messages[{j}].role is {m.get('role')!r}; allowed: system, user, assistant")
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise ValueError(f"messages[{j}] is an empty assistant message: nothing to learn")
             clean.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in clean):
             raise ValueError("no assistant message: nothing to learn")
@@ -207,7 +260,9 @@ class Formatter:
 
     # -- tokens ---------------------------------------------------------------------------------
     def tokenize(self, r: Rendered, max_length: int, train_on: str) -> dict[str, Any]:
-        enc = self.tok(r.text, add_special_tokens=r.special, return_offsets_mapping=True)
+        limit = (max_length + 16) * self.max_token_chars
+        text = r.text[:limit]
+        enc = self.tok(text, add_special_tokens=r.special, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         # A token trains when it overlaps a loss span: one that straddles the prompt/completion boundary
         # carries completion characters, so it must be predicted too.
@@ -218,7 +273,7 @@ class Formatter:
                 t if any(a < e and b > s for s, e in r.spans) else IGNORE
                 for t, (a, b) in zip(ids, offsets, strict=True)
             ]
-        full_len = len(ids)
+        full_len = f"{len(ids)}{'+' if len(text) < len(r.text) else ''}"
         ids, labels = ids[:max_length], labels[:max_length]
         if all(x == IGNORE for x in labels):
             raise ValueError(
@@ -226,6 +281,14 @@ class Formatter:
                 f"(row is {full_len} tokens)"
             )
         return {"input_ids": ids, "labels": labels, "length": len(ids)}
+
+
+def _need_text(row: dict, key: str) -> str:
+    """A string field that carries loss: empty or whitespace-only would train only the end-of-turn token."""
+    v = _need_str(row, key)
+    if not v.strip():
+        raise ValueError(f"field '{key}' is empty: nothing to learn")
+    return v
 
 
 def _need_str(row: dict, key: str) -> str:
@@ -317,13 +380,14 @@ def prepare_rows(
 
 def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None) -> Prepared:
     path = Path(path)
+    rows, lines = read_rows_with_lines(path)
     return prepare_rows(
-        read_rows(path),
+        rows,
         tokenizer,
         data_cfg,
         max_length,
         source=str(path),
-        lines=_row_lines(path),
+        lines=lines,
         fmt=fmt,
         labels=labels,
     )
@@ -332,7 +396,7 @@ def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None
 def prepare_splits(data_cfg, tokenizer, max_length: int, seed: int) -> tuple[Prepared, Prepared | None]:
     """The training split and the eval split (a file, a held-out fraction, or none)."""
     train_path = Path(data_cfg.train)
-    rows, lines = read_rows(train_path), _row_lines(train_path)
+    rows, lines = read_rows_with_lines(train_path)
     eval_rows = eval_lines = None
     if data_cfg.eval_split:
         g = torch.Generator().manual_seed(seed)

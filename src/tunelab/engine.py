@@ -9,12 +9,27 @@ TensorBoard logging. tunelab needs to change only what strategies decide (docs/d
 - ``compute_loss``: the task loss plus every strategy's extra loss terms, summed without knowing them;
 - callbacks: a progress bar showing loss and tokens/s, and ``metrics.jsonl`` in the run dir.
 
+and at four more for reliability (docs/reliability.md):
+
+- ``_get_train_sampler``: length-grouped batches whose shuffle depends only on (seed, epoch), so a
+  resume in the middle of any epoch sees exactly the order the uninterrupted run saw;
+- ``training_step`` / ``_get_grad_norm`` and a weight check after every optimizer step: a non-finite
+  loss, gradient norm or weight stops the run with :class:`NonFiniteError` before the optimizer step
+  uses it and before any checkpoint could hold it (the Trainer's own NaN filter, which logs a made-up
+  loss instead, is off);
+- ``_save_checkpoint``: each checkpoint is written under ``checkpoints/.staging/`` and renamed into
+  place when complete (tunelab.checkpoints); a failed write (disk full) removes the partial copy, keeps
+  the previous checkpoints and says so.
+
 The engine never names a strategy.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +37,43 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_pt_utils import get_length_grouped_indices
+from transformers.trainer_utils import rotate_checkpoints
+
+from tunelab.checkpoints import STAGING
+from tunelab.errors import NonFiniteError, RunError
+
+
+class EpochLengthGroupedSampler(torch.utils.data.Sampler):
+    """Length-grouped order (megabatches of similar lengths, shuffled) drawn from a generator seeded with
+    ``seed + epoch``: the same for a run and for its resume, whatever the global RNG did meanwhile.
+    (transformers' LengthGroupedSampler draws from the global RNG at the start of each epoch, which a
+    resume restores to the checkpoint's state, not to the epoch start's: another order.)"""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
+class FiniteWeights(TrainerCallback):
+    """After every optimizer step: the parameters the optimizer updates are all finite, or the run stops
+    here, before the step's checkpoint or log is written. One device sync per step."""
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if params and not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            raise NonFiniteError(
+                f"training diverged at step {state.global_step + 1}: the weights became non-finite"
+            )
 
 
 class TunelabTrainer(Trainer):
@@ -29,6 +81,71 @@ class TunelabTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.strategies = list(strategies)
         self._last_terms: dict[str, float] = {}
+        self._staging = False
+        self.add_callback(FiniteWeights())
+
+    # -- data order -----------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or "length" not in ds.column_names:
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return EpochLengthGroupedSampler(ds["length"], batch, self.args.data_seed or self.args.seed)
+
+    # -- nothing non-finite is used or saved ----------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"training diverged at step {self.state.global_step + 1}: the loss is {float(loss)}"
+            )
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if norm is not None and not math.isfinite(float(norm)):
+            raise NonFiniteError(
+                f"training diverged at step {self.state.global_step + 1}: the gradient norm is {float(norm)}"
+            )
+        return norm
+
+    # -- atomic checkpoints ---------------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        root = super()._get_output_dir(trial)
+        return os.path.join(root, STAGING) if self._staging else root
+
+    def _save_checkpoint(self, model, trial):
+        root = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staged, final = root / STAGING / name, root / name
+        writer = self.args.should_save
+        if writer and staged.exists():
+            shutil.rmtree(staged)  # left by a run killed while writing this step
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+            self._barrier()  # every rank has written its part (RNG states) before rank 0 renames
+        except Exception as e:
+            if writer:
+                shutil.rmtree(staged, ignore_errors=True)
+            kept = sorted(p.name for p in root.glob("checkpoint-*"))
+            raise RunError(
+                f"writing {name} failed ({_reason(e)}); nothing was half-written, "
+                f"{'kept: ' + ', '.join(kept) if kept else 'no earlier checkpoint exists'}"
+            ) from None
+        finally:
+            self._staging = False
+        if writer:
+            if final.exists():
+                shutil.rmtree(final)  # a stale copy of this step from a run that was resumed before it
+            staged.rename(final)
+            staged.parent.rmdir()  # empty now; a .staging left behind means a write that was cut short
+            rotate_checkpoints(str(root), save_total_limit=self.args.save_total_limit)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -74,6 +191,12 @@ class TunelabTrainer(Trainer):
         if "loss" in logs:
             logs.update({f"loss_terms/{k}": v for k, v in self._last_terms.items()})
         super().log(logs, start_time)
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e).splitlines()[0] if str(e) else e.__class__.__name__
 
 
 class Throughput:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunelab.data import IGNORE, Collator, Prepared, batches, prepare_rows, read_rows
+from tunelab.data import IGNORE, Collator, DataError, Prepared, batches, prepare_rows, read_rows
 from tunelab.evaluate import autocast, generate_batch, normalize
 
 BUILTIN_PROMPTS = [
@@ -70,17 +70,18 @@ class Reference:
     """Base-model logits for a batch, without gradients: the adapted model with its additions disabled, or
     (when a strategy changes base weights) a frozen copy of the base model, loaded once on first use."""
 
-    def __init__(self, model: torch.nn.Module, strategies: list, model_dir: Path):
+    def __init__(self, model: torch.nn.Module, strategies: list, model_dir: Path, *, allow_pickle: bool = False):
         self.model = model
         self.needs_copy = any(s.changes_base_weights for s in strategies)
         self.model_dir = model_dir
+        self.allow_pickle = allow_pickle
         self._copy: torch.nn.Module | None = None
 
     def frozen_copy(self) -> torch.nn.Module:
         if self._copy is None:
             from tunelab.models import load_model
 
-            self._copy = load_model(self.model_dir).eval()
+            self._copy = load_model(self.model_dir, allow_pickle=self.allow_pickle).eval()
             for p in self._copy.parameters():
                 p.requires_grad_(False)
             self._copy.to(next(self.model.parameters()).device)
@@ -117,10 +118,22 @@ def token_kl(base_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tens
     return kl, int(mask.sum())
 
 
-def _cache_key(model_dir: Path, prompts: list[str], max_new_tokens: int) -> str:
-    weights = sorted(model_dir.glob("*.safetensors"))
-    stamp = [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]
-    blob = json.dumps([str(model_dir.resolve()), stamp, prompts, max_new_tokens])
+def weights_digest(model_dir: Path) -> str:
+    """SHA-256 over the model's weight files' contents: a model changed in place (same path, size, even the
+    same mtime) gets another digest. About 1 s per GB."""
+    h = hashlib.sha256()
+    for w in sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")):
+        h.update(w.name.encode() + b"\0")
+        with w.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def _cache_key(model_dir: Path, prompts: list[str], max_new_tokens: int, data_cfg) -> str:
+    """The base answers depend on the weights, the prompts, their rendering and the answer length."""
+    blob = json.dumps(
+        [weights_digest(model_dir), prompts, max_new_tokens, data_cfg.template, data_cfg.system_prompt]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -130,19 +143,23 @@ def retention_prompts(cfg) -> list[str]:
         rows = read_rows(cfg.file)
         missing = [i + 1 for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
         if missing:
-            raise ValueError(f"{cfg.file}: rows {missing[:5]} have no string 'prompt'")
+            raise DataError(
+                f"forgetting.file {cfg.file}: rows {missing[:5]} have no 'prompt' field; the retention file needs "
+                f"a 'prompt' column (it has: {', '.join(sorted(rows[0])) if rows else 'no rows'})"
+            )
         prompts += [r["prompt"] for r in rows]
     return prompts
 
 
 def build_retention_set(
-    base_model, tokenizer, model_dir: Path, data_cfg, fcfg, max_length: int, bf16: bool, home: Path
+    base_model, tokenizer, model_dir: Path, data_cfg, fcfg, max_length: int, bf16: bool, home: Path, prompts=None
 ) -> Prepared:
-    """Retention prompts with the untouched base model's greedy answers (cached per model and prompt set)."""
+    """Retention prompts (``prompts``, default :func:`retention_prompts`) with the untouched base model's
+    greedy answers (cached per model weights, prompt set and rendering)."""
     from tunelab.config import DataConfig
 
-    prompts = retention_prompts(fcfg)
-    key = _cache_key(model_dir, prompts, fcfg.max_new_tokens)
+    prompts = retention_prompts(fcfg) if prompts is None else prompts
+    key = _cache_key(model_dir, prompts, fcfg.max_new_tokens, data_cfg)
     cache = home / "retention" / f"{key}.json"
     if cache.is_file():
         answers = json.loads(cache.read_text())["answers"]

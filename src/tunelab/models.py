@@ -7,19 +7,35 @@ that directory. transformers marks a GGUF-loaded model as quantized and refuses 
 conversion builds a plain model from the config (without ``quantization_config``) and loads the
 dequantized state dict into it. The GGUF also carries the tokenizer and the chat template.
 
-Any other model is a local Hugging Face directory given by path. Nothing is ever downloaded.
+Any other model is a local Hugging Face directory given by path. Nothing is ever downloaded, and nothing in
+a model directory is trusted further than it must be (docs/reliability.md):
+
+- no code: every transformers load passes ``trust_remote_code=False``, so a directory that needs its own
+  Python code is refused instead of asking "[y/N]" on a terminal;
+- no file outside the directory: every file a shard index names must be a plain relative path inside it;
+- no unpickling unless asked: weights load from safetensors; pickled files (``.bin``, ``.pt``, ...) are
+  refused unless ``allow_pickle: true`` (unpickling a file can run code from it);
+- the weights must fit the config: a file that is truncated, a weight the architecture expects but the files
+  lack (tied weights aside), or one the files hold but the architecture has no place for, stops the load
+  instead of training a randomly initialised model; so do non-finite base weights.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
+from tunelab.checkpoints import safetensors_problem
+from tunelab.errors import ModelError
 from tunelab.fsutil import atomic_dir
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 @dataclass(frozen=True)
@@ -46,12 +62,14 @@ def tunelab_home() -> Path:
     return Path(os.environ.get("TUNELAB_HOME") or Path.home() / ".cache" / "tunelab").expanduser()
 
 
-def resolve_model(name_or_path: str) -> Path:
-    """The directory of a loadable HF model for a known name or a local path (converting on first use)."""
+def resolve_model(name_or_path: str, *, allow_pickle: bool = False) -> Path:
+    """The directory of a loadable HF model for a known name or a local path (converting on first use),
+    checked by :func:`check_model_dir` before anything in it is loaded."""
     if name_or_path in KNOWN_MODELS:
         return _converted(name_or_path, KNOWN_MODELS[name_or_path])
     path = Path(name_or_path).expanduser()
     if (path / "config.json").is_file():
+        check_model_dir(path.resolve(), allow_pickle=allow_pickle)
         return path.resolve()
     if path.exists():
         raise ModelNotFound(f"model '{name_or_path}': {path.resolve()} has no config.json (not a HF model dir)")
@@ -77,6 +95,58 @@ def _converted(name: str, known: KnownModel) -> Path:
     return target
 
 
+def check_model_dir(model_dir: Path, *, allow_pickle: bool = False) -> None:
+    """Refuse a model directory that is unsafe or unusable, before any of its files is opened by a loader."""
+    cfg_path = model_dir / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"{cfg_path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise ModelError(f"{cfg_path}: no 'model_type'; this is not a Hugging Face model config")
+    weights: list[str] = []
+    for index in sorted(model_dir.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(
+                f"{index}: not a valid shard index (needs a 'weight_map' of tensor -> file)"
+            ) from None
+        for name in names:
+            if not _inside(model_dir, name):
+                raise ModelError(
+                    f"{index}: refers to {name!r}, which is outside the model directory; refusing to read it"
+                )
+        weights += names
+    weights += [p.name for p in model_dir.iterdir() if p.suffix in (".safetensors", *PICKLED)]
+    safetensors = sorted({w for w in weights if w.endswith(".safetensors")})
+    pickled = sorted({w for w in weights if w.endswith(PICKLED)})
+    if not safetensors and not pickled:
+        raise ModelError(f"{model_dir}: no weight files (*.safetensors)")
+    if not safetensors and not allow_pickle:
+        raise ModelError(
+            f"{model_dir}: holds only pickled weights ({', '.join(pickled[:3])}); unpickling a file can run code "
+            "from it, so tunelab refuses. Convert them to safetensors, or set allow_pickle: true if you trust "
+            "the files"
+        )
+    for name in safetensors:
+        f = model_dir / name
+        if not f.is_file():
+            raise ModelError(f"{f}: missing (named by the shard index)")
+        problem = safetensors_problem(f)
+        if problem:
+            raise ModelError(f"{f}: {problem}; the weight file is damaged, copy it again")
+
+
+def _inside(root: Path, name: str) -> bool:
+    """A file reference is a plain relative path that stays inside ``root`` (no absolute path, no '..')."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    return bool(name) and not pure.is_absolute() and ".." not in pure.parts and ":" not in name
+
+
 def convert_gguf(gguf_path: Path, target: Path) -> None:
     """Dequantize a GGUF model into a safetensors HF directory, written atomically (temp dir + rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,12 +155,14 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     # was written meanwhile by another process (e.g. a second torchrun rank): keep it.
     with atomic_dir(target, keep_existing=lambda t: (t / "model.safetensors").is_file()) as tmp:
         src, fname = str(gguf_path.parent), gguf_path.name
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
-        quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=fname, trust_remote_code=False)
+        quant = AutoModelForCausalLM.from_pretrained(
+            src, gguf_file=fname, dtype=torch.float32, trust_remote_code=False
+        )
         config = quant.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
         plain.load_state_dict(quant.state_dict(), strict=True)
         plain.generation_config = quant.generation_config
         plain.save_pretrained(tmp)
@@ -100,17 +172,60 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"{model_dir}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy the tokenizer of the "
+            "base model into this directory"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as e:
+        raise ModelError(f"{model_dir}: the tokenizer could not be loaded ({_first_line(e)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(model_dir: Path, dtype: torch.dtype = torch.float32):
-    """Load a causal LM in fp32 master weights (mixed precision comes from autocast, not from the weights)."""
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False):
+    """Load a causal LM in fp32 master weights (mixed precision comes from autocast, not from the weights).
+
+    Refuses, naming what is wrong: remote code, pickled weights without ``allow_pickle``, weights missing for
+    (or unknown to) the architecture in config.json, and non-finite weights."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            trust_remote_code=False,
+            use_safetensors=None if allow_pickle else True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise ModelError(f"{model_dir}: the model could not be loaded ({_first_line(e)})") from None
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    mismatched = [str(m[0]) if isinstance(m, tuple | list) else str(m) for m in info.get("mismatched_keys") or []]
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{len(v)} {what} (e.g. {', '.join(v[:3])})"
+            for what, v in (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", mismatched))
+            if v
+        ]
+        raise ModelError(
+            f"{model_dir}: the weights do not match config.json ({model.config.model_type}): "
+            + "; ".join(parts)
+            + ". Training would start from random weights; use the weights that belong to this config"
+        )
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(p.isfinite().all()):
+            raise ModelError(f"{model_dir}: weight {name} holds non-finite values (NaN or inf)")
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

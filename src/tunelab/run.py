@@ -20,32 +20,33 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from tunelab.checkpoints import STAGING, pick_resume_checkpoint
 from tunelab.config import ConfigError, RunConfig, load_config
 from tunelab.data import Collator, Prepared, features_dataset, prepare_file, prepare_splits
+from tunelab.errors import Interrupted, NonFiniteError, RunError
 from tunelab.evaluate import generate_batch, loss_and_perplexity, score
-from tunelab.forgetting import Reference, build_retention_set, forgetting_summary, measure, retention_batches
+from tunelab.forgetting import (
+    Reference,
+    build_retention_set,
+    forgetting_summary,
+    measure,
+    retention_batches,
+    retention_prompts,
+)
 from tunelab.fsutil import atomic_dir
 from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model, tunelab_home
+from tunelab.rundir import CHECKPOINTS, CONFIG, METRICS, MODEL, SUMMARY, RunDir, complete_checkpoints
 from tunelab.strategies import build_strategies, mark_trainable
 
-CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
-    "config.yaml",
-    "summary.json",
-    "metrics.jsonl",
-    "model",
-    "checkpoints",
-)
-
-
-class RunError(RuntimeError):
-    pass
+__all__ = ["RunError", "RunResult", "train", "evaluate", "generate", "merge", "load_run"]
 
 
 @dataclass
@@ -92,42 +93,63 @@ def write_json_atomic(path: Path, data: Any) -> None:
 # ----------------------------------------------------------------------------- set up
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: was {a!r}, now {b!r}"]
+@contextmanager
+def guarded(run: RunDir | None, cfg: RunConfig) -> Iterator[None]:
+    """Close the claimed run dir whatever happens: a setup that fails leaves it as it was found; a run that
+    stops (divergence, interrupt, error) records why in the marker and says how to go on; the lock is
+    always released."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if run is None:
+            raise Interrupted("interrupted") from None
+        began = run.close("interrupted")
+        raise Interrupted(f"interrupted; {_how_to_go_on(run, cfg, began)}") from None
+    except NonFiniteError as e:
+        if run is None:
+            raise
+        _log_event(run.path, {"event": "diverged", "reason": str(e)})
+        run.close("diverged")
+        raise NonFiniteError(
+            f"{e}; no weights were saved as {MODEL}/. {_how_to_go_on(run, cfg, True)} after lowering "
+            "training.lr (or raising regularisation)"
+        ) from None
+    except BaseException:
+        if run is not None:
+            run.close("failed")
+        raise
+    else:
+        if run is not None:
+            run.close("finished")
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    run_dir = Path(cfg.output_dir)
-    resolved = cfg.to_dict()
-    if resume:
-        saved_path = run_dir / CONFIG
-        if not saved_path.is_file():
-            raise RunError(f"--resume: {saved_path} does not exist; there is no run to resume in {run_dir}")
-        changed = _diff(yaml.safe_load(saved_path.read_text()), resolved)
-        if changed:
-            raise RunError(
-                f"--resume: the config differs from the one {run_dir} was started with: " + "; ".join(changed)
-            )
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunError(
-                f"output_dir {run_dir} is not empty; use --resume to continue that run, "
-                "--overwrite to replace it, or choose another output_dir"
-            )
-        if not (run_dir / CONFIG).is_file():
-            raise RunError(
-                f"--overwrite: {run_dir} does not look like a tunelab run (no {CONFIG}); not deleting it"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
-    return run_dir
+def _how_to_go_on(run: RunDir, cfg: RunConfig, began: bool) -> str:
+    if not began:
+        return f"nothing was written to {run.path}"
+    done = complete_checkpoints(run.path)
+    if done:
+        return f"{run.path} can continue from {done[0].name} with --resume"
+    return (
+        f"no checkpoint was written yet (training.save_steps={cfg.training.save_steps}); run again to start over"
+    )
+
+
+def _log_event(run_dir: Path, record: dict[str, Any]) -> None:
+    metrics = run_dir / METRICS
+    if metrics.exists():
+        with metrics.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def _keep_metrics_through(path: Path, step: int) -> None:
+    """On resume from step ``step``: drop the lines the killed run logged after it (they are logged again)."""
+    if not path.is_file():
+        return
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    kept = [x for x in lines if json.loads(x).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    tmp.replace(path)
 
 
 def training_arguments(cfg: RunConfig, run_dir: Path, lr: float, precision: str, has_eval: bool):
@@ -164,6 +186,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, lr: float, precision: str,
         train_sampling_strategy="group_by_length",
         length_column_name="length",
         remove_unused_columns=False,
+        logging_nan_inf_filter=False,  # log the real loss; a non-finite one stops the run (engine.py)
         include_num_input_tokens_seen="non_padding",
         ddp_backend="gloo"
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -215,9 +238,11 @@ class Session:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precision = resolve_precision(cfg.training.precision, self.device)
         self.bf16 = self.precision == "bf16"
-        self.model_dir = resolve_model(cfg.model)
+        self.model_dir = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.data_cfg = cfg.data if cfg.data is not None else cfg.tasks[0]
+        # read (and check) the retention prompts now: a bad forgetting.file fails before the model loads
+        self.retention_prompts = retention_prompts(cfg.forgetting) if _needs_retention(cfg) else None
 
     def load(self, strategy_configs=None) -> None:
         """Load the base model, build the retention set on it (untouched), apply and mark the strategies."""
@@ -225,7 +250,7 @@ class Session:
 
         cfg = self.cfg
         set_seed(cfg.training.seed)
-        self.model = load_model(self.model_dir).to(self.device)
+        self.model = load_model(self.model_dir, allow_pickle=cfg.allow_pickle).to(self.device)
         self.retention = None
         if _needs_retention(cfg):
             self.retention = build_retention_set(
@@ -237,6 +262,7 @@ class Session:
                 cfg.training.max_length,
                 self.bf16,
                 tunelab_home(),
+                self.retention_prompts,
             )
         set_seed(cfg.training.seed)
         self.strategies = build_strategies(strategy_configs or cfg.strategy)
@@ -263,7 +289,7 @@ class Session:
             self.data_cfg,
             cfg.training.max_length,
             self.retention,
-            Reference(self.model, self.strategies, self.model_dir),
+            Reference(self.model, self.strategies, self.model_dir, allow_pickle=cfg.allow_pickle),
         )
         for s in self.strategies:
             s.prepare(self.model, self.ctx)
@@ -311,7 +337,6 @@ class Session:
         """One Trainer run over ``train_features`` (after the strategies' data hooks); returns train stats."""
         from transformers.integrations import TensorBoardCallback
         from transformers.trainer_callback import ProgressCallback
-        from transformers.trainer_utils import get_last_checkpoint
 
         from tunelab.engine import BarCallback, MetricsCallback, Throughput, TunelabTrainer
 
@@ -341,9 +366,8 @@ class Session:
             *(callbacks or []),
         ]:
             trainer.add_callback(cb)
-        ckpt_dir = run_dir / CHECKPOINTS
-        checkpoint = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
-        out = trainer.train(resume_from_checkpoint=checkpoint)
+        checkpoint, skipped = self._resume_point(run_dir, log_dir) if resume else (None, [])
+        out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         state = trainer.state
         self.model = trainer.model
         return {
@@ -354,9 +378,28 @@ class Session:
             "tokens_seen": int(state.num_input_tokens_seen),
             "tokens_per_s": round(throughput.rate(state), 2),
             "train_time_s": round(out.metrics.get("train_runtime", 0.0), 2),
-            "resumed_from": Path(checkpoint).name if checkpoint else None,
+            "resumed_from": checkpoint.name if checkpoint else None,
+            "skipped_checkpoints": [f"{c.path.name}: {c.problem}" for c in skipped],
             "learning_rate": lr,
         }
+
+    def _resume_point(self, run_dir: Path, log_dir: Path):
+        """The newest complete checkpoint (saying which newer ones are skipped, and why); the metrics the
+        killed run logged after it are dropped, as they will be logged again."""
+        ckpt_dir = run_dir / CHECKPOINTS
+        checkpoint, skipped = pick_resume_checkpoint(ckpt_dir)
+        if self.main:
+            shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)  # a checkpoint a kill cut short
+            for c in skipped:
+                print(f"resume: skipping {c.path.name} ({c.problem})", flush=True)
+            print(
+                f"resume: continuing from {checkpoint.name}"
+                if checkpoint
+                else "resume: no complete checkpoint; training from the start",
+                flush=True,
+            )
+            _keep_metrics_through(log_dir / METRICS, int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+        return checkpoint, skipped
 
     def parameters_summary(self) -> dict[str, Any]:
         return {
@@ -388,14 +431,28 @@ def train(
     main = is_main_process()
 
     # -- set up: model files, data (bad rows fail here, before the model loads), run dir, model, strategies.
-    # The run dir is written only once the inputs are known good, so a failed setup leaves nothing behind.
+    # The run dir is only checked and locked until model, data and strategies are loaded: a failed setup
+    # leaves it as it was, and an old run being replaced is deleted only then (tunelab.rundir).
     session = Session(cfg, main)
     train_data, eval_data = prepare_splits(cfg.data, session.tokenizer, cfg.training.max_length, cfg.training.seed)
     originals = session.original_tasks()
-    run_dir = prepare_run_dir(cfg, resume, overwrite) if main else Path(cfg.output_dir)
-    session.load()
-    model, tokenizer, bf16 = session.model, session.tokenizer, session.bf16
+    claim = (
+        RunDir.claim(cfg.output_dir, resume=resume, overwrite=overwrite, config=cfg.to_dict()) if main else None
+    )
+    run_dir = Path(cfg.output_dir)
+    with guarded(claim, cfg):
+        session.load()
+        if claim is not None:
+            claim.begin(cfg.to_dict(), resume=resume)
+        summary = _train_single(
+            session, cfg, train_data, eval_data, originals, run_dir, resume, callbacks, t_start
+        )
+    del session
+    return RunResult(run_dir, summary)
 
+
+def _train_single(session, cfg, train_data, eval_data, originals, run_dir, resume, callbacks, t_start) -> dict:
+    main, tokenizer, bf16 = session.main, session.tokenizer, session.bf16
     summary: dict[str, Any] = {
         "strategy": cfg.strategy_names(),
         "model": str(session.model_dir),
@@ -420,26 +477,26 @@ def train(
     # -- train
     summary["train"] = session.fit(train_data.features, eval_data, run_dir, resume=resume, callbacks=callbacks)
 
-    # -- save, score (rank 0 only), clean up
+    # -- save, score (rank 0 only)
     model = session.model
-    if main:
-        save_artefact(session.strategies, model, tokenizer, run_dir / MODEL)
-        if eval_data is not None:
-            summary["eval"] = score(model, tokenizer, eval_data, cfg.eval, bf16)
-        forgetting: dict[str, Any] = {}
-        after = session.retention_after()
-        if after is not None:
-            forgetting.update(forgetting_summary(before["retention"], after))
-        if originals:
-            forgetting["original_tasks"] = {
-                f: forgetting_summary(before["original"][f], score(model, tokenizer, p, cfg.eval, bf16))
-                for f, p in originals.items()
-            }
-        if forgetting:
-            summary["forgetting"] = forgetting
-        finish_summary(summary, session.device, run_dir, t_start)
-    del session, model
-    return RunResult(run_dir, summary)
+    if not main:
+        return {}
+    save_artefact(session.strategies, model, tokenizer, run_dir / MODEL)
+    if eval_data is not None:
+        summary["eval"] = score(model, tokenizer, eval_data, cfg.eval, bf16)
+    forgetting: dict[str, Any] = {}
+    after = session.retention_after()
+    if after is not None:
+        forgetting.update(forgetting_summary(before["retention"], after))
+    if originals:
+        forgetting["original_tasks"] = {
+            f: forgetting_summary(before["original"][f], score(model, tokenizer, p, cfg.eval, bf16))
+            for f, p in originals.items()
+        }
+    if forgetting:
+        summary["forgetting"] = forgetting
+    finish_summary(summary, session.device, run_dir, t_start)
+    return summary
 
 
 def finish_summary(summary: dict[str, Any], device: str, run_dir: Path, t_start: float, **outputs: Path) -> None:
@@ -467,8 +524,18 @@ def component_dir(model_dir: Path, strategies: list, strategy) -> Path:
     return model_dir if len(savers) <= 1 else model_dir / strategy.name
 
 
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse to save a model holding a non-finite parameter or buffer (the engine stops divergence before
+    it gets here; this is the last line)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(t.detach().isfinite().all()):
+            raise NonFiniteError(f"refusing to save: {name} holds non-finite values")
+
+
 def save_artefact(strategies, model, tokenizer, target: Path) -> None:
-    """Write the final artefact beside ``target`` and rename it into place: never half-written."""
+    """Write the final artefact beside ``target`` and rename it into place: never half-written, never
+    non-finite."""
+    check_finite(model)
     with atomic_dir(target) as tmp:
         for s in strategies:
             s.save(model, component_dir(tmp, strategies, s))
@@ -489,6 +556,13 @@ class LoadedRun:
 def load_run(run_dir: str | Path) -> LoadedRun:
     """The trained model of a run: base model + adapter, or the saved standalone model."""
     run_dir = Path(run_dir)
+    if (run_dir / CONFIG).is_file() and not (run_dir / MODEL).is_dir():
+        done = complete_checkpoints(run_dir)
+        if done:
+            raise RunError(
+                f"{run_dir} has no {MODEL}/: the run did not finish (its last checkpoint is {done[0].name}); "
+                f"continue it with: tunelab train {run_dir / CONFIG} --resume"
+            )
     if not (run_dir / CONFIG).is_file() or not (run_dir / MODEL).is_dir():
         raise RunError(f"{run_dir} is not a finished tunelab run (needs {CONFIG} and {MODEL}/)")
     cfg = load_config(run_dir / CONFIG)
@@ -504,7 +578,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if all(s.artefact == "full" for s in savers):
         model = type(savers[0]).load(None, run_dir / MODEL)
     else:
-        model = load_model(resolve_model(cfg.model))
+        model = load_model(resolve_model(cfg.model, allow_pickle=cfg.allow_pickle), allow_pickle=cfg.allow_pickle)
         for s in strategies:  # in application order, as in training
             model = type(s).load(model, component_dir(run_dir / MODEL, strategies, s))
     model.eval()
@@ -569,6 +643,8 @@ def generate(
 def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Fold a run's adapter into the base weights and save a standalone safetensors model."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"{out_dir} is a file; merge writes a model directory: choose a new directory path")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RunError(f"{out_dir} is not empty; choose a new directory for the merged model")
     loaded = load_run(run_dir)

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from tunelab.schema import StrictModel
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -41,10 +43,10 @@ class StrategyError(ValueError):
     """A strategy cannot be applied to this model as configured (e.g. target modules that match nothing)."""
 
 
-class StrategyConfig(BaseModel):
-    """Base of every strategy's options. Subclasses add fields, each with a description (its help text)."""
+class StrategyConfig(StrictModel):
+    """Base of every strategy's options. Subclasses add fields, each with a description (its help text).
+    Unknown keys fail, and no boolean is read as a number (tunelab.schema)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     name: str = Field(description="Registered strategy name.")
     lr: float | None = Field(None, gt=0, le=1, description="Learning rate for this strategy's parameters.")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-from transformers import AutoModelForCausalLM
 
 from tunelab.strategies.base import Strategy, StrategyConfig, register_strategy
 
@@ -41,4 +40,6 @@ class Full(Strategy):
 
     @classmethod
     def load(cls, base_model: torch.nn.Module | None, out_dir: Path) -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(out_dir)
+        from tunelab.models import load_model
+
+        return load_model(out_dir)

@@ -1,0 +1,110 @@
+"""Resumable checkpoints that are never half-written, and finding the newest complete one.
+
+The Trainer writes ``checkpoints/checkpoint-N/`` file by file; a kill or a full disk in the middle leaves a
+folder that looks like a checkpoint but cannot be loaded. tunelab's trainer writes each checkpoint under
+``checkpoints/.staging/checkpoint-N/`` and renames it into place when every file is written (a rename is
+atomic on one file system), so a ``checkpoint-N`` folder is complete by construction. Folders that are not
+(written by hand, by an older tunelab, or damaged since) are recognised by :func:`inspect` and skipped by
+:func:`pick_resume_checkpoint`, which says which it skipped and why.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGING = ".staging"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+# What the Trainer writes into every checkpoint: model weights (a full model or an adapter) and its state.
+_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    problem: str | None  # None when complete
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be loaded (truncated, bad header), or None. Reads only the header."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "truncated (no header)"
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > 100 * 2**20:
+                return "truncated or corrupt header"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable ({e.__class__.__name__})"
+    if 8 + n + end > size:
+        return f"truncated: {size} bytes, the header promises {8 + n + end}"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """torch.save files are zip archives whose directory sits at the end: a truncated one has none."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return "truncated or corrupt"
+    return None
+
+
+def inspect(path: Path) -> Checkpoint:
+    m = _NAME.match(path.name)
+    step = int(m.group(1)) if m else -1
+    state = path / "trainer_state.json"
+    try:
+        saved_step = json.loads(state.read_text()).get("global_step")
+    except (OSError, ValueError):
+        return Checkpoint(path, step, "trainer_state.json missing or unreadable")
+    if saved_step != step:
+        return Checkpoint(path, step, f"trainer_state.json is for step {saved_step}")
+    weights = [path / w for w in _WEIGHTS if (path / w).is_file()]
+    if not weights:
+        return Checkpoint(path, step, "no model weights")
+    for w in [*weights, *sorted(path.glob("*.safetensors"))]:
+        if w.suffix == ".safetensors":
+            problem = safetensors_problem(w)
+            if problem:
+                return Checkpoint(path, step, f"{w.name} {problem}")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (path / name).is_file():
+            return Checkpoint(path, step, f"{name} missing")
+        problem = _torch_file_problem(path / name)
+        if problem:
+            return Checkpoint(path, step, f"{name} {problem}")
+    if not list(path.glob("rng_state*.pth")):
+        return Checkpoint(path, step, "RNG state missing")
+    return Checkpoint(path, step, None)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Checkpoint]:
+    """Every ``checkpoint-N`` folder, newest first, each with what is wrong with it (if anything)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [inspect(p) for p in ckpt_dir.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+def pick_resume_checkpoint(ckpt_dir: Path) -> tuple[Path | None, list[Checkpoint]]:
+    """The newest complete checkpoint, and the newer ones skipped because they are incomplete."""
+    skipped = []
+    for c in list_checkpoints(ckpt_dir):
+        if c.complete:
+            return c.path, skipped
+        skipped.append(c)
+    return None, skipped

@@ -1,0 +1,31 @@
+"""Errors a user can cause or must act on. The CLI prints each as one line and exits with ``exit_code``.
+
+Exit codes (docs/reliability.md): 2 bad input or an unusable output place; 3 training diverged (a
+non-finite loss, gradient or weight; nothing non-finite is saved); 130 interrupted (SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+
+class RunError(RuntimeError):
+    """A run cannot start or go on as asked (occupied output dir, missing run, ...)."""
+
+    exit_code = 2
+
+
+class ModelError(RunError):
+    """A model directory that cannot be used safely: unreadable files, weights that do not match the
+    config, file references outside the directory, pickled weights without opt-in, remote code."""
+
+
+class NonFiniteError(RunError):
+    """Training produced a non-finite loss, gradient norm or weight; the run stopped before using it."""
+
+    exit_code = 3
+
+
+class Interrupted(RunError, KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; the message says how to resume. Still a KeyboardInterrupt, so
+    code that catches Ctrl-C around ``tunelab.train`` keeps working."""
+
+    exit_code = 130

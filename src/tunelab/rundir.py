@@ -1,0 +1,248 @@
+"""The run directory: what tunelab may write, replace or delete there, and who holds it.
+
+Promises (docs/reliability.md):
+
+- **A marker proves a run is ours.** Every run dir holds ``.tunelab-run`` (JSON: version, status, PID). A
+  directory is replaced only when it has the marker *and* every top-level entry is a name tunelab writes
+  (:data:`OURS`); anything else in it (a user's notes, data, a thesis) makes tunelab refuse, listing it.
+- **Never the places users live in.** ``/``, ``$HOME``, the current directory and its parents are never
+  replaced, marker or not.
+- **The old run is kept until the new one is known good.** :meth:`RunDir.claim` only checks and locks;
+  the old run's files are deleted by :meth:`RunDir.begin`, which runs after model, data and strategies
+  loaded. A setup that fails calls :meth:`RunDir.abandon`, which leaves the directory as it found it.
+- **One process per run dir.** ``.tunelab.lock`` is held with ``flock`` for the whole run; the kernel
+  drops it when the process dies (even ``kill -9``), so a lock file left by a dead process is stale by
+  construction and is simply taken over. A live holder is named by PID in the refusal.
+- **A run that left nothing to resume does not block the next one.** A run dir of ours with no complete
+  checkpoint and no final model (a setup or an early crash) is replaced by the next run without
+  ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.errors import RunError
+
+CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
+    "config.yaml",
+    "summary.json",
+    "metrics.jsonl",
+    "model",
+    "checkpoints",
+)
+MARKER, LOCK = ".tunelab-run", ".tunelab.lock"
+#: Every top-level name a run writes. Anything else in a run dir was put there by someone else.
+OURS = frozenset(
+    {CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS, "tb", "tasks", "continual.json", "continual.png", MARKER, LOCK}
+)
+
+
+def _is_ours(name: str) -> bool:
+    # temporary names of atomic writes: ".model-xxxx" (atomic_dir), "summary.json.tmp" (write_json_atomic)
+    return name in OURS or name.startswith(f".{MODEL}-") or (name.endswith(".tmp") and name[:-4] in OURS)
+
+
+class RunDirBusy(RunError):
+    """Another live process holds the run dir."""
+
+
+def _protected(path: Path) -> str | None:
+    """Why ``path`` must never be replaced, or None."""
+    p, cwd = path.resolve(), Path.cwd().resolve()
+    if p == Path(p.anchor):
+        return "it is the file-system root"
+    if p == Path.home().resolve():
+        return "it is your home directory"
+    if p == cwd:
+        return "it is the current directory"
+    if p in cwd.parents:
+        return "it contains the current directory"
+    return None
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("tunelab_run") == 1 else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    from tunelab.checkpoints import list_checkpoints
+
+    return [c.path for c in list_checkpoints(run_dir / CHECKPOINTS) if c.complete]
+
+
+@dataclass
+class RunDir:
+    """A claimed (locked) run directory. Create with :meth:`claim`; then :meth:`begin` or :meth:`abandon`."""
+
+    path: Path
+    replace: bool  # the old run's files are deleted by begin()
+    created: bool  # claim() created the directory (abandon() removes it again)
+    _lock: Any = field(default=None, repr=False)
+    _begun: bool = False
+
+    # -- claiming -------------------------------------------------------------------------------
+    @classmethod
+    def claim(
+        cls, output_dir: str | os.PathLike, *, resume: bool, overwrite: bool, config: dict[str, Any] | None = None
+    ) -> RunDir:
+        """Check that the run may use ``output_dir`` and lock it. Writes nothing but the lock file.
+
+        With ``resume``, ``config`` (the resolved config) must equal the one the run was started with."""
+        path = Path(output_dir)
+        if path.exists() and not path.is_dir():
+            raise RunError(f"output_dir {path} is a file, not a directory; choose a directory for the run")
+        entries = sorted(e.name for e in path.iterdir()) if path.is_dir() else []
+        replace = False
+        if resume:
+            if not (path / CONFIG).is_file() or _read_marker(path) is None:
+                raise RunError(f"--resume: {path} holds no tunelab run to resume (no {CONFIG} and {MARKER})")
+            if config is not None:
+                changed = _diff(yaml.safe_load((path / CONFIG).read_text()), config)
+                if changed:
+                    raise RunError(
+                        f"--resume: the config differs from the one {path} was started with: " + "; ".join(changed)
+                    )
+        elif entries:
+            marker = _read_marker(path)
+            if marker is None:
+                raise RunError(
+                    f"output_dir {path} is not empty and is not a tunelab run (no {MARKER} marker); "
+                    "tunelab does not replace it: choose another output_dir"
+                )
+            foreign = [e for e in entries if not _is_ours(e)]
+            if foreign:
+                raise RunError(
+                    f"output_dir {path} holds files tunelab did not write ({', '.join(foreign[:5])}"
+                    f"{', ...' if len(foreign) > 5 else ''}); tunelab does not replace it: move them or choose "
+                    "another output_dir"
+                )
+            resumable = bool(complete_checkpoints(path)) or (path / MODEL).is_dir()
+            if resumable and not overwrite:
+                raise RunError(
+                    f"output_dir {path} holds a tunelab run; use --resume to continue it, --overwrite to "
+                    "replace it, or choose another output_dir"
+                )
+            why = _protected(path)
+            if why:
+                raise RunError(f"output_dir {path}: tunelab never replaces this directory ({why}); choose another")
+            replace = True
+        created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            run = cls(path, replace, created)
+            run._lock = _acquire(path / LOCK)
+        except RunDirBusy:
+            raise
+        except OSError as e:
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise RunError(f"output_dir {path}: cannot write there ({e.strerror})") from None
+        return run
+
+    # -- using ----------------------------------------------------------------------------------
+    def begin(self, resolved_config: dict[str, Any], *, resume: bool = False) -> None:
+        """Setup succeeded: delete the old run (if replacing), write the marker and the resolved config."""
+        if self.replace:
+            for e in self.path.iterdir():
+                if e.name == LOCK or not _is_ours(e.name):
+                    continue
+                if e.is_dir() and not e.is_symlink():
+                    shutil.rmtree(e)
+                else:
+                    e.unlink()
+        self._begun = True
+        self.set_status("running")
+        if not resume:
+            _write_atomic(self.path / CONFIG, yaml.safe_dump(resolved_config, sort_keys=False))
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        marker = {
+            "tunelab_run": 1,
+            "status": status,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": time.time(),
+            **extra,
+        }
+        _write_atomic(self.path / MARKER, json.dumps(marker, indent=1) + "\n")
+
+    def close(self, status: str) -> bool:
+        """End the claim. Before :meth:`begin` that is :meth:`abandon`; after it the marker records
+        ``status`` (finished, failed, diverged, interrupted). Returns whether the run had begun."""
+        began = self._begun
+        if began:
+            self.set_status(status)
+            self.release()
+        else:
+            self.abandon()
+        return began
+
+    def abandon(self) -> None:
+        """Setup failed before :meth:`begin`: leave the directory as claim() found it."""
+        self.release()
+        if self._begun:
+            return
+        lock = self.path / LOCK
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif lock.exists() and not self.replace and not any(e.name != LOCK for e in self.path.iterdir()):
+            lock.unlink(missing_ok=True)  # an empty directory the user made stays empty
+
+    def release(self) -> None:
+        if self._lock is not None:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_UN)
+            finally:
+                self._lock.close()
+                self._lock = None
+
+
+def _acquire(lock_path: Path):
+    """Hold ``lock_path`` with flock; a live holder is named in the refusal."""
+    f = open(lock_path, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        info = dict(x.split("=", 1) for x in holder.split() if "=" in x)
+        raise RunDirBusy(
+            f"output_dir {lock_path.parent} is in use by another tunelab process (PID {info.get('pid', '?')}"
+            f" on {info.get('host', '?')}); wait for it to finish or stop it first"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid={os.getpid()} host={socket.gethostname()} since={int(time.time())}\n")
+    f.flush()
+    return f
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: was {a!r}, now {b!r}"]
