@@ -222,6 +222,16 @@ def test_kill_9_then_resume_gives_bit_identical_weights(
     assert not (tmp_path / "killed" / "checkpoints" / ".staging").exists()
 
 
+def test_resume_drops_a_metrics_line_cut_short_by_the_kill(tiny_llama, memo_data, tmp_path):
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=6, save_steps=3, logging_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[Crash(5)])
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "loss": 0.')  # a kill -9 in the middle of a write
+    train(cfg, resume=True)
+    assert logged_steps(tmp_path / "run") == [1, 2, 3, 4, 5, 6]
+
+
 # ----------------------------------------------------------------------------- 8. checkpoints
 
 

@@ -100,11 +100,11 @@ def list_checkpoints(ckpt_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step, reverse=True)
 
 
-def pick_resume_checkpoint(ckpt_dir: Path) -> tuple[Path | None, list[Checkpoint]]:
+def pick_resume_checkpoint(ckpt_dir: Path) -> tuple[Checkpoint | None, list[Checkpoint]]:
     """The newest complete checkpoint, and the newer ones skipped because they are incomplete."""
     skipped = []
     for c in list_checkpoints(ckpt_dir):
         if c.complete:
-            return c.path, skipped
+            return c, skipped
         skipped.append(c)
     return None, skipped

@@ -187,7 +187,9 @@ class Formatter:
         self.eos = tokenizer.eos_token or ""
         # No token covers more input characters than its vocabulary string has (byte-level pieces are one
         # character per byte), so (max_length + margin) * this many characters hold every token that can
-        # survive truncation: a 50 MB row costs no more than one of that length.
+        # survive truncation: a 50 MB row costs no more than one of that length. This holds for tokenizers
+        # that keep every character (byte-level BPE, SentencePiece: every causal LM here); one that drops
+        # characters (WordPiece drops whitespace) may see fewer tokens on rows longer than the bound.
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=16)
 
     # -- helpers --------------------------------------------------------------------------------

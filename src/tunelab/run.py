@@ -145,8 +145,14 @@ def _keep_metrics_through(path: Path, step: int) -> None:
     """On resume from step ``step``: drop the lines the killed run logged after it (they are logged again)."""
     if not path.is_file():
         return
-    lines = [x for x in path.read_text().splitlines() if x.strip()]
-    kept = [x for x in lines if json.loads(x).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # blank, or the half line a kill -9 cut short
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(x + "\n" for x in kept))
     tmp.replace(path)
@@ -367,7 +373,7 @@ class Session:
         ]:
             trainer.add_callback(cb)
         checkpoint, skipped = self._resume_point(run_dir, log_dir) if resume else (None, [])
-        out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        out = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
         state = trainer.state
         self.model = trainer.model
         return {
@@ -378,7 +384,7 @@ class Session:
             "tokens_seen": int(state.num_input_tokens_seen),
             "tokens_per_s": round(throughput.rate(state), 2),
             "train_time_s": round(out.metrics.get("train_runtime", 0.0), 2),
-            "resumed_from": checkpoint.name if checkpoint else None,
+            "resumed_from": checkpoint.path.name if checkpoint else None,
             "skipped_checkpoints": [f"{c.path.name}: {c.problem}" for c in skipped],
             "learning_rate": lr,
         }
@@ -393,12 +399,12 @@ class Session:
             for c in skipped:
                 print(f"resume: skipping {c.path.name} ({c.problem})", flush=True)
             print(
-                f"resume: continuing from {checkpoint.name}"
+                f"resume: continuing from {checkpoint.path.name}"
                 if checkpoint
                 else "resume: no complete checkpoint; training from the start",
                 flush=True,
             )
-            _keep_metrics_through(log_dir / METRICS, int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+            _keep_metrics_through(log_dir / METRICS, checkpoint.step if checkpoint else 0)
         return checkpoint, skipped
 
     def parameters_summary(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from tunelab.checkpoints import list_checkpoints
 from tunelab.errors import RunError
 
 CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
@@ -80,8 +81,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    from tunelab.checkpoints import list_checkpoints
-
+    """The run's complete checkpoints, newest first."""
     return [c.path for c in list_checkpoints(run_dir / CHECKPOINTS) if c.complete]
 
 
