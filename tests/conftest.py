@@ -157,3 +157,24 @@ def tiny_config(model_dir: Path, data: Path, out: Path, strategy="lora", **train
         "eval": {"max_new_tokens": 4, "batch_size": 8},
         "output_dir": str(out),
     }
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors a run saved: its adapter, or its whole model."""
+    from safetensors.torch import load_file
+
+    d = run_dir / "model"
+    f = d / "adapter_model.safetensors"
+    return load_file(f if f.is_file() else d / "model.safetensors")
+
+
+def crash_at(step: int):
+    """A callback that kills the run (a KeyboardInterrupt out of the training loop) once ``step`` is done."""
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt("simulated kill")
+
+    return Crash()

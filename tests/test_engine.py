@@ -6,33 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from transformers import TrainerCallback
 
-from conftest import tiny_config
+from conftest import crash_at, final_weights, tiny_config
 from tunelab.run import RunError, train
-
-
-class Crash(TrainerCallback):
-    """Kills the run (an exception out of the training loop) once a step is reached."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step:
-            raise KeyboardInterrupt("simulated kill")
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    model_dir = run_dir / "model"
-    f = model_dir / "adapter_model.safetensors"
-    return load_file(f if f.is_file() else model_dir / "model.safetensors")
 
 
 def test_run_dir_holds_config_logs_weights_and_summary(tiny_llama, memo_data, tmp_path):
@@ -85,7 +65,7 @@ def test_resume_after_a_kill_gives_the_same_final_weights(strategy, tiny_llama, 
     whole = train(tiny_config(tiny_llama, memo_data, tmp_path / "whole", strategy, **opts)).run_dir
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "killed", strategy, **opts)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, callbacks=[Crash(at_step=5)])
+        train(cfg, callbacks=[crash_at(5)])
     assert (tmp_path / "killed" / "checkpoints" / "checkpoint-3").is_dir()
     assert not (tmp_path / "killed" / "model").exists()  # nothing final was written by the killed run
     resumed = train(cfg, resume=True)

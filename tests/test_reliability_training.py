@@ -23,15 +23,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
-from conftest import tiny_config
+from conftest import crash_at, final_weights, tiny_config
 from tunelab.errors import NonFiniteError, RunError
 from tunelab.run import train
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    d = run_dir / "model"
-    f = d / "adapter_model.safetensors"
-    return load_file(f if f.is_file() else d / "model.safetensors")
 
 
 def assert_bit_identical(a: dict, b: dict) -> None:
@@ -43,15 +37,6 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 def logged_steps(run_dir: Path) -> list[int]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r["step"] for r in map(json.loads, lines) if "loss" in r]
-
-
-class Crash(TrainerCallback):
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 # ----------------------------------------------------------------------------- 3. divergence
@@ -162,7 +147,7 @@ def test_resume_mid_epoch_gives_bit_identical_weights(
     cfg = tiny_config(tiny_llama, uneven_data, tmp_path / "killed", VARIANTS[variant], **RESUME_OPTS)
     cfg["training"].pop("max_steps")
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, callbacks=[Crash(kill_at)])
+        train(cfg, callbacks=[crash_at(kill_at)])
     resumed = train(cfg, resume=True)
     assert resumed.summary["train"]["resumed_from"] == f"checkpoint-{resumes_from}"
     assert resumed.summary["train"]["steps"] == 12
@@ -225,7 +210,7 @@ def test_kill_9_then_resume_gives_bit_identical_weights(
 def test_resume_drops_a_metrics_line_cut_short_by_the_kill(tiny_llama, memo_data, tmp_path):
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=6, save_steps=3, logging_steps=1)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, callbacks=[Crash(5)])
+        train(cfg, callbacks=[crash_at(5)])
     with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 6, "loss": 0.')  # a kill -9 in the middle of a write
     train(cfg, resume=True)
@@ -239,7 +224,7 @@ def test_resume_skips_an_incomplete_checkpoint_and_says_so(whole_runs, tiny_llam
     cfg = tiny_config(tiny_llama, uneven_data, tmp_path / "killed", "full", **RESUME_OPTS)
     cfg["training"].pop("max_steps")
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, callbacks=[Crash(11)])
+        train(cfg, callbacks=[crash_at(11)])
     ckpts = tmp_path / "killed" / "checkpoints"
     # a checkpoint-10 cut short (as an older tunelab or a copy interrupted by a full disk leaves it)
     opt = ckpts / "checkpoint-10" / "optimizer.pt"
