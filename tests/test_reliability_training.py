@@ -43,7 +43,8 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 class Poison(TrainerCallback):
-    """Makes step ``at`` non-finite: a weight (so the loss), a gradient, or the optimizer's result."""
+    """Makes step ``at`` non-finite: a weight (so the loss), a gradient, or the optimizer's result (on a
+    step whose checkpoint would be written next)."""
 
     def __init__(self, at: int, what: str):
         self.at, self.what = at, what
@@ -68,19 +69,22 @@ class Poison(TrainerCallback):
 
 
 @pytest.mark.parametrize(
-    "what, says",
+    "what, at, says, logged",
     [
-        ("loss", "the loss is nan"),
-        ("grad", "the gradient norm is inf"),
-        ("weights", "the weights became non-finite"),
+        ("loss", 3, "the loss is nan", [1, 2]),
+        ("grad", 3, "the gradient norm is inf", [1, 2]),
+        # step 4's loss was finite (and is logged); its optimizer result is caught before checkpoint-4
+        ("weights", 4, "the weights became non-finite", [1, 2, 3, 4]),
     ],
 )
 def test_divergence_stops_before_the_step_and_saves_nothing_non_finite(
-    what, says, tiny_llama, memo_data, tmp_path
+    what, at, says, logged, tiny_llama, memo_data, tmp_path
 ):
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=8, save_steps=2, logging_steps=1)
-    with pytest.raises(NonFiniteError, match=f"diverged at step 3: {says}.*can continue from checkpoint-2") as e:
-        train(cfg, callbacks=[Poison(3, what)])
+    with pytest.raises(
+        NonFiniteError, match=f"diverged at step {at}: {says}.*can continue from checkpoint-2"
+    ) as e:
+        train(cfg, callbacks=[Poison(at, what)])
     assert e.value.exit_code == 3
     run = tmp_path / "run"
     assert not (run / "model").exists()
@@ -88,7 +92,7 @@ def test_divergence_stops_before_the_step_and_saves_nothing_non_finite(
     kept = load_file(run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
     assert all(t.isfinite().all() for t in kept.values())
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # nothing logged for the diverged step
+    assert [r["step"] for r in records if "loss" in r] == logged
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records if "loss" in r)
     assert records[-1]["event"] == "diverged"
 

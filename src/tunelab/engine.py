@@ -13,10 +13,11 @@ and at four more for reliability (docs/reliability.md):
 
 - ``_get_train_sampler``: length-grouped batches whose shuffle depends only on (seed, epoch), so a
   resume in the middle of any epoch sees exactly the order the uninterrupted run saw;
-- ``training_step`` / ``_get_grad_norm`` and a weight check after every optimizer step: a non-finite
-  loss, gradient norm or weight stops the run with :class:`NonFiniteError` before the optimizer step
-  uses it and before any checkpoint could hold it (the Trainer's own NaN filter, which logs a made-up
-  loss instead, is off);
+- ``training_step`` / ``_get_grad_norm``: a non-finite loss or gradient norm stops the run with
+  :class:`NonFiniteError` before the optimizer step uses it (the Trainer's own NaN filter, which logs a
+  made-up loss instead, is off). Once both are finite an AdamW step with bounded lr and weight decay
+  cannot make a weight non-finite, so the weights themselves are checked where it matters, before each
+  checkpoint is written (0.12 s for 135M parameters on 2 cores: too much for every step);
 - ``_save_checkpoint``: each checkpoint is written under ``checkpoints/.staging/`` and renamed into
   place when complete (tunelab.checkpoints); a failed write (disk full) removes the partial copy, keeps
   the previous checkpoints and says so.
@@ -64,25 +65,12 @@ class EpochLengthGroupedSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
 
-class FiniteWeights(TrainerCallback):
-    """After every optimizer step: the parameters the optimizer updates are all finite, or the run stops
-    here, before the step's checkpoint or log is written. One device sync per step."""
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        if params and not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
-            raise NonFiniteError(
-                f"training diverged at step {state.global_step + 1}: the weights became non-finite"
-            )
-
-
 class TunelabTrainer(Trainer):
     def __init__(self, *args, strategies=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.strategies = list(strategies)
         self._last_terms: dict[str, float] = {}
         self._staging = False
-        self.add_callback(FiniteWeights())
 
     # -- data order -----------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -115,6 +103,7 @@ class TunelabTrainer(Trainer):
         return os.path.join(root, STAGING) if self._staging else root
 
     def _save_checkpoint(self, model, trial):
+        self._check_weights()  # no checkpoint ever holds a non-finite weight
         root = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         staged, final = root / STAGING / name, root / name
@@ -142,6 +131,13 @@ class TunelabTrainer(Trainer):
             staged.parent.rmdir()  # empty now; a .staging left behind means a write that was cut short
             rotate_checkpoints(str(root), save_total_limit=self.args.save_total_limit)
         self._barrier()
+
+    def _check_weights(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if params and not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            raise NonFiniteError(
+                f"training diverged at step {self.state.global_step}: the weights became non-finite"
+            )
 
     def _barrier(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
