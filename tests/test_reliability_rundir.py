@@ -131,6 +131,9 @@ def test_a_failed_setup_leaves_no_run_dir_and_the_corrected_run_starts(tiny_llam
     with pytest.raises(StrategyError):
         train({**cfg, "strategy": BAD_TARGETS})
     assert not (tmp_path / "run").exists()
+    with pytest.raises(StrategyError):  # nor the folders it had to create above it
+        train({**cfg, "strategy": BAD_TARGETS, "output_dir": str(tmp_path / "runs" / "new" / "x")})
+    assert not (tmp_path / "runs").exists()
     # an empty directory the user made is left empty
     (tmp_path / "mine").mkdir()
     with pytest.raises(StrategyError):

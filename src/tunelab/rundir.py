@@ -91,7 +91,7 @@ class RunDir:
 
     path: Path
     replace: bool  # the old run's files are deleted by begin()
-    created: bool  # claim() created the directory (abandon() removes it again)
+    created: Path | None  # the topmost folder claim() created (abandon() removes it again)
     _lock: Any = field(default=None, repr=False)
     _begun: bool = False
 
@@ -141,7 +141,8 @@ class RunDir:
             if why:
                 raise RunError(f"output_dir {path}: tunelab never replaces this directory ({why}); choose another")
             replace = True
-        created = not path.exists()
+        missing = [d for d in (path, *path.parents) if not d.exists()]
+        created = missing[-1] if missing else None
         try:
             path.mkdir(parents=True, exist_ok=True)
             run = cls(path, replace, created)
@@ -149,8 +150,8 @@ class RunDir:
         except RunDirBusy:
             raise
         except OSError as e:
-            if created:
-                shutil.rmtree(path, ignore_errors=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
             raise RunError(f"output_dir {path}: cannot write there ({e.strerror})") from None
         return run
 
@@ -170,14 +171,13 @@ class RunDir:
         if not resume:
             _write_atomic(self.path / CONFIG, yaml.safe_dump(resolved_config, sort_keys=False))
 
-    def set_status(self, status: str, **extra: Any) -> None:
+    def set_status(self, status: str) -> None:
         marker = {
             "tunelab_run": 1,
             "status": status,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "time": time.time(),
-            **extra,
         }
         _write_atomic(self.path / MARKER, json.dumps(marker, indent=1) + "\n")
 
@@ -198,8 +198,8 @@ class RunDir:
         if self._begun:
             return
         lock = self.path / LOCK
-        if self.created:
-            shutil.rmtree(self.path, ignore_errors=True)
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
         elif lock.exists() and not self.replace and not any(e.name != LOCK for e in self.path.iterdir()):
             lock.unlink(missing_ok=True)  # an empty directory the user made stays empty
 
