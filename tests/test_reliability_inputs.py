@@ -228,6 +228,12 @@ def test_pickled_weights_need_an_explicit_opt_in(tiny_llama, tmp_path):
         load(m)
     model = load(m, allow_pickle=True)
     assert sum(p.numel() for p in model.parameters()) > 0
+    data = str(write_jsonl(tmp_path / "d.jsonl", MEMO_ROWS))  # a bare-model baseline takes it from --set
+    p = tunelab("eval", str(m), "--data", data)
+    assert p.returncode == 2 and "allow_pickle: true" in p.stderr.strip().splitlines()[-1]
+    p = tunelab("eval", str(m), "--data", data, "--set", "allow_pickle=true", "--set", "eval.max_new_tokens=2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "loss" in json.loads(p.stdout)
 
 
 # ----------------------------------------------------------------------------- 12. adversarial rows

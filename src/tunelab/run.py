@@ -591,21 +591,24 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     return LoadedRun(cfg, model, tokenizer, strategies)
 
 
-def _target(target: str | Path):
+def _target(target: str | Path, *, allow_pickle: bool = False):
     """A run dir, or a model name/path (the untouched model, for baselines)."""
     if (Path(target) / CONFIG).is_file():
         return load_run(target)
-    model_dir = resolve_model(str(target))
-    return LoadedRun(None, load_model(model_dir).eval(), load_tokenizer(model_dir), [])
+    model_dir = resolve_model(str(target), allow_pickle=allow_pickle)
+    return LoadedRun(None, load_model(model_dir, allow_pickle=allow_pickle).eval(), load_tokenizer(model_dir), [])
 
 
 def evaluate(target: str | Path, data: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Score a run (or a bare model) on ``data`` (default: the run's eval file). Mirrors ``tunelab eval``."""
-    loaded = _target(target)
-    if loaded.cfg is None:
+    bare = None
+    if not (Path(target) / CONFIG).is_file():  # a bare model: its config comes from the overrides alone
         if data is None:
             raise RunError("evaluating a bare model needs --data FILE")
-        cfg = load_config({"model": str(target), "data": {"train": str(data)}}, overrides)
+        bare = load_config({"model": str(target), "data": {"train": str(data)}}, overrides)
+    loaded = _target(target, allow_pickle=bare.allow_pickle if bare else False)
+    if bare is not None:
+        cfg = bare
     else:
         cfg = load_config(loaded.cfg.to_dict(), overrides)
     data_cfg = cfg.data if cfg.data is not None else cfg.tasks[0]
