@@ -6,7 +6,8 @@ scheduler, RNG and data position), DDP under ``torchrun`` (gloo on CPU), length-
 TensorBoard logging. tunelab needs to change only what strategies decide (docs/design.md):
 
 - ``create_optimizer``: parameter groups (and their learning rates) come from the strategies;
-- ``compute_loss``: the task loss plus every strategy's extra loss terms, summed without knowing them;
+- ``compute_loss``: in training, the task loss (weighted where a strategy asks) plus every strategy's extra
+  loss terms, summed without knowing them; in evaluation the task loss alone;
 - callbacks: a progress bar showing loss and tokens/s, and ``metrics.jsonl`` in the run dir.
 
 and at four more for reliability (docs/reliability.md):
@@ -66,9 +67,12 @@ class EpochLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class TunelabTrainer(Trainer):
-    def __init__(self, *args, strategies=(), **kwargs):
+    def __init__(self, *args, strategies=(), lr: float | None = None, **kwargs):
+        """``lr`` is ``training.lr`` as configured (None when unset): each strategy resolves its groups'
+        rates from it once, its own ``lr`` option and default winning in that order (Strategy.base_lr)."""
         super().__init__(*args, **kwargs)
         self.strategies = list(strategies)
+        self.lr = lr
         self._last_terms: dict[str, float] = {}
         self._staging = False
 
@@ -151,12 +155,12 @@ class TunelabTrainer(Trainer):
             names = {id(p): n for n, p in model.named_parameters()}
             groups, seen = [], set()
             for s in self.strategies:
-                for g in s.param_groups(model, self.args.learning_rate):
+                for g in s.param_groups(model, self.lr):
                     ids = {id(p) for p in g["params"]}
                     if ids & seen:
                         raise ValueError(f"parameter group '{g.get('name')}' repeats parameters of another group")
                     seen |= ids
-                    opts = {k: v for k, v in g.items() if k not in ("params", "name")}
+                    opts = {k: v for k, v in g.items() if k != "params"}  # the name rides along, for logs
                     for wd, keep in ((self.args.weight_decay, True), (0.0, False)):
                         params = [p for p in g["params"] if (names.get(id(p)) in decay) == keep]
                         if params:
@@ -172,21 +176,41 @@ class TunelabTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Training: ``w · task loss + Σ terms``, with ``w`` the product of the strategies' task-loss
+        weights (1 unless one, e.g. distillation, reweights it). Evaluation (``prediction_step`` calls this
+        too): the task loss alone, so ``eval_loss`` means the same for every strategy and no term's state
+        (e.g. the retention loss's batch counter) moves."""
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        terms = {}
-        for s in self.strategies:
-            for name, value in s.loss_terms(model, inputs, outputs).items():
-                terms[f"{s.name}/{name}"] = value
-                loss = loss + value
-        self._last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        if model.training:
+            terms = {"task": loss}
+            weight = math.prod(s.task_loss_weight() for s in self.strategies)
+            if weight != 1.0:
+                loss = weight * loss
+            for s in self.strategies:
+                for name, value in s.loss_terms(model, inputs, outputs).items():
+                    terms[f"{s.name}/{name}"] = value
+                    loss = loss + value
+            self._last_terms = {k: float(v.detach()) for k, v in terms.items()} if len(terms) > 1 else {}
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs.update({f"loss_terms/{k}": v for k, v in self._last_terms.items()})
+            if self.optimizer is not None:  # every group's current rate, not only the first group's
+                for g in self.optimizer.param_groups:
+                    logs.setdefault(f"lr/{g.get('name', 'group')}", g["lr"])
         super().log(logs, start_time)
+
+    def learning_rates(self) -> dict[str, float]:
+        """The peak learning rate of each component (its first group's), as resolved for the optimizer."""
+        out: dict[str, float] = {}
+        for s in self.strategies:
+            groups = s.param_groups(self.model, self.lr)
+            if groups:
+                out[s.name] = groups[0]["lr"]
+        return out
 
 
 def _reason(e: Exception) -> str:

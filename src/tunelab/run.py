@@ -250,7 +250,7 @@ class Session:
         # read (and check) the retention prompts now: a bad forgetting.file fails before the model loads
         self.retention_prompts = retention_prompts(cfg.forgetting) if _needs_retention(cfg) else None
 
-    def load(self, strategy_configs=None) -> None:
+    def load(self) -> None:
         """Load the base model, build the retention set on it (untouched), apply and mark the strategies."""
         from transformers import set_seed
 
@@ -271,7 +271,7 @@ class Session:
                 self.retention_prompts,
             )
         set_seed(cfg.training.seed)
-        self.strategies = build_strategies(strategy_configs or cfg.strategy)
+        self.strategies = build_strategies(cfg.strategy)
         model = self.model
         for s in self.strategies:
             model = s.apply(model)
@@ -349,6 +349,8 @@ class Session:
         cfg = self.cfg
         for s in self.strategies:
             train_features = s.training_features(train_features, self.ctx)
+        # TrainingArguments needs one rate (it only seeds the optimizer's default); each group's own rate
+        # is resolved from training.lr as configured, in the strategies (TunelabTrainer.lr)
         lr = cfg.training.lr or next(s for s in self.strategies if s.trains).default_lr
         log_dir = log_dir or run_dir
         throughput = Throughput()
@@ -360,6 +362,7 @@ class Session:
             eval_dataset=eval_data.dataset() if eval_data is not None else None,
             processing_class=self.tokenizer,
             strategies=self.strategies,
+            lr=cfg.training.lr,
         )
         trainer.remove_callback(ProgressCallback)
         tb = TensorBoardCallback()
@@ -386,7 +389,7 @@ class Session:
             "train_time_s": round(out.metrics.get("train_runtime", 0.0), 2),
             "resumed_from": checkpoint.path.name if checkpoint else None,
             "skipped_checkpoints": [f"{c.path.name}: {c.problem}" for c in skipped],
-            "learning_rate": lr,
+            "learning_rate": trainer.learning_rates(),
         }
 
     def _resume_point(self, run_dir: Path, log_dir: Path):

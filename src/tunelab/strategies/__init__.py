@@ -17,6 +17,7 @@ from tunelab.strategies import (  # noqa: E402,F401
     retention,
 )
 from tunelab.strategies.base import (
+    Phase,
     Regularizer,
     Strategy,
     StrategyConfig,
@@ -31,6 +32,7 @@ from tunelab.strategies.base import (
 )
 
 __all__ = [
+    "Phase",
     "Regularizer",
     "Strategy",
     "StrategyConfig",

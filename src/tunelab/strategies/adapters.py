@@ -97,10 +97,6 @@ def _child(block: torch.nn.Module, suffix: str) -> torch.nn.Module:
     return found[0]
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _serial_hook(adapter: BottleneckAdapter):
     def hook(module, args, output):
         if not adapter.enabled:
@@ -140,12 +136,6 @@ def insert_adapters(model: torch.nn.Module, cfg: AdaptersConfig) -> list[Bottlen
                 target.register_forward_hook(_serial_hook(adapter))
             added.append(adapter)
     return added
-
-
-def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, BottleneckAdapter):
-            module.enabled = enabled
 
 
 def expected_parameters(hidden: int, layers: int, cfg: AdaptersConfig) -> int:

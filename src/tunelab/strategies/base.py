@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +42,15 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 class StrategyError(ValueError):
     """A strategy cannot be applied to this model as configured (e.g. target modules that match nothing)."""
+
+
+class Phase(IntEnum):
+    """Where a strategy applies in a hybrid; strategies apply in this order, whatever the list order."""
+
+    TUNER = 0  #: PEFT tuners that inject layers into the base model (LoRA, IA3, ...)
+    PROMPT = 1  #: PEFT prompt learners that wrap the model (prefix, prompt, P-tuning)
+    NATIVE = 2  #: native strategies that edit the inner model (bottleneck adapters, layer-wise, full)
+    REGULARIZER = 3  #: strategies that train nothing themselves (EWC, L2-SP, retention, ...)
 
 
 class StrategyConfig(StrictModel):
@@ -59,8 +69,8 @@ class Strategy:
     default_lr: ClassVar[float] = 1e-4
     #: What ``save`` writes: "full" (a standalone model directory) or "adapter" (weights on top of a base).
     artefact: ClassVar[str] = "adapter"
-    #: Application order in a hybrid: 0 PEFT tuners (inject layers), 1 PEFT prompt learners (wrap), 2 native.
-    phase: ClassVar[int] = 2
+    #: Application order in a hybrid (see :class:`Phase`); :meth:`phase_of` when it depends on the options.
+    phase: ClassVar[Phase] = Phase.NATIVE
     #: True when the strategy trains every parameter, so combining it with another adds nothing.
     exclusive: ClassVar[bool] = False
     #: Whether ``merge`` can fold it into plain weights.
@@ -75,6 +85,22 @@ class Strategy:
 
     def __init__(self, config: StrategyConfig):
         self.config = config
+
+    @classmethod
+    def phase_of(cls, config: StrategyConfig) -> Phase:
+        """The phase for these options (the ``peft`` pass-through is a tuner or a prompt learner by type)."""
+        return cls.phase
+
+    @classmethod
+    def provides(cls, config: StrategyConfig) -> frozenset[str]:
+        """What this strategy adds to the model that another component's option may act on
+        (``"lora-layers"``: LoRA layers, whose dropout the ``dropout`` regularizer can set)."""
+        return frozenset()
+
+    @classmethod
+    def check_stack(cls, config: StrategyConfig, provided: frozenset[str]) -> None:
+        """Refuse, with a ValueError saying why, an option that would do nothing in this stack;
+        ``provided`` is the union of every component's :meth:`provides`."""
 
     # -- 1. the model ------------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -100,7 +126,13 @@ class Strategy:
 
     # -- 3. extra loss terms -----------------------------------------------------------------------
     def loss_terms(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
+        """Terms added to the loss of **training** steps only (never to ``eval_loss``), each logged as
+        ``loss_terms/<strategy>/<name>`` beside ``loss_terms/task``."""
         return {}
+
+    def task_loss_weight(self) -> float:
+        """Factor on the task loss in training steps (distillation: ``α`` in ``α·CE + (1-α)·KL``)."""
+        return 1.0
 
     def prepare(self, model: torch.nn.Module, ctx: Any) -> None:
         """Called once the trainable set is known, before training (EWC estimates its Fisher here).
@@ -133,7 +165,7 @@ class Regularizer(Strategy):
     """A strategy that trains nothing itself: it adds loss terms, data or callbacks to the strategies that
     train, and acts on exactly their trainable parameters (so its memory is bounded by theirs)."""
 
-    phase = 3
+    phase = Phase.REGULARIZER
     trains = False
     saves = False
     mergeable = True
@@ -221,6 +253,9 @@ def check_combination(configs: list[StrategyConfig]) -> None:
             f"{' + '.join(names)} train nothing by themselves; add a strategy that trains, "
             "e.g. [full, ewc] or [lora, retention]"
         )
+    provided = frozenset().union(*(cls.provides(c) for cls, c in zip(classes, configs, strict=True)))
+    for cls, c in zip(classes, configs, strict=True):
+        cls.check_stack(c, provided)
     if len(configs) < 2:
         return
     for cls in classes:
@@ -232,10 +267,10 @@ def check_combination(configs: list[StrategyConfig]) -> None:
                 "use 'layerwise' to choose which base weights train beside another strategy"
             )
     for phase, what in (
-        (0, "PEFT tuner (lora, ia3, peft ...)"),
-        (1, "PEFT prompt learner (prefix, prompt, ptuning)"),
+        (Phase.TUNER, "PEFT tuner (lora, ia3, peft ...)"),
+        (Phase.PROMPT, "PEFT prompt learner (prefix, prompt, ptuning)"),
     ):
-        same = [cls.name for cls, c in zip(classes, configs, strict=True) if _phase(cls, c) == phase]
+        same = [cls.name for cls, c in zip(classes, configs, strict=True) if cls.phase_of(c) == phase]
         if len(same) > 1:
             raise ValueError(
                 f"at most one {what} per run, got {' + '.join(same)}: PEFT cannot stack two of them "
@@ -243,15 +278,10 @@ def check_combination(configs: list[StrategyConfig]) -> None:
             )
 
 
-def _phase(cls: type[Strategy], config: StrategyConfig) -> int:
-    phase_of = getattr(cls, "phase_of", None)
-    return phase_of(config) if phase_of else cls.phase
-
-
 def build_strategies(configs: Iterable[StrategyConfig]) -> list[Strategy]:
     """Strategy objects in application order (see the module docstring)."""
     strategies = [get_strategy(c.name)(c) for c in configs]
-    return sorted(strategies, key=lambda s: _phase(type(s), s.config))
+    return sorted(strategies, key=lambda s: s.phase_of(s.config))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

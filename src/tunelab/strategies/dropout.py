@@ -42,7 +42,14 @@ def _hidden_hook(p: float):
 class Dropout(Regularizer):
     name = "dropout"
     Config = DropoutConfig
-    phase = 3
+
+    @classmethod
+    def check_stack(cls, config, provided):
+        if config.lora is not None and "lora-layers" not in provided:
+            raise ValueError(
+                "dropout.lora: no strategy in this stack adds LoRA layers, so the option would do nothing; "
+                "add lora to the strategies or remove the option"
+            )
 
     def apply(self, model):
         c = self.config

@@ -32,7 +32,6 @@ class IA3(PeftStrategy):
     name = "ia3"
     Config = IA3Config
     default_lr = 3e-3
-    phase = 0
 
     def peft_config(self, model) -> PeftIA3Config:
         return PeftIA3Config(

@@ -46,7 +46,10 @@ class Lora(PeftStrategy):
     name = "lora"
     Config = LoraConfig
     default_lr = 2e-4
-    phase = 0
+
+    @classmethod
+    def provides(cls, config):
+        return frozenset({"lora-layers"})
 
     def peft_config(self, model) -> PeftLoraConfig:
         c = self.config

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from tunelab.strategies.base import StrategyConfig, register_strategy
+from tunelab.strategies.base import Phase, StrategyConfig, register_strategy
 from tunelab.strategies.peft_base import PeftStrategy
 
 
@@ -50,11 +50,18 @@ class PeftAny(PeftStrategy):
     name = "peft"
     Config = PeftAnyConfig
     default_lr = 2e-4
-    phase = 0
 
     @classmethod
-    def phase_of(cls, config) -> int:
-        return 1 if peft_config_class(config.type)().is_prompt_learning else 0
+    def provides(cls, config):
+        from peft.tuners.lora import LoraConfig
+
+        return (
+            frozenset({"lora-layers"}) if issubclass(peft_config_class(config.type), LoraConfig) else frozenset()
+        )
+
+    @classmethod
+    def phase_of(cls, config) -> Phase:
+        return Phase.PROMPT if peft_config_class(config.type)().is_prompt_learning else Phase.TUNER
 
     def peft_config(self, model):
         return peft_config_class(self.config.type)(task_type="CAUSAL_LM", **self.config.options())

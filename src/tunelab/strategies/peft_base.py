@@ -16,19 +16,16 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 
-from tunelab.strategies.base import Strategy, StrategyError, unwrap
+from tunelab.strategies.base import Phase, Strategy, StrategyError, unwrap
 
 
 class PeftStrategy(Strategy):
+    phase = Phase.TUNER
     adapter = "default"
     mergeable = True
 
     def peft_config(self, model: torch.nn.Module) -> PeftConfig:
         raise NotImplementedError
-
-    @classmethod
-    def phase_of(cls, config) -> int:
-        return cls.phase
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         inner = unwrap(model)

@@ -22,12 +22,12 @@ from typing import Literal
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from pydantic import Field, model_validator
 
-from tunelab.strategies.base import StrategyConfig, register_strategy
+from tunelab.strategies.base import Phase, StrategyConfig, register_strategy
 from tunelab.strategies.peft_base import PeftStrategy
 
 
 class PromptLearning(PeftStrategy):
-    phase = 1
+    phase = Phase.PROMPT
     mergeable = False
     default_lr = 1e-2
 
