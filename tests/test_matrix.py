@@ -20,6 +20,7 @@ from tunelab.run import load_run, train
 from tunelab.strategies.switch import adapters_disabled
 
 LAYERWISE = {"name": "layerwise", "top": 1, "head": True}
+LORA = {"name": "lora", "r": 8}
 CASES = {
     # id: (strategy spec, learning rate, whether disabling gives the base model back)
     "full": ("full", 1e-2, False),
@@ -51,6 +52,15 @@ CASES = {
     "hybrid-prefix+lora": ([{"name": "prefix", "num_virtual_tokens": 4}, {"name": "lora", "r": 8}], 2e-2, True),
     "hybrid-adapters+lora": ([{"name": "adapters", "bottleneck": 8}, {"name": "lora", "r": 8}], 1e-2, True),
     "hybrid-layerwise+adapters": ([LAYERWISE, {"name": "adapters", "bottleneck": 8}], 1e-2, False),
+    # any other PEFT method through the pass-through (here LoRA's own, which both model shapes support)
+    "peft-pass-through": ({"name": "peft", "type": "lora", "r": 8, "target_modules": "all-linear"}, 2e-2, True),
+    # regularizers train nothing themselves: each on top of LoRA, with the same checks
+    "lora+l2": ([LORA, {"name": "l2", "weight": 0.1}], 2e-2, True),
+    "lora+l2sp": ([LORA, {"name": "l2sp", "alpha": 0.1}], 2e-2, True),
+    "lora+ewc": ([LORA, {"name": "ewc", "lam": 10.0, "samples": 8}], 2e-2, True),
+    "lora+dropout": ([LORA, {"name": "dropout", "hidden": 0.1, "lora": 0.1}], 2e-2, True),
+    "lora+retention": ([LORA, {"name": "retention", "lam": 0.1, "batch_size": 2}], 2e-2, True),
+    "lora+replay": ([LORA, {"name": "replay", "share": 0.2}], 2e-2, True),
 }
 
 
@@ -109,3 +119,14 @@ def test_strategy_behaviour(case, tiny_model, memo_data, tmp_path):
     with adapters_disabled(loaded):
         disabled = logits(loaded, ids)
     assert torch.allclose(disabled, base, atol=1e-6) == disable_gives_base
+
+
+def test_every_registered_strategy_is_in_the_matrix():
+    """A strategy registered without a matrix case would ship with none of the checks above."""
+    from tunelab.strategies import registered
+
+    covered = set()
+    for spec, _, _ in CASES.values():
+        for item in spec if isinstance(spec, list) else [spec]:
+            covered.add(item if isinstance(item, str) else item["name"])
+    assert sorted(set(registered()) - covered) == []
