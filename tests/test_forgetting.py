@@ -11,8 +11,9 @@ import torch
 
 from conftest import tiny_config, write_jsonl
 from tunelab.config import load_config
-from tunelab.continual import continual_metrics
-from tunelab.run import Session, train
+from tunelab.modes.continual import continual_metrics
+from tunelab.run import train
+from tunelab.session import Session
 from tunelab.strategies.ewc import estimate_fisher, ewc_penalty
 from tunelab.strategies.l2sp import l2sp_penalty
 
@@ -168,7 +169,7 @@ def test_the_frozen_reference_never_receives_gradients(after_a, tmp_path):
         tiny_config(model_dir, b, tmp_path / "run", ["full", {"name": "retention", "lam": 1.0}], max_steps=3)
         | {"forgetting": {"builtin": False, "file": str(a_prompts)}}
     )
-    session = Session(cfg, main=True)
+    session = Session(cfg, main=True, run_dir=tmp_path / "run")
     session.load()
     (tmp_path / "run").mkdir()
     from tunelab.data import prepare_file
@@ -186,7 +187,7 @@ def test_the_frozen_reference_never_receives_gradients(after_a, tmp_path):
 
 def test_adapter_strategies_need_no_second_model(tiny_llama, memo_data, tmp_path):
     cfg = load_config(tiny_config(tiny_llama, memo_data, tmp_path / "run", ["lora", "retention"], max_steps=2))
-    session = Session(cfg, main=True)
+    session = Session(cfg, main=True, run_dir=tmp_path / "run")
     session.load()
     (tmp_path / "run").mkdir()
     session.fit(session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")
@@ -252,7 +253,7 @@ def test_continual_config_checks():
 
 def test_dropout_control_sets_attention_hidden_and_lora_rates(tiny_model):
     from tunelab.models import load_model
-    from tunelab.strategies import build_strategies, mark_trainable
+    from tunelab.strategies.stack import StrategyStack
 
     cfg = load_config(
         {
@@ -263,11 +264,7 @@ def test_dropout_control_sets_attention_hidden_and_lora_rates(tiny_model):
             ],
         }
     )
-    model = load_model(tiny_model)
-    strategies = build_strategies(cfg.strategy)
-    for s in strategies:
-        model = s.apply(model)
-    mark_trainable(model, strategies)
+    model = StrategyStack(cfg.strategy).apply(load_model(tiny_model))
     attn = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
     assert all(getattr(m, "attention_dropout", None) == 0.3 or m.attn_dropout.p == 0.3 for m in attn)
     lora_p = {d.p for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()}

@@ -17,7 +17,6 @@ from transformers import TrainerCallback
 from conftest import tiny_config
 from tunelab.models import load_model
 from tunelab.run import load_run, train
-from tunelab.strategies.switch import adapters_disabled
 
 LAYERWISE = {"name": "layerwise", "top": 1, "head": True}
 LORA = {"name": "lora", "r": 8}
@@ -111,12 +110,13 @@ def test_strategy_behaviour(case, tiny_model, memo_data, tmp_path):
     # save -> load into a fresh base model -> identical logits
     ids = torch.tensor([[1, 50, 60, 70, 80, 90, 2]])
     trained = logits(probe.model, ids)
-    loaded = load_run(tmp_path / "run").model
+    run = load_run(tmp_path / "run")
+    loaded = run.model
     assert torch.equal(logits(loaded, ids), trained)
 
     # disabling every added module gives the base model back (strategies that add modules only)
     base = logits(load_model(tiny_model), ids)
-    with adapters_disabled(loaded):
+    with run.stack.disabled(loaded):
         disabled = logits(loaded, ids)
     assert torch.allclose(disabled, base, atol=1e-6) == disable_gives_base
 

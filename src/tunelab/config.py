@@ -8,6 +8,10 @@ the key path, the YAML file and line where the key stands, what was given and wh
 
 Strategy options are validated by the config class that each strategy registers (see
 ``tunelab.strategies``), so the schema grows with the registry and the engine never names a strategy.
+
+Long because it is the one schema: every section's fields with their help texts (half the file), and the
+loading that gives errors their file, line and did-you-mean. Splitting the sections from their loader would
+put the schema in two places.
 """
 
 from __future__ import annotations
@@ -171,6 +175,12 @@ class ContinualConfig(Strict):
 
 
 class RunConfig(Strict):
+    mode: Literal["single", "continual"] = Field(
+        None,
+        validate_default=False,
+        description="How to train (tunelab.modes): `single` (one training set: `data`) or `continual` (a "
+        "sequence: `tasks`). Default: continual when `tasks` is given, else single.",
+    )
     model: str = Field(
         DEFAULT_MODEL, description=f"A known model name ({DEFAULT_MODEL}) or a local Hugging Face model directory."
     )
@@ -194,10 +204,20 @@ class RunConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("runs/latest", description="Run directory; must not hold another run (see --resume).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("mode") is None:
+            raw = {**raw, "mode": "continual" if raw.get("tasks") is not None else "single"}
+        return raw
+
     @model_validator(mode="after")
     def _data_or_tasks(self) -> RunConfig:
         if (self.data is None) == (self.tasks is None):
             raise ValueError("give either data (one training set) or tasks (a sequence, for continual learning)")
+        wants = "tasks" if self.mode == "continual" else "data"
+        if getattr(self, wants) is None:
+            raise ValueError(f"mode: {self.mode} trains on `{wants}`; give it, or the mode that fits your data")
         if self.tasks is not None:
             names = [t.name for t in self.tasks]
             if len(self.tasks) < 2 or len(set(names)) != len(names):

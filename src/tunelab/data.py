@@ -15,6 +15,9 @@ the turn, so any prefix-stable chat template works without knowing its markup.
 
 Rows that are malformed, miss fields, or keep no trainable token after truncation raise
 :class:`DataError` naming file, row and line, or with ``skip_bad_rows`` are skipped and counted.
+
+Long because reading (JSON, CSV, Parquet with line numbers and text kept as written), rendering and masking
+are one pipeline whose errors must name the same file and line; each part is a short function.
 """
 
 from __future__ import annotations

@@ -67,11 +67,12 @@ class EpochLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class TunelabTrainer(Trainer):
-    def __init__(self, *args, strategies=(), lr: float | None = None, **kwargs):
-        """``lr`` is ``training.lr`` as configured (None when unset): each strategy resolves its groups'
-        rates from it once, its own ``lr`` option and default winning in that order (Strategy.base_lr)."""
+    def __init__(self, *args, stack, lr: float | None = None, **kwargs):
+        """``stack`` is the run's :class:`~tunelab.strategies.stack.StrategyStack`; ``lr`` is ``training.lr``
+        as configured (None when unset): each strategy resolves its groups' rates from it once, its own
+        ``lr`` option and default winning in that order (Strategy.base_lr)."""
         super().__init__(*args, **kwargs)
-        self.strategies = list(strategies)
+        self.stack = stack
         self.lr = lr
         self._last_terms: dict[str, float] = {}
         self._staging = False
@@ -154,17 +155,16 @@ class TunelabTrainer(Trainer):
             decay = set(self.get_decay_parameter_names(model))
             names = {id(p): n for n, p in model.named_parameters()}
             groups, seen = [], set()
-            for s in self.strategies:
-                for g in s.param_groups(model, self.lr):
-                    ids = {id(p) for p in g["params"]}
-                    if ids & seen:
-                        raise ValueError(f"parameter group '{g.get('name')}' repeats parameters of another group")
-                    seen |= ids
-                    opts = {k: v for k, v in g.items() if k != "params"}  # the name rides along, for logs
-                    for wd, keep in ((self.args.weight_decay, True), (0.0, False)):
-                        params = [p for p in g["params"] if (names.get(id(p)) in decay) == keep]
-                        if params:
-                            groups.append({**opts, "params": params, "weight_decay": wd})
+            for g in self.stack.param_groups(model, self.lr):
+                ids = {id(p) for p in g["params"]}
+                if ids & seen:
+                    raise ValueError(f"parameter group '{g.get('name')}' repeats parameters of another group")
+                seen |= ids
+                opts = {k: v for k, v in g.items() if k != "params"}  # the name rides along, for logs
+                for wd, keep in ((self.args.weight_decay, True), (0.0, False)):
+                    params = [p for p in g["params"] if (names.get(id(p)) in decay) == keep]
+                    if params:
+                        groups.append({**opts, "params": params, "weight_decay": wd})
             if not seen:
                 raise ValueError("no parameter trains: the strategy left every parameter frozen")
             self.optimizer = torch.optim.AdamW(
@@ -184,15 +184,8 @@ class TunelabTrainer(Trainer):
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         if model.training:
-            terms = {"task": loss}
-            weight = math.prod(s.task_loss_weight() for s in self.strategies)
-            if weight != 1.0:
-                loss = weight * loss
-            for s in self.strategies:
-                for name, value in s.loss_terms(model, inputs, outputs).items():
-                    terms[f"{s.name}/{name}"] = value
-                    loss = loss + value
-            self._last_terms = {k: float(v.detach()) for k, v in terms.items()} if len(terms) > 1 else {}
+            loss, parts = self.stack.training_loss(model, inputs, outputs, loss)
+            self._last_terms = {k: float(v.detach()) for k, v in parts.items()} if len(parts) > 1 else {}
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -204,13 +197,8 @@ class TunelabTrainer(Trainer):
         super().log(logs, start_time)
 
     def learning_rates(self) -> dict[str, float]:
-        """The peak learning rate of each component (its first group's), as resolved for the optimizer."""
-        out: dict[str, float] = {}
-        for s in self.strategies:
-            groups = s.param_groups(self.model, self.lr)
-            if groups:
-                out[s.name] = groups[0]["lr"]
-        return out
+        """The peak learning rate of each component, as resolved for the optimizer."""
+        return self.stack.learning_rates(self.model, self.lr)
 
 
 def _reason(e: Exception) -> str:

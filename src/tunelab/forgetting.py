@@ -11,9 +11,10 @@ cached under ``$TUNELAB_HOME/retention/``. After training, tunelab reports on it
 - ``exact_reproduction``: share of prompts for which the tuned model's greedy answer equals the base
   answer (1.0 before training, by construction).
 
-Base distributions come from the model with every added module disabled when the strategies only add
-modules (LoRA, prefix, adapters, ...), so no second model is loaded; a frozen copy of the base model is
-loaded only when a strategy changes base weights (full, layer-wise). That copy never receives gradients.
+Base distributions come from the model with every added module switched off (by the strategy stack) when
+the strategies only add modules (LoRA, prefix, adapters, ...), so no second model is loaded; a frozen copy
+of the base model is loaded only when a strategy changes base weights (full, layer-wise). That copy never
+receives gradients.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ class Reference:
     """Base-model logits for a batch, without gradients: the adapted model with its additions disabled, or
     (when a strategy changes base weights) a frozen copy of the base model, loaded once on first use."""
 
-    def __init__(self, model: torch.nn.Module, strategies: list, model_dir: Path, *, allow_pickle: bool = False):
+    def __init__(self, model: torch.nn.Module, stack, model_dir: Path, *, allow_pickle: bool = False):
         self.model = model
-        self.needs_copy = any(s.changes_base_weights for s in strategies)
+        self.stack = stack  # the run's StrategyStack: it switches its additions off
+        self.needs_copy = stack.changes_base_weights
         self.model_dir = model_dir
         self.allow_pickle = allow_pickle
         self._copy: torch.nn.Module | None = None
@@ -89,8 +91,6 @@ class Reference:
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, bf16: bool) -> torch.Tensor:
-        from tunelab.strategies.switch import adapters_disabled
-
         device = input_ids.device
         if self.needs_copy:
             with autocast(device, bf16):
@@ -98,7 +98,7 @@ class Reference:
         was = self.model.training
         self.model.eval()  # no dropout in the reference
         try:
-            with adapters_disabled(self.model), autocast(device, bf16):
+            with self.stack.disabled(self.model), autocast(device, bf16):
                 return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         finally:
             self.model.train(was)
@@ -156,15 +156,13 @@ def build_retention_set(
 ) -> Prepared:
     """Retention prompts (``prompts``, default :func:`retention_prompts`) with the untouched base model's
     greedy answers (cached per model weights, prompt set and rendering)."""
-    from tunelab.config import DataConfig
-
     prompts = retention_prompts(fcfg) if prompts is None else prompts
     key = _cache_key(model_dir, prompts, fcfg.max_new_tokens, data_cfg)
     cache = home / "retention" / f"{key}.json"
     if cache.is_file():
         answers = json.loads(cache.read_text())["answers"]
     else:
-        fmt_cfg = DataConfig(train="retention", template=data_cfg.template, system_prompt=data_cfg.system_prompt)
+        fmt_cfg = _as_pairs(data_cfg, skip_bad_rows=False)
         probe = prepare_rows(
             [{"prompt": p, "completion": "x"} for p in prompts], tokenizer, fmt_cfg, max_length, source="retention"
         )
@@ -178,10 +176,19 @@ def build_retention_set(
         tmp.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "answers": answers}, indent=1))
         tmp.replace(cache)
     rows = [{"prompt": p, "completion": a} for p, a in zip(prompts, answers, strict=True) if a.strip()]
-    fmt_cfg = DataConfig(
-        train="retention", template=data_cfg.template, system_prompt=data_cfg.system_prompt, skip_bad_rows=True
+    return prepare_rows(rows, tokenizer, _as_pairs(data_cfg, skip_bad_rows=True), max_length, source="retention")
+
+
+def _as_pairs(data_cfg, *, skip_bad_rows: bool):
+    """The run's rendering (chat template, system prompt) for plain prompt/completion retention rows."""
+    return data_cfg.model_copy(
+        update={
+            "format": "prompt_completion",
+            "columns": {},
+            "train_on": "completion",
+            "skip_bad_rows": skip_bad_rows,
+        }
     )
-    return prepare_rows(rows, tokenizer, fmt_cfg, max_length, source="retention")
 
 
 def retention_batches(retention: Prepared, pad_id: int, batch_size: int, device) -> list[dict]:

@@ -26,6 +26,8 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from typing import Any
 import yaml
 
 from tunelab.checkpoints import list_checkpoints
-from tunelab.errors import RunError
+from tunelab.errors import Interrupted, NonFiniteError, RunError
 
 CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
     "config.yaml",
@@ -246,3 +248,52 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix.rstrip('.')}: was {a!r}, now {b!r}"]
+
+
+# ----------------------------------------------------------------------------- how a run ends
+
+
+@contextmanager
+def guarded(run: RunDir | None, save_steps: int) -> Iterator[None]:
+    """Close the claimed run dir whatever happens: a setup that fails leaves it as it was found; a run that
+    stops (divergence, interrupt, error) records why in the marker and says how to go on; the lock is
+    always released. ``run`` is None on ranks other than 0, which write nothing."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if run is None:
+            raise Interrupted("interrupted") from None
+        began = run.close("interrupted")
+        raise Interrupted(f"interrupted; {_how_to_go_on(run, save_steps, began)}") from None
+    except NonFiniteError as e:
+        if run is None:
+            raise
+        _log_event(run.path, {"event": "diverged", "reason": str(e)})
+        run.close("diverged")
+        raise NonFiniteError(
+            f"{e}; no weights were saved as {MODEL}/. {_how_to_go_on(run, save_steps, True)} after lowering "
+            "training.lr (or raising regularisation)"
+        ) from None
+    except BaseException:
+        if run is not None:
+            run.close("failed")
+        raise
+    else:
+        if run is not None:
+            run.close("finished")
+
+
+def _how_to_go_on(run: RunDir, save_steps: int, began: bool) -> str:
+    if not began:
+        return f"nothing was written to {run.path}"
+    done = complete_checkpoints(run.path)
+    if done:
+        return f"{run.path} can continue from {done[0].name} with --resume"
+    return f"no checkpoint was written yet (training.save_steps={save_steps}); run again to start over"
+
+
+def _log_event(run_dir: Path, record: dict[str, Any]) -> None:
+    metrics = run_dir / METRICS
+    if metrics.exists():
+        with metrics.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")

@@ -17,6 +17,7 @@ from tunelab.strategies import (  # noqa: E402,F401
     retention,
 )
 from tunelab.strategies.base import (
+    Need,
     Phase,
     Regularizer,
     Strategy,
@@ -32,6 +33,7 @@ from tunelab.strategies.base import (
 )
 
 __all__ = [
+    "Need",
     "Phase",
     "Regularizer",
     "Strategy",

@@ -30,6 +30,8 @@ Works for Llama-family and GPT-2-family blocks (any block whose children include
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -146,6 +148,7 @@ def expected_parameters(hidden: int, layers: int, cfg: AdaptersConfig) -> int:
 @register_strategy
 class Adapters(Strategy):
     name = "adapters"
+    summary = "Bottleneck adapters (Houlsby, Pfeiffer or parallel), native; the base stays frozen."
     Config = AdaptersConfig
     default_lr = 1e-3
 
@@ -159,6 +162,17 @@ class Adapters(Strategy):
             for i, a in enumerate(self.adapters)
             for n, p in a.named_parameters()
         ]
+
+    @contextmanager
+    def disabled(self, model: torch.nn.Module) -> Iterator[None]:
+        on = [m for m in model.modules() if isinstance(m, BottleneckAdapter) and m.enabled]  # also after load()
+        for m in on:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in on:
+                m.enabled = True
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)

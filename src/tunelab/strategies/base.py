@@ -1,18 +1,35 @@
-"""The strategy contract and its registry.
+"""The strategy contract and its registry. This docstring is the one place the contract is written down.
 
-A strategy says five things, and nothing else (STYLE.md, "one strategy, one module, one small contract"):
+A strategy is a class with a ``name``, a one-line ``summary``, a ``Config`` (its options, each with a help
+text) and a ``default_lr``, registered with :func:`register_strategy` next to its code. It **declares**, as class
+attributes or classmethods of its options (read before any model loads):
 
-1. ``apply(model)``: what it does to the model (wrap it, insert modules, freeze parameters). It returns
-   the model to train.
-2. ``own_parameters(model)`` / ``param_groups(model, lr)``: which parameters it trains, found by asking
-   the modules (never by name strings), and with which learning rates. After every strategy has applied
-   itself the engine freezes everything and unfreezes exactly the union of the strategies' own parameters,
-   so a strategy applied later (a PEFT wrapper freezes its base) cannot silently freeze another's.
-3. ``loss_terms(model, inputs, outputs)``: extra loss terms the engine adds to the task loss
-   (a penalty such as EWC, a distillation loss). The engine sums them without knowing what they are.
-4. ``callbacks()``: ``transformers.TrainerCallback`` objects (schedules such as gradual unfreezing).
-5. ``save(model, out_dir)`` / ``load(base_model, out_dir)`` / ``merge(model)``: what it writes as the final
-   artefact, how that is put back on a fresh base model, and how it is folded into plain weights.
+- ``phase_of(config)`` — a :class:`Phase`, where it applies in a hybrid;
+- ``needs(config)`` — what it needs from the run, a set of :class:`Need` (the retention set, the base
+  model's outputs); a teacher or any other model it loads itself, through ``ctx.load_model``;
+- ``trains``, ``saves``, ``artefact`` ("full" or "adapter"), ``mergeable``, ``exclusive``,
+  ``changes_base_weights`` — what kind of strategy it is;
+- ``provides(config)`` / ``check_stack(config, provided)`` — what it adds that another component's
+  option may act on, and which of its own options would do nothing in a given stack (refused).
+
+and it **acts** through these hooks, all called by :class:`tunelab.strategies.stack.StrategyStack` (the
+engine and the run modes talk to the stack, never to a strategy or a strategy type):
+
+1. ``apply(model)`` — what it does to the model (wrap it, insert modules); returns the model to train.
+2. ``own_parameters(model)`` / ``param_groups(model, lr)`` — which parameters it trains, found by asking the
+   modules (never by name strings), and at which rates (``lr`` is ``training.lr`` or None; its own ``lr``
+   option and ``default_lr`` decide otherwise). The stack freezes everything, then unfreezes exactly the
+   union of the strategies' own parameters.
+3. ``loss_terms(model, inputs, outputs)`` / ``task_loss_weight()`` — extra terms on training steps (never
+   on ``eval_loss``), and a factor on the task loss (distillation).
+4. ``prepare(model, ctx)`` / ``training_features(features, ctx)`` / ``on_task_end(model, ctx)`` /
+   ``callbacks()`` — set-up once the trainable set is known (EWC's Fisher), the training rows (replay),
+   the end of a continual task (online EWC), and ``TrainerCallback`` schedules (gradual unfreezing).
+   ``ctx`` is a :class:`tunelab.context.RunContext`.
+5. ``disabled(model)`` — a context in which its additions are switched off, so the model gives the base
+   model's outputs (for strategies that change base weights there is none: the run loads a frozen copy).
+6. ``save(model, out_dir)`` / ``load(base_model, out_dir)`` / ``merge(model)`` — the final artefact, how it
+   goes back on a fresh base model, and how it folds into plain weights.
 
 Register a strategy with :func:`register_strategy` next to its code. The registry refuses duplicate or
 malformed names, and a config class that lacks the ``name`` field.
@@ -26,8 +43,9 @@ prompt, P-tuning), then native strategies that edit the inner model (bottleneck 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from enum import IntEnum
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,6 +71,13 @@ class Phase(IntEnum):
     REGULARIZER = 3  #: strategies that train nothing themselves (EWC, L2-SP, retention, ...)
 
 
+class Need(Enum):
+    """What a strategy may need the run to provide (``Strategy.needs``)."""
+
+    RETENTION = "the retention set: general prompts with the untouched base model's answers"
+    BASE_OUTPUTS = "the base model's outputs: the model with additions disabled, or a frozen copy"
+
+
 class StrategyConfig(StrictModel):
     """Base of every strategy's options. Subclasses add fields, each with a description (its help text).
     Unknown keys fail, and no boolean is read as a number (tunelab.schema)."""
@@ -65,6 +90,8 @@ class Strategy:
     """A fine-tuning strategy. Subclasses set ``name``, ``Config`` and ``default_lr`` and override hooks."""
 
     name: ClassVar[str]
+    #: One line for ``tunelab strategies``: what trains, and how.
+    summary: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     default_lr: ClassVar[float] = 1e-4
     #: What ``save`` writes: "full" (a standalone model directory) or "adapter" (weights on top of a base).
@@ -90,6 +117,11 @@ class Strategy:
     def phase_of(cls, config: StrategyConfig) -> Phase:
         """The phase for these options (the ``peft`` pass-through is a tuner or a prompt learner by type)."""
         return cls.phase
+
+    @classmethod
+    def needs(cls, config: StrategyConfig) -> frozenset[Need]:
+        """What the run must provide to this strategy (read before the model loads)."""
+        return frozenset()
 
     @classmethod
     def provides(cls, config: StrategyConfig) -> frozenset[str]:
@@ -149,7 +181,13 @@ class Strategy:
     def callbacks(self) -> list:
         return []
 
-    # -- 5. artefacts ------------------------------------------------------------------------------
+    # -- 5. switching off ------------------------------------------------------------------------
+    @contextmanager
+    def disabled(self, model: torch.nn.Module) -> Iterator[None]:
+        """Its additions off for the duration (default: it adds nothing that acts on outputs)."""
+        yield
+
+    # -- 6. artefacts ------------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         raise NotImplementedError
 
@@ -204,6 +242,8 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
         raise ValueError(f"strategy '{name}' is already registered by {_REGISTRY[name].__module__}")
     if not (isinstance(cls.Config, type) and issubclass(cls.Config, StrategyConfig)):
         raise TypeError(f"{cls.__name__}.Config must subclass StrategyConfig")
+    if not cls.summary or "\n" in cls.summary:
+        raise ValueError(f"strategy '{name}' needs a one-line `summary` (shown by `tunelab strategies`)")
     _REGISTRY[name] = cls
     return cls
 

@@ -41,6 +41,7 @@ def _hidden_hook(p: float):
 @register_strategy
 class Dropout(Regularizer):
     name = "dropout"
+    summary = "Regularizer: attention, hidden and LoRA dropout rates while training."
     Config = DropoutConfig
 
     @classmethod

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tunelab.data import IGNORE, Collator
-from tunelab.strategies.base import Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.base import Need, Regularizer, StrategyConfig, register_strategy
 
 
 class EWCConfig(StrategyConfig):
@@ -77,7 +77,12 @@ def ewc_penalty(params, anchors, fisher, lam: float) -> torch.Tensor:
 @register_strategy
 class EWC(Regularizer):
     name = "ewc"
+    summary = "Regularizer: EWC, a Fisher-weighted pull towards the starting values (online with gamma)."
     Config = EWCConfig
+
+    @classmethod
+    def needs(cls, config):
+        return frozenset({Need.RETENTION}) if config.data == "retention" else frozenset()
 
     def _features(self, ctx) -> list[dict]:
         feats = ctx.retention.features if self.config.data == "retention" else ctx.load_rows(self.config.data)

@@ -22,6 +22,7 @@ class FullConfig(StrategyConfig):
 @register_strategy
 class Full(Strategy):
     name = "full"
+    summary = "Every weight trains; the artefact is a standalone model."
     Config = FullConfig
     default_lr = 2e-5
     artefact = "full"

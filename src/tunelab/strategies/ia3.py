@@ -30,6 +30,7 @@ class IA3Config(StrategyConfig):
 @register_strategy
 class IA3(PeftStrategy):
     name = "ia3"
+    summary = "Learned scales on keys, values and MLP activations (IA3), via PEFT; mergeable."
     Config = IA3Config
     default_lr = 3e-3
 

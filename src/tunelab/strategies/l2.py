@@ -34,6 +34,7 @@ class _Decay(TrainerCallback):
 @register_strategy
 class L2(Regularizer):
     name = "l2"
+    summary = "Regularizer: decoupled L2 weight decay on the trained parameters."
     Config = L2Config
 
     def callbacks(self):

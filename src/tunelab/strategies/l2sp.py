@@ -28,6 +28,7 @@ def l2sp_penalty(params: list[torch.Tensor], anchors: list[torch.Tensor], alpha:
 @register_strategy
 class L2SP(Regularizer):
     name = "l2sp"
+    summary = "Regularizer: L2-SP, a pull of the trained parameters towards their starting values."
     Config = L2SPConfig
 
     def prepare(self, model, ctx) -> None:

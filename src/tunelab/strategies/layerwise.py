@@ -140,6 +140,7 @@ def _kind(module: torch.nn.Module) -> str | None:
 
 class Layerwise(Strategy):
     name = "layerwise"
+    summary = "Chosen blocks and kinds of base weights train, with per-block LR decay and gradual unfreezing."
     Config = LayerwiseConfig
     default_lr = 5e-5
     mergeable = True

@@ -44,6 +44,7 @@ class LoraConfig(StrategyConfig):
 @register_strategy
 class Lora(PeftStrategy):
     name = "lora"
+    summary = "Low-rank updates on chosen linear layers (DoRA and rsLoRA switches), via PEFT; mergeable."
     Config = LoraConfig
     default_lr = 2e-4
 

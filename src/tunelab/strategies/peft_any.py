@@ -48,6 +48,7 @@ class PeftAnyConfig(StrategyConfig):
 @register_strategy
 class PeftAny(PeftStrategy):
     name = "peft"
+    summary = "Any other PEFT method by its PEFT config (LoHa, LoKr, VeRA, OFT, ...)."
     Config = PeftAnyConfig
     default_lr = 2e-4
 

@@ -9,6 +9,8 @@ writes, so ``PeftModel.from_pretrained(base, dir)`` loads it unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,6 +64,29 @@ class PeftStrategy(Strategy):
             elif isinstance(module, ModulesToSaveWrapper):
                 own += [(f"{mname}.{n}", p) for n, p in module.modules_to_save[self.adapter].named_parameters()]
         return own
+
+    @contextmanager
+    def disabled(self, model: torch.nn.Module) -> Iterator[None]:
+        """A prompt learner: its wrapper's ``disable_adapter()`` (no virtual tokens); a tuner: every tuner
+        layer off (one PEFT tuner per run, so every such layer is this strategy's)."""
+        if self.phase_of(self.config) is Phase.PROMPT:
+            wrapper = model
+            while isinstance(wrapper, PeftModel):
+                if wrapper.peft_config[wrapper.active_adapter].is_prompt_learning:
+                    with wrapper.disable_adapter():
+                        yield
+                    return
+                wrapper = wrapper.get_base_model()
+            yield
+            return
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         self.peft_model.save_pretrained(out_dir)

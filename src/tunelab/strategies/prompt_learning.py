@@ -44,6 +44,7 @@ class PrefixConfig(StrategyConfig):
 @register_strategy
 class Prefix(PromptLearning):
     name = "prefix"
+    summary = "Trainable key/value prefixes in every layer (prefix tuning), via PEFT."
     Config = PrefixConfig
 
     def peft_config(self, model):
@@ -71,6 +72,7 @@ class PromptConfig(StrategyConfig):
 @register_strategy
 class Prompt(PromptLearning):
     name = "prompt"
+    summary = "Trainable soft-prompt embeddings, random or from text (prompt tuning), via PEFT."
     Config = PromptConfig
     default_lr = 3e-2
 
@@ -96,6 +98,7 @@ class PTuningConfig(StrategyConfig):
 @register_strategy
 class PTuning(PromptLearning):
     name = "ptuning"
+    summary = "Virtual tokens from an MLP or LSTM prompt encoder (P-tuning), via PEFT."
     Config = PTuningConfig
 
     def peft_config(self, model):

@@ -12,7 +12,7 @@ import random
 
 from pydantic import Field
 
-from tunelab.strategies.base import Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.base import Need, Regularizer, StrategyConfig, register_strategy
 
 
 class ReplayConfig(StrategyConfig):
@@ -24,7 +24,12 @@ class ReplayConfig(StrategyConfig):
 @register_strategy
 class Replay(Regularizer):
     name = "replay"
+    summary = "Regularizer: a share of retention-set or earlier-task rows mixed into training."
     Config = ReplayConfig
+
+    @classmethod
+    def needs(cls, config):
+        return frozenset({Need.RETENTION}) if config.retention else frozenset()
 
     def training_features(self, features, ctx):
         pool = []

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from tunelab.evaluate import autocast
 from tunelab.forgetting import token_kl
-from tunelab.strategies.base import Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.base import Need, Regularizer, StrategyConfig, register_strategy
 
 
 class RetentionConfig(StrategyConfig):
@@ -29,7 +29,12 @@ class RetentionConfig(StrategyConfig):
 @register_strategy
 class Retention(Regularizer):
     name = "retention"
+    summary = "Regularizer: KL to the base model on interleaved retention batches (LwF)."
     Config = RetentionConfig
+
+    @classmethod
+    def needs(cls, config):
+        return frozenset({Need.RETENTION, Need.BASE_OUTPUTS})
 
     def prepare(self, model, ctx) -> None:
         self.ctx = ctx

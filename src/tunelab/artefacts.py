@@ -1,0 +1,71 @@
+"""The final artefact of a run: writing it (atomically, never non-finite) and reading it back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.config import RunConfig, load_config
+from tunelab.errors import NonFiniteError, RunError
+from tunelab.fsutil import atomic_dir
+from tunelab.models import load_model, load_tokenizer, resolve_model
+from tunelab.rundir import CONFIG, MODEL, complete_checkpoints
+from tunelab.strategies.stack import StrategyStack
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse to save a model holding a non-finite parameter or buffer (the engine stops divergence before
+    it gets here; this is the last line)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(t.detach().isfinite().all()):
+            raise NonFiniteError(f"refusing to save: {name} holds non-finite values")
+
+
+def save_artefact(stack: StrategyStack, model: torch.nn.Module, tokenizer, target: Path) -> None:
+    """Write the final artefact beside ``target`` and rename it into place: never half-written, never
+    non-finite."""
+    check_finite(model)
+    with atomic_dir(target) as tmp:
+        stack.save(model, tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+@dataclass
+class LoadedRun:
+    cfg: RunConfig | None  # None for a bare model (a baseline)
+    model: torch.nn.Module
+    tokenizer: Any
+    stack: StrategyStack | None
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """The trained model of a run: base model + its components, or the saved standalone model."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG).is_file() and not (run_dir / MODEL).is_dir():
+        done = complete_checkpoints(run_dir)
+        if done:
+            raise RunError(
+                f"{run_dir} has no {MODEL}/: the run did not finish (its last checkpoint is {done[0].name}); "
+                f"continue it with: tunelab train {run_dir / CONFIG} --resume"
+            )
+    if not (run_dir / CONFIG).is_file() or not (run_dir / MODEL).is_dir():
+        raise RunError(f"{run_dir} is not a finished tunelab run (needs {CONFIG} and {MODEL}/)")
+    cfg = load_config(run_dir / CONFIG)
+    if cfg.tasks is not None and cfg.continual.per_task_adapter:
+        raise RunError(
+            f"{run_dir} holds one adapter per task under {MODEL}/<task>/; load one with "
+            f"PeftModel.from_pretrained(base, '{run_dir / MODEL}/<task>/<strategy>') or evaluate a task "
+            "from continual.json"
+        )
+    stack = StrategyStack(cfg.strategy)
+    tokenizer = load_tokenizer(run_dir / MODEL)
+
+    def base() -> torch.nn.Module:
+        return load_model(resolve_model(cfg.model, allow_pickle=cfg.allow_pickle), allow_pickle=cfg.allow_pickle)
+
+    model = stack.load(base, run_dir / MODEL)
+    model.eval()
+    return LoadedRun(cfg, model, tokenizer, stack)

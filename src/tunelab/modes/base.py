@@ -1,0 +1,67 @@
+"""The shape every run mode has (see tunelab.modes)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tunelab.config import RunConfig
+from tunelab.errors import RunError
+from tunelab.rundir import RunDir, guarded
+from tunelab.runtime import is_main_process
+from tunelab.session import Session
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]  #: what summary.json holds ({} on ranks other than 0)
+
+
+class RunMode:
+    name: ClassVar[str]
+    resumable: ClassVar[bool] = True
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, callbacks=None):
+        self.cfg, self.resume, self.overwrite, self.callbacks = cfg, resume, overwrite, callbacks
+        self.t_start = time.perf_counter()
+        self.main = is_main_process()
+        self.run_dir = Path(cfg.output_dir)
+
+    def run(self) -> RunResult:
+        if self.resume and not self.resumable:
+            raise RunError(f"--resume is not supported for {self.name} runs; start the run again")
+        # -- set up
+        self.session = Session(self.cfg, self.main, self.run_dir)
+        self.prepare_data()
+        claim = None
+        if self.main:
+            claim = RunDir.claim(
+                self.run_dir, resume=self.resume, overwrite=self.overwrite, config=self.cfg.to_dict()
+            )
+        with guarded(claim, self.cfg.training.save_steps):
+            self.session.load()
+            if claim is not None:
+                claim.begin(self.cfg.to_dict(), resume=self.resume)
+            # -- train, save
+            self.train()
+            summary = self.save() if self.main else {}
+        # -- clean up
+        self.clean_up()
+        return RunResult(self.run_dir, summary)
+
+    def prepare_data(self) -> None:
+        """Tokenize the mode's data with ``self.session.tokenizer`` (before any model loads)."""
+        raise NotImplementedError
+
+    def train(self) -> None:
+        raise NotImplementedError
+
+    def save(self) -> dict[str, Any]:
+        """Rank 0: write the artefact and summary.json; return the summary."""
+        raise NotImplementedError
+
+    def clean_up(self) -> None:
+        del self.session

@@ -1,0 +1,63 @@
+"""``mode: single``: one training set, one fit, scored before and after, forgetting measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunelab.artefacts import save_artefact
+from tunelab.data import prepare_splits
+from tunelab.forgetting import forgetting_summary
+from tunelab.modes.base import RunMode
+from tunelab.rundir import MODEL
+from tunelab.summary import finish_summary
+
+
+class SingleRun(RunMode):
+    name = "single"
+
+    def prepare_data(self) -> None:
+        cfg, s = self.cfg, self.session
+        self.train_data, self.eval_data = prepare_splits(
+            cfg.data, s.tokenizer, cfg.training.max_length, cfg.training.seed
+        )
+        self.originals = s.original_tasks()
+
+    def train(self) -> None:
+        s, cfg = self.session, self.cfg
+        self.eval_before = self.before_retention = None
+        self.before_original: dict[str, Any] = {}
+        if self.main:  # the untouched model's scores, before anything trains
+            if cfg.eval.before and self.eval_data is not None:
+                self.eval_before = s.score_base(self.eval_data)
+            self.before_retention = s.retention_before()
+            self.before_original = {f: s.score_base(p) for f, p in self.originals.items()}
+        self.stats = s.fit(
+            self.train_data.features, self.eval_data, self.run_dir, resume=self.resume, callbacks=self.callbacks
+        )
+
+    def save(self) -> dict[str, Any]:
+        s, tr, ev = self.session, self.train_data, self.eval_data
+        save_artefact(s.stack, s.model, s.tokenizer, self.run_dir / MODEL)
+        summary = s.summary_head(self.name)
+        summary["data"] = {
+            "format": tr.format,
+            "labels": tr.labels,
+            "train": tr.stats.as_dict(),
+            "eval": ev.stats.as_dict() if ev else None,
+        }
+        if self.eval_before is not None:
+            summary["eval_before"] = self.eval_before
+        summary["train"] = self.stats
+        if ev is not None:
+            summary["eval"] = s.score(ev)
+        forgetting: dict[str, Any] = {}
+        after = s.retention_after()
+        if after is not None:
+            forgetting.update(forgetting_summary(self.before_retention, after))
+        if self.originals:
+            forgetting["original_tasks"] = {
+                f: forgetting_summary(self.before_original[f], s.score(p)) for f, p in self.originals.items()
+            }
+        if forgetting:
+            summary["forgetting"] = forgetting
+        return finish_summary(summary, s.device, self.run_dir, self.t_start)

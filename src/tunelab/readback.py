@@ -1,0 +1,99 @@
+"""Reading finished runs back: scoring, generating, merging. Each mirrors a CLI verb."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tunelab.artefacts import LoadedRun, load_run
+from tunelab.config import load_config
+from tunelab.data import prepare_file
+from tunelab.errors import RunError
+from tunelab.evaluate import generate_batch, score
+from tunelab.fsutil import atomic_dir
+from tunelab.models import load_model, load_tokenizer, resolve_model
+from tunelab.rundir import CONFIG, MODEL, SUMMARY
+from tunelab.runtime import bf16_supported, device, resolve_precision
+
+
+def _target(target: str | Path, *, allow_pickle: bool = False) -> LoadedRun:
+    """A run dir, or a model name/path (the untouched model, for baselines)."""
+    if (Path(target) / CONFIG).is_file():
+        return load_run(target)
+    model_dir = resolve_model(str(target), allow_pickle=allow_pickle)
+    return LoadedRun(
+        None, load_model(model_dir, allow_pickle=allow_pickle).eval(), load_tokenizer(model_dir), None
+    )
+
+
+def evaluate(target: str | Path, data: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """Score a run (or a bare model) on ``data`` (default: the run's eval file). Mirrors ``tunelab eval``."""
+    bare = None
+    if not (Path(target) / CONFIG).is_file():  # a bare model: its config comes from the overrides alone
+        if data is None:
+            raise RunError("evaluating a bare model needs --data FILE")
+        bare = load_config({"model": str(target), "data": {"train": str(data)}}, overrides)
+    loaded = _target(target, allow_pickle=bare.allow_pickle if bare else False)
+    cfg = bare if bare is not None else load_config(loaded.cfg.to_dict(), overrides)
+    data_cfg = cfg.data if cfg.data is not None else cfg.tasks[0]
+    data = data or (cfg.data.eval if cfg.data is not None else None)
+    if data is None:
+        raise RunError(f"{target}: the run has no single eval file; pass --data FILE")
+    dev = device()
+    loaded.model.to(dev)
+    labels = None
+    if loaded.cfg is not None and (Path(target) / SUMMARY).is_file():
+        # classification prompts list the training label set, recorded in the run's summary
+        labels = (json.loads((Path(target) / SUMMARY).read_text()).get("data") or {}).get("labels")
+    prepared = prepare_file(data, loaded.tokenizer, data_cfg, cfg.training.max_length, labels=labels)
+    bf16 = resolve_precision(cfg.training.precision, dev) == "bf16"
+    return score(loaded.model, loaded.tokenizer, prepared, cfg.eval, bf16)
+
+
+def generate(
+    target: str | Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    system: str | None = None,
+    temperature: float = 0.0,
+) -> str:
+    """One answer to ``prompt``, rendered with the chat template when the tokenizer has one."""
+    loaded = _target(target)
+    tok = loaded.tokenizer
+    dev = device()
+    loaded.model.to(dev)
+    if getattr(tok, "chat_template", None):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text, special = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False
+    else:
+        text, special = prompt, True
+    kwargs = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
+    return generate_batch(loaded.model, tok, [(text, special)], max_new_tokens, bf16_supported(dev), **kwargs)[0]
+
+
+def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold a run's adapter into the base weights and save a standalone safetensors model."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"{out_dir} is a file; merge writes a model directory: choose a new directory path")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise RunError(f"{out_dir} is not empty; choose a new directory for the merged model")
+    loaded = load_run(run_dir)
+    if loaded.stack.standalone:
+        raise RunError(
+            f"{run_dir} used {'+'.join(loaded.cfg.strategy_names())}: its {MODEL}/ is already a "
+            "standalone model, nothing to merge"
+        )
+    if loaded.stack.not_mergeable:
+        raise RunError(
+            f"{run_dir}: {', '.join(loaded.stack.not_mergeable)} cannot be folded into the weights (they add "
+            "modules or virtual tokens); serve the run with its base model instead"
+        )
+    model = loaded.stack.merge(loaded.model)
+    with atomic_dir(out_dir) as tmp:  # out_dir is absent or empty (checked above)
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        shutil.copy(Path(run_dir) / CONFIG, tmp / "tunelab_config.yaml")
+    return out_dir

@@ -1,0 +1,152 @@
+"""The stack of a run's strategies: the one object the engine, the run modes and the read-back API talk to.
+
+It owns everything that spans strategies, so no module outside ``strategies/`` iterates over them or asks
+what type one is: the application order (phases), marking exactly the strategies' own parameters
+trainable, the optimizer's parameter groups and their learning rates, the training loss (the task loss,
+weighted where a strategy asks, plus every term), callbacks, the data and set-up hooks, switching every
+addition off (for the base model's outputs), and the artefact (save, load, merge).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.strategies.base import Need, Strategy, StrategyConfig, StrategyError, build_strategies, mark_trainable
+
+
+class StrategyStack:
+    def __init__(self, configs: Iterable[StrategyConfig]):
+        self.items: list[Strategy] = build_strategies(configs)  # in application (phase) order
+        self.components: dict[str, int] = {}  # trainable parameters per strategy, after apply()
+
+    def __iter__(self) -> Iterator[Strategy]:
+        return iter(self.items)
+
+    # -- what the stack is ------------------------------------------------------------------------
+    @property
+    def needs(self) -> frozenset[Need]:
+        return frozenset().union(*(type(s).needs(s.config) for s in self.items))
+
+    @property
+    def changes_base_weights(self) -> bool:
+        """True when base weights train: the base model's outputs then need a frozen copy."""
+        return any(s.changes_base_weights for s in self.items)
+
+    @property
+    def default_lr(self) -> float:
+        return next(s for s in self.items if s.trains).default_lr
+
+    @property
+    def standalone(self) -> bool:
+        """The artefact is a whole model (full fine-tuning), not additions to a base model."""
+        return all(s.artefact == "full" for s in self._savers)
+
+    @property
+    def not_mergeable(self) -> list[str]:
+        return [s.name for s in self.items if not s.mergeable]
+
+    @property
+    def _savers(self) -> list[Strategy]:
+        return [s for s in self.items if s.saves]
+
+    # -- the model ----------------------------------------------------------------------------------
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Each strategy applies itself in phase order; then exactly their own parameters train."""
+        for s in self.items:
+            model = s.apply(model)
+        self.components = mark_trainable(model, self.items)
+        return model
+
+    def own_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for s in self.items if s.trains for _, p in s.own_parameters(model)]
+
+    def describe(self, model: torch.nn.Module) -> list[str]:
+        return [line for s in self.items if (line := s.describe(model))]
+
+    # -- training -----------------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, ctx: Any) -> None:
+        for s in self.items:
+            s.prepare(model, ctx)
+
+    def training_features(self, features: list[dict], ctx: Any) -> list[dict]:
+        for s in self.items:
+            features = s.training_features(features, ctx)
+        return features
+
+    def on_task_end(self, model: torch.nn.Module, ctx: Any) -> None:
+        for s in self.items:
+            s.on_task_end(model, ctx)
+
+    def callbacks(self) -> list:
+        return [c for s in self.items for c in s.callbacks()]
+
+    def param_groups(self, model: torch.nn.Module, lr: float | None) -> list[dict[str, Any]]:
+        """Every strategy's optimizer groups; ``lr`` is ``training.lr`` as configured (None when unset)."""
+        return [g for s in self.items for g in s.param_groups(model, lr)]
+
+    def learning_rates(self, model: torch.nn.Module, lr: float | None) -> dict[str, float]:
+        """Each training component's peak rate (its first group's)."""
+        out = {}
+        for s in self.items:
+            groups = s.param_groups(model, lr)
+            if groups:
+                out[s.name] = groups[0]["lr"]
+        return out
+
+    def training_loss(self, model, inputs, outputs, task_loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``w · task loss + Σ terms`` and the named parts (``task``, ``<strategy>/<term>``)."""
+        parts = {"task": task_loss}
+        weight = math.prod(s.task_loss_weight() for s in self.items)
+        loss = weight * task_loss if weight != 1.0 else task_loss
+        for s in self.items:
+            for name, value in s.loss_terms(model, inputs, outputs).items():
+                parts[f"{s.name}/{name}"] = value
+                loss = loss + value
+        return loss, parts
+
+    # -- the base model's outputs ---------------------------------------------------------------------
+    @contextmanager
+    def disabled(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Every strategy's additions switched off. For a stack that changes base weights this gives the
+        base model only before training; after it, use a frozen copy (tunelab.forgetting.Reference)."""
+        with ExitStack() as stack:
+            for s in self.items:
+                stack.enter_context(s.disabled(model))
+            yield model
+
+    # -- the artefact -------------------------------------------------------------------------------
+    def component_dir(self, model_dir: Path, strategy: Strategy) -> Path:
+        """A single strategy's artefact is the model dir itself (e.g. a plain PEFT adapter dir); in a hybrid
+        each component that saves something gets a sub-directory named after it."""
+        return model_dir if len(self._savers) <= 1 else model_dir / strategy.name
+
+    def save(self, model: torch.nn.Module, out_dir: Path, *, per_component: bool = False) -> None:
+        """Each component's artefact under ``out_dir`` (in ``out_dir/<name>/`` with ``per_component``)."""
+        for s in self._savers:
+            s.save(model, out_dir / s.name if per_component else self.component_dir(out_dir, s))
+
+    def load(self, base_model: Callable[[], torch.nn.Module], model_dir: Path) -> torch.nn.Module:
+        """The trained model from ``model_dir``: the saved standalone model, or ``base_model()`` with each
+        component put back in application order."""
+        if self.standalone:
+            return type(self._savers[0]).load(None, model_dir)
+        model = base_model()
+        for s in self.items:
+            model = type(s).load(model, self.component_dir(model_dir, s))
+        return model
+
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.not_mergeable:
+            raise StrategyError(
+                f"{', '.join(self.not_mergeable)} cannot be folded into the weights (they add modules or virtual "
+                "tokens); serve the run with its base model instead"
+            )
+        for s in reversed(self.items):
+            model = s.merge(model)
+        return model

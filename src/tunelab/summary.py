@@ -1,0 +1,88 @@
+"""``summary.json``: one documented, versioned schema that every run mode fills (docs/summary.md).
+
+Every summary is validated against :class:`Summary` before it is written, so a mode cannot write a key the
+schema (and its documentation) does not know. A change to the schema that a reader would notice (a key
+removed, renamed or retyped) raises :data:`SUMMARY_VERSION`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tunelab.errors import RunError
+from tunelab.rundir import CONFIG, MODEL, SUMMARY
+from tunelab.runtime import peak_memory_mb, write_json_atomic
+
+SUMMARY_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Parameters(_Section):
+    trainable: int
+    total: int
+    trainable_pct: float
+    components: dict[str, int]  #: trainable parameters per training strategy
+
+
+class TrainStats(_Section):
+    steps: int
+    epochs: float
+    train_loss: float
+    rows: int  #: training rows after the strategies' data hooks (replay adds rows)
+    tokens_seen: int  #: non-padding tokens
+    tokens_per_s: float
+    train_time_s: float
+    resumed_from: str | None
+    skipped_checkpoints: list[str]
+    learning_rate: dict[str, float]  #: peak rate per training component
+
+
+class TaskTrainStats(TrainStats):
+    task: str
+
+
+class Memory(_Section):
+    peak_mb: float
+    kind: Literal["cpu_peak_rss", "cuda_max_allocated"]
+
+
+class Summary(_Section):
+    summary_version: Literal[1]
+    mode: Literal["single", "continual"]
+    strategy: list[str]
+    model: str
+    device: str
+    precision: str
+    world_size: int
+    parameters: Parameters
+    data: dict[str, Any] | None = None  #: single: format, labels, train/eval row counts
+    train: TrainStats | list[TaskTrainStats]  #: single: one fit; continual: one per task
+    eval_before: dict[str, Any] | None = None  #: scores of the untouched model (eval.before)
+    eval: dict[str, Any] | None = None  #: scores after training (tunelab.evaluate.score)
+    forgetting: dict[str, Any] | None = None  #: before / after / delta on the retention set, original tasks
+    continual: dict[str, Any] | None = None  #: the accuracy matrix and ACC / BWT / forgetting
+    memory: Memory
+    wall_time_s: float
+    outputs: dict[str, str]  #: paths of what the run wrote
+
+
+def finish_summary(summary: dict[str, Any], device: str, run_dir: Path, t_start: float, **outputs: Path) -> dict:
+    """Version, peak memory, wall time and output paths; validated; ``summary.json`` written atomically."""
+    summary = {"summary_version": SUMMARY_VERSION, **summary}
+    summary["memory"] = peak_memory_mb(device)
+    summary["wall_time_s"] = round(time.perf_counter() - t_start, 2)
+    paths = {"run_dir": run_dir, "model": run_dir / MODEL, "config": run_dir / CONFIG, **outputs}
+    summary["outputs"] = {k: str(v) for k, v in paths.items()}
+    try:
+        Summary.model_validate(summary)
+    except ValidationError as e:  # a bug in a mode, not a user error: say which key
+        raise RunError(f"internal: summary.json does not fit its schema: {e.errors()[0]}") from None
+    write_json_atomic(run_dir / SUMMARY, summary)
+    return summary
