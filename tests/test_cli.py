@@ -84,3 +84,28 @@ def test_cli_errors_are_one_clear_line_and_exit_2(tiny_llama, memo_data, tmp_pat
 
     p = tunelab("eval", str(tmp_path / "not-a-run"))
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_strategies_lists_every_registered_strategy_with_phase_summary_and_options():
+    from tunelab.strategies import registered
+
+    p = tunelab("strategies")
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    for name, cls in registered().items():
+        row = next(line for line in lines if line.split()[:1] == [name])
+        assert row.split()[1] == cls.phase.name.lower() and cls.summary in row
+        options = lines[lines.index(row) + 1]
+        assert all(f in options for f in cls.Config.model_fields if f != "name")
+    p = tunelab("strategies", "lora")
+    assert p.returncode == 0 and "  r = 16" in p.stdout and "Rank of the update." in p.stdout
+    p = tunelab("strategies", "lorra")
+    assert p.returncode == 2 and "unknown strategy 'lorra'; registered: adapters" in p.stderr
+
+
+def test_every_verb_comes_from_the_one_table():
+    from tunelab.cli import VERBS, _parser
+
+    sub = next(a for a in _parser()._actions if a.dest == "verb")
+    assert list(sub.choices) == list(VERBS)
+    assert {"train", "validate", "eval", "generate", "merge", "strategies", "demo"} <= set(VERBS)

@@ -1,6 +1,7 @@
-"""``tunelab`` command line: train | eval | generate | merge | validate | demo.
+"""``tunelab`` command line: train | validate | eval | generate | merge | strategies | demo.
 
-Each verb is a thin layer over the Python API of the same name (``tunelab.train`` etc.). Errors a user can
+Each verb is one entry of :data:`VERBS` and a thin layer over the Python API of the same name
+(``tunelab.train`` etc.). Errors a user can
 fix (bad config, bad data, missing model, occupied output dir, an unreadable or full disk) print one clear
 message and exit 2; a diverged run exits 3; SIGINT or SIGTERM stop the run cleanly with exit 130 and say
 how to resume. ``--debug`` shows the traceback as well.
@@ -13,6 +14,8 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 # Quiet third-party noise before they are imported; users see tunelab's own output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -20,44 +23,149 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
 
+# ----------------------------------------------------------------------------- the verbs, one table
+
+
+def _overrides(p: argparse.ArgumentParser, example: str = "training.lr=1e-4") -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override, e.g. {example}")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    _overrides(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+
+
+def _train(args) -> int:
+    from tunelab.run import train
+
+    result = train(args.config, overrides=args.set, resume=args.resume, overwrite=args.overwrite)
+    if result.summary.get("outputs"):
+        _print_summary(result.summary)
+    return 0
+
+
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    _overrides(p)
+
+
+def _validate(args) -> int:
+    from tunelab.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    what = f"{cfg.mode}: {'+'.join(cfg.strategy_names())} on {cfg.model}"
+    print(f"{args.config}: ok ({what}, output_dir {cfg.output_dir})")
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="a run directory, or a model name/path for a baseline")
+    p.add_argument("--data", help="JSONL/JSON/CSV/Parquet file (default: the run's eval file)")
+    _overrides(p, "eval.max_examples=50")
+
+
+def _eval(args) -> int:
+    from tunelab.run import evaluate
+
+    print(json.dumps(evaluate(args.target, args.data, args.set), indent=2))
+    return 0
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="a run directory, or a model name/path")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--system", help="system message")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+
+def _generate(args) -> int:
+    from tunelab.run import generate
+
+    opts = {"max_new_tokens": args.max_new_tokens, "system": args.system, "temperature": args.temperature}
+    print(generate(args.target, args.prompt, **opts))
+    return 0
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run")
+    p.add_argument("out")
+
+
+def _merge(args) -> int:
+    from tunelab.run import merge
+
+    print(f"merged model written to {merge(args.run, args.out)}")
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+
+
+def _demo(args) -> int:
+    from tunelab.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, model=args.model)
+    return 0
+
+
+def _strategies_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="show this strategy's options with their defaults and help")
+
+
+def _strategies(args) -> int:
+    from tunelab.strategies import StrategyError, registered
+
+    found = registered()
+    if args.name is None:
+        for name, cls in sorted(found.items(), key=lambda kv: (kv[1].phase, kv[0])):
+            options = [f for f in cls.Config.model_fields if f != "name"]
+            print(f"{name:<10} {cls.phase.name.lower():<11} {cls.summary}")
+            print(f"{'':<22} options: {', '.join(options)}")
+        print("\n`tunelab strategies NAME` shows one strategy's options with their defaults.")
+        return 0
+    if args.name not in found:
+        raise StrategyError(f"unknown strategy '{args.name}'; registered: {', '.join(sorted(found))}")
+    cls = found[args.name]
+    print(f"{cls.name} ({cls.phase.name.lower()}): {cls.summary}")
+    for field, info in cls.Config.model_fields.items():
+        if field != "name":
+            default = info.get_default(call_default_factory=True)
+            print(f"  {field} = {default!r}\n      {info.description}")
+    return 0
+
+
+@dataclass(frozen=True)
+class Verb:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: Every CLI verb: its help, its arguments and what it runs (each a thin layer over the Python API).
+VERBS: dict[str, Verb] = {
+    "train": Verb("train as a YAML config says", _train_args, _train),
+    "validate": Verb("check a config without training", _validate_args, _validate),
+    "eval": Verb("score a run (or a bare model) on its eval file or --data", _eval_args, _eval),
+    "generate": Verb("answer a prompt with a run's model (chat template applied)", _generate_args, _generate),
+    "merge": Verb("fold a run's adapter into a standalone safetensors model", _merge_args, _merge),
+    "strategies": Verb("list the strategies: phase, summary, options", _strategies_args, _strategies),
+    "demo": Verb("LoRA on the default model for support-ticket triage, before vs after", _demo_args, _demo),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs and measure the result.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error as well")
     sub = p.add_subparsers(dest="verb", required=True)
-
-    t = sub.add_parser("train", help="train as a YAML config says")
-    t.add_argument("config")
-    t.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.lr=1e-4"
-    )
-    g = t.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
-
-    v = sub.add_parser("validate", help="check a config without training")
-    v.add_argument("config")
-    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-
-    e = sub.add_parser("eval", help="score a run (or a bare model) on its eval file or --data")
-    e.add_argument("target", help="a run directory, or a model name/path for a baseline")
-    e.add_argument("--data", help="JSONL/JSON/CSV/Parquet file (default: the run's eval file)")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.max_examples=50")
-
-    gen = sub.add_parser("generate", help="answer a prompt with a run's model (chat template applied)")
-    gen.add_argument("target", help="a run directory, or a model name/path")
-    gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--system", help="system message")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-
-    m = sub.add_parser("merge", help="fold a run's adapter into a standalone safetensors model")
-    m.add_argument("run")
-    m.add_argument("out")
-
-    d = sub.add_parser("demo", help="LoRA on the default model for support-ticket triage, before vs after")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=60)
-    d.add_argument("--model", default="smollm2-135m-instruct")
+    for name, verb in VERBS.items():
+        verb.arguments(sub.add_parser(name, help=verb.help))
     return p
 
 
@@ -75,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _dispatch(args)
+        return VERBS[args.verb].run(args)
     except (ConfigError, DataError, ModelNotFound, RunError, StrategyError) as e:
         return _fail(args, e, getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
@@ -95,46 +203,6 @@ def _fail(args, error, code: int) -> int:
         traceback.print_exc()
     print(f"tunelab {args.verb}: error: {error}", file=sys.stderr)
     return code
-
-
-def _dispatch(args) -> int:
-    from tunelab import run
-
-    if args.verb == "validate":
-        from tunelab.config import load_config
-
-        cfg = load_config(args.config, args.set)
-        print(f"{args.config}: ok ({'+'.join(cfg.strategy_names())} on {cfg.model}, output_dir {cfg.output_dir})")
-        return 0
-    if args.verb == "train":
-        result = run.train(args.config, overrides=args.set, resume=args.resume, overwrite=args.overwrite)
-        if result.summary.get("outputs"):
-            _print_summary(result.summary)
-        return 0
-    if args.verb == "eval":
-        metrics = run.evaluate(args.target, args.data, args.set)
-        print(json.dumps(metrics, indent=2))
-        return 0
-    if args.verb == "generate":
-        print(
-            run.generate(
-                args.target,
-                args.prompt,
-                max_new_tokens=args.max_new_tokens,
-                system=args.system,
-                temperature=args.temperature,
-            )
-        )
-        return 0
-    if args.verb == "merge":
-        print(f"merged model written to {run.merge(args.run, args.out)}")
-        return 0
-    if args.verb == "demo":
-        from tunelab.demo import run_demo
-
-        run_demo(args.out, steps=args.steps, model=args.model)
-        return 0
-    raise AssertionError(args.verb)
 
 
 def _print_summary(s: dict) -> None:

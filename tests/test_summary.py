@@ -1,0 +1,66 @@
+"""summary.json: one versioned schema (docs/summary.md) that every run mode's summary fits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import MEMO_ROWS, tiny_config, write_jsonl
+from tunelab.modes import MODES
+from tunelab.run import train
+from tunelab.summary import SUMMARY_VERSION, Summary, TaskTrainStats
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "summary.md"
+
+
+def mode_config(mode: str, model: Path, tmp_path: Path) -> dict:
+    data = write_jsonl(tmp_path / "d.jsonl", MEMO_ROWS * 2)
+    cfg = tiny_config(model, data, tmp_path / "run", "lora", max_steps=2)
+    cfg["eval"]["before"] = True
+    if mode == "continual":
+        del cfg["data"]
+        cfg["tasks"] = [{"name": n, "train": str(data), "eval": str(data)} for n in ("a", "b")]
+    return cfg
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_writes_a_summary_that_fits_the_schema(mode, tiny_llama, tmp_path):
+    result = train(mode_config(mode, tiny_llama, tmp_path))
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written == result.summary
+    s = Summary.model_validate(written)
+    assert s.summary_version == SUMMARY_VERSION and s.mode == mode
+    assert isinstance(s.train, list) == (mode == "continual")
+    if mode == "continual":
+        assert [t.task for t in s.train] == ["a", "b"] and s.continual["tasks"] == ["a", "b"]
+    else:
+        assert s.eval is not None and s.eval_before is not None and s.data is not None
+
+
+def test_the_schema_refuses_what_it_does_not_know():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="extra"):
+        TaskTrainStats.model_validate({"task": "a", "surprise": 1})
+
+
+def test_docs_describe_every_key_of_the_schema():
+    from pydantic import BaseModel
+
+    doc = DOC.read_text()
+    assert f"summary_version: {SUMMARY_VERSION}" in doc
+
+    def keys(model: type[BaseModel]) -> set[str]:
+        out = set(model.model_fields)
+        for f in model.model_fields.values():
+            for arg in (f.annotation, *getattr(f.annotation, "__args__", ())):
+                inner = getattr(arg, "__args__", (arg,))
+                for t in (arg, *inner):
+                    if isinstance(t, type) and issubclass(t, BaseModel):
+                        out |= keys(t)
+        return out
+
+    missing = sorted(k for k in keys(Summary) if f"`{k}`" not in doc)
+    assert missing == []
