@@ -78,3 +78,102 @@ def test_phases_order_a_hybrid_whatever_the_list_order():
     peft = get_strategy("peft")
     as_prompt = load_config({"data": {"train": "t"}, "strategy": {"name": "peft", "type": "prefix_tuning"}})
     assert peft.phase_of(as_prompt.strategy[0]) is Phase.PROMPT
+
+
+def test_load_config_never_mutates_its_input():
+    from tunelab.config import load_config
+
+    raw = {"data": {"train": "t.jsonl"}, "training": {"lr": 1e-3}, "strategy": "lora"}
+    snapshot = json.dumps(raw, sort_keys=True)
+    cfg = load_config(raw, ["training.lr=0.5", "strategy.r=4", "data.eval=e.jsonl"])
+    assert cfg.training.lr == 0.5 and cfg.strategy[0].r == 4
+    assert json.dumps(raw, sort_keys=True) == snapshot
+
+
+# ----------------------------------------------------------------------------- a new strategy, no edit elsewhere
+
+
+@pytest.fixture
+def shift_strategy():
+    """A strategy defined here, outside tunelab: a trainable vector added to the final norm's output.
+    It declares and implements only the contract; nothing in tunelab knows it."""
+    from contextlib import contextmanager
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tunelab.strategies import Strategy, StrategyConfig, register_strategy, unwrap
+    from tunelab.strategies.base import _REGISTRY
+
+    class Shift(torch.nn.Module):
+        def __init__(self, width: int):
+            super().__init__()
+            self.shift = torch.nn.Parameter(torch.zeros(width))  # zero: the model is unchanged at step 0
+            self.enabled = True
+
+        def hook(self, module, args, output):
+            return output + self.shift if self.enabled else output
+
+    def insert(model) -> Shift:
+        norm = unwrap(model).model.norm
+        shift = Shift(norm.weight.shape[0])
+        norm.add_module("shift", shift)
+        norm.register_forward_hook(shift.hook)
+        return shift
+
+    class ShiftStrategy(Strategy):
+        name = "shift_test"
+        summary = "A test strategy: a trainable shift after the final norm."
+        Config = StrategyConfig
+        default_lr = 1e-1
+
+        def apply(self, model):
+            self.module = insert(model)
+            return model
+
+        def own_parameters(self, model):
+            return [("shift", self.module.shift)]
+
+        @contextmanager
+        def disabled(self, model):
+            found = [m for m in model.modules() if isinstance(m, Shift)]
+            for m in found:
+                m.enabled = False
+            try:
+                yield
+            finally:
+                for m in found:
+                    m.enabled = True
+
+        def save(self, model, out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file({"shift": self.module.shift.detach().contiguous()}, out_dir / "shift.safetensors")
+
+        @classmethod
+        def load(cls, base_model, out_dir):
+            with torch.no_grad():
+                insert(base_model).shift.copy_(load_file(out_dir / "shift.safetensors")["shift"])
+            return base_model
+
+    register_strategy(ShiftStrategy)
+    yield ShiftStrategy
+    _REGISTRY.pop("shift_test")
+
+
+def test_a_new_strategy_that_adds_modules_needs_no_edit_elsewhere(shift_strategy, tiny_llama, memo_data, tmp_path):
+    import torch
+
+    from tunelab.models import load_model
+    from tunelab.run import load_run
+
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", ["shift_test"], max_steps=10, lr=1e-1)
+    s = train(cfg).summary
+    assert s["parameters"]["components"] == {"shift_test": 32}
+    assert s["forgetting"]["after"]["kl"] > 0  # measured against the base: through its disabled()
+    run = load_run(tmp_path / "run")
+    ids = torch.tensor([[1, 50, 60, 70]])
+    with torch.no_grad():
+        base = load_model(tiny_llama)(input_ids=ids).logits
+        assert not torch.allclose(run.model(input_ids=ids).logits, base)
+        with run.stack.disabled(run.model):
+            assert torch.allclose(run.model(input_ids=ids).logits, base, atol=1e-6)
