@@ -127,7 +127,7 @@ def test_bad_overrides(tmp_path):
 def test_validate_cli_exit_codes(tmp_path, capsys):
     good = write(tmp_path, GOOD)
     assert main(["validate", str(good)]) == 0
-    assert "ok (lora" in capsys.readouterr().out
+    assert "ok (single: lora" in capsys.readouterr().out
     assert main(["validate", str(good), "--set", "training.batch_size=0"]) == 2
     err = capsys.readouterr().err
     assert "training.batch_size: Input should be greater than 0" in err
