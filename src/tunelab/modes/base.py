@@ -36,15 +36,13 @@ class RunMode:
         # -- set up
         self.session = Session(self.cfg, self.main, self.run_dir)
         self.prepare_data()
-        claim = None
+        claim, resolved = None, self.cfg.to_dict()
         if self.main:
-            claim = RunDir.claim(
-                self.run_dir, resume=self.resume, overwrite=self.overwrite, config=self.cfg.to_dict()
-            )
+            claim = RunDir.claim(self.run_dir, resume=self.resume, overwrite=self.overwrite, config=resolved)
         with guarded(claim, self.cfg.training.save_steps):
             self.session.load()
             if claim is not None:
-                claim.begin(self.cfg.to_dict(), resume=self.resume)
+                claim.begin(resolved, resume=self.resume)
             # -- train, save
             self.train()
             summary = self.save() if self.main else {}
