@@ -87,9 +87,9 @@ def build_model(arch: str, vocab: int, seed: int = 0):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def make_model_dir(path: Path, arch: str = "llama") -> Path:
+def make_model_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
     tok = build_tokenizer()
-    model = build_model(arch, len(tok))
+    model = build_model(arch, len(tok), seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -60,7 +60,19 @@ CASES = {
     "lora+dropout": ([LORA, {"name": "dropout", "hidden": 0.1, "lora": 0.1}], 2e-2, True),
     "lora+retention": ([LORA, {"name": "retention", "lam": 0.1, "batch_size": 2}], 2e-2, True),
     "lora+replay": ([LORA, {"name": "replay", "share": 0.2}], 2e-2, True),
+    # the teacher is the base model itself ("<base>" is replaced by the tiny model's path)
+    "lora+distill": ([LORA, {"name": "distill", "teacher": "<base>", "alpha": 0.7}], 2e-2, True),
 }
+
+
+def with_model(spec, model_dir):
+    """The spec with "<base>" (a teacher) replaced by the model directory."""
+    items = spec if isinstance(spec, list) else [spec]
+    out = [
+        {k: str(model_dir) if v == "<base>" else v for k, v in i.items()} if isinstance(i, dict) else i
+        for i in items
+    ]
+    return out if isinstance(spec, list) else out[0]
 
 
 class Probe(TrainerCallback):
@@ -89,6 +101,7 @@ def logits(model, ids):
 @pytest.mark.parametrize("case", list(CASES))
 def test_strategy_behaviour(case, tiny_model, memo_data, tmp_path):
     spec, lr, disable_gives_base = CASES[case]
+    spec = with_model(spec, tiny_model)
     cfg = tiny_config(tiny_model, memo_data, tmp_path / "run", spec, max_steps=30, lr=lr, schedule="constant")
     cfg["eval"]["before"] = True
     probe = Probe()

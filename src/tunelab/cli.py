@@ -136,8 +136,8 @@ def _strategies(args) -> int:
     print(f"{cls.name} ({cls.phase.name.lower()}): {cls.summary}")
     for field, info in cls.Config.model_fields.items():
         if field != "name":
-            default = info.get_default(call_default_factory=True)
-            print(f"  {field} = {default!r}\n      {info.description}")
+            default = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            print(f"  {field} = {default}\n      {info.description}")
     return 0
 
 

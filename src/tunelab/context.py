@@ -40,16 +40,29 @@ class RunContext:
         return prepare_file(path, self.tokenizer, self.data_cfg, self.max_length).features
 
     def load_model(self, path_or_name: str, *, trainable: bool = False) -> torch.nn.Module:
-        """A second model (e.g. a teacher), checked and loaded as the base model is, on the run's device;
-        frozen and in eval mode unless ``trainable``."""
+        """A second model (e.g. a teacher): a known name, a local HF model directory, or a tunelab run dir
+        (its trained model). Checked and loaded as the base model is, on the run's device; frozen and in
+        eval mode unless ``trainable``."""
+        from tunelab.artefacts import load_run
         from tunelab.models import load_model, resolve_model
 
-        model = load_model(
-            resolve_model(path_or_name, allow_pickle=self.allow_pickle), allow_pickle=self.allow_pickle
-        )
+        if (Path(path_or_name) / "config.yaml").is_file() and (Path(path_or_name) / ".tunelab-run").is_file():
+            model = load_run(path_or_name).model
+        else:
+            allow = self.allow_pickle
+            model = load_model(resolve_model(path_or_name, allow_pickle=allow), allow_pickle=allow)
         model.to(self.device)
         if not trainable:
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
         return model
+
+    def load_tokenizer(self, path_or_name: str):
+        """The tokenizer of a second model (a run dir's is in its model/ directory)."""
+        from tunelab.models import load_tokenizer, resolve_model
+
+        run_model = Path(path_or_name) / "model"
+        if (Path(path_or_name) / ".tunelab-run").is_file() and run_model.is_dir():
+            return load_tokenizer(run_model)
+        return load_tokenizer(resolve_model(path_or_name, allow_pickle=self.allow_pickle))

@@ -3,6 +3,7 @@
 # registration side effect: each module registers its strategies
 from tunelab.strategies import (  # noqa: E402,F401
     adapters,
+    distill,
     dropout,
     ewc,
     full,
