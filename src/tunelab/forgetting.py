@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -104,18 +105,38 @@ class Reference:
             self.model.train(was)
 
 
-def token_kl(base_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed KL(base || tuned) over the positions that predict a label token, and their count.
+def label_positions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Logits at the positions that predict a label token: ``[B, L(+virtual), V]`` -> ``[N, V]``.
 
-    Logits are [B, L(+virtual), V]; only the last L positions are compared (prompt learners prepend
-    virtual tokens). Position t predicts token t+1, as in the training loss.
-    """
+    Only the last L positions count (prompt learners prepend virtual tokens); position t predicts token
+    t+1, as in the training loss."""
     n = labels.shape[1]
-    base, tuned = base_logits[:, -n:][:, :-1].float(), logits[:, -n:][:, :-1].float()
-    mask = labels[:, 1:] != IGNORE
-    log_p, log_q = F.log_softmax(base[mask], -1), F.log_softmax(tuned[mask], -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum()
-    return kl, int(mask.sum())
+    return logits[:, -n:][:, :-1][labels[:, 1:] != IGNORE]
+
+
+def divergence(q_logits: torch.Tensor, p_logits: torch.Tensor, kind: str, temperature: float, beta: float = 0.5):
+    """Per-row divergence between the distributions ``p`` (reference, e.g. a teacher or the base model) and
+    ``q`` (the model being trained), both softened by ``temperature``; logits ``[N, V]`` -> ``[N]``.
+
+    ``forward_kl``: KL(p || q); ``reverse_kl``: KL(q || p); ``jsd``: β·KL(p || m) + (1-β)·KL(q || m) with
+    m = β·p + (1-β)·q (the generalised Jensen-Shannon divergence of GKD, Agarwal et al., 2024)."""
+    log_q = F.log_softmax(q_logits.float() / temperature, -1)
+    log_p = F.log_softmax(p_logits.float() / temperature, -1)
+    if kind == "forward_kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "reverse_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if kind == "jsd":
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))  # log(βp + (1-β)q)
+        to_m = (log_p.exp() * (log_p - log_m)).sum(-1), (log_q.exp() * (log_q - log_m)).sum(-1)
+        return beta * to_m[0] + (1 - beta) * to_m[1]
+    raise ValueError(kind)
+
+
+def token_kl(base_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed KL(base || tuned) over the positions that predict a label token, and their count."""
+    kl = divergence(label_positions(logits, labels), label_positions(base_logits, labels), "forward_kl", 1.0)
+    return kl.sum(), kl.shape[0]
 
 
 def weights_digest(model_dir: Path) -> str:

@@ -30,15 +30,13 @@ the retention loss's idea on task data).
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from tunelab.data import IGNORE
 from tunelab.evaluate import autocast
+from tunelab.forgetting import divergence, label_positions
 from tunelab.strategies.base import Regularizer, StrategyConfig, StrategyError, register_strategy
 
 
@@ -53,21 +51,6 @@ class DistillConfig(StrategyConfig):
         0.5, ge=0, le=1, description="Weight of the task loss; the distillation term gets 1 - alpha."
     )
     beta: float = Field(0.5, gt=0, lt=1, description="jsd only: the teacher's weight in the mixture m.")
-
-
-def divergence(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float, beta: float = 0.5):
-    """Per-row divergence between softened distributions; logits ``[N, V]`` -> ``[N]``."""
-    log_q = F.log_softmax(student.float() / temperature, -1)
-    log_p = F.log_softmax(teacher.float() / temperature, -1)
-    if kind == "forward_kl":
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
-    if kind == "reverse_kl":
-        return (log_q.exp() * (log_q - log_p)).sum(-1)
-    if kind == "jsd":
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))  # log(βp + (1-β)q)
-        to_m = (log_p.exp() * (log_p - log_m)).sum(-1), (log_q.exp() * (log_q - log_m)).sum(-1)
-        return beta * to_m[0] + (1 - beta) * to_m[1]
-    raise ValueError(kind)
 
 
 @register_strategy
@@ -101,11 +84,8 @@ class Distill(Regularizer):
     def loss_terms(self, model, inputs, outputs):
         c = self.config
         labels = inputs["labels"]
-        n = labels.shape[1]
-        mask = labels[:, 1:] != IGNORE  # position t predicts token t+1, as in the task loss
         with torch.no_grad(), autocast(labels.device, self.bf16):
             teacher = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        # prompt learners prepend virtual tokens to the student: compare the last n positions only
-        student = outputs.logits[:, -n:][:, :-1][mask]
-        d = divergence(student, teacher[:, -n:][:, :-1][mask], c.loss, c.temperature, c.beta)
+        student = label_positions(outputs.logits, labels)
+        d = divergence(student, label_positions(teacher, labels), c.loss, c.temperature, c.beta)
         return {"kd": (1 - c.alpha) * c.temperature**2 * d.mean()}
