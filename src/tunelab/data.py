@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from tunelab.errors import first_line
+
 IGNORE = -100
 LOADERS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -134,9 +136,7 @@ def read_rows_with_lines(path: str | Path) -> tuple[list[dict[str, Any]], list[i
     try:
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train", keep_in_memory=True)
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(
-            f"{path}: could not be read as parquet: {str(e).splitlines()[0] if str(e) else e}"
-        ) from None
+        raise DataError(f"{path}: could not be read as parquet: {first_line(e)}") from None
     return ds.to_list(), None
 
 

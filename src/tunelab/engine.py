@@ -43,7 +43,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import rotate_checkpoints
 
 from tunelab.checkpoints import STAGING
-from tunelab.errors import NonFiniteError, RunError
+from tunelab.errors import NonFiniteError, RunError, first_line
 
 
 class EpochLengthGroupedSampler(torch.utils.data.Sampler):
@@ -204,7 +204,7 @@ class TunelabTrainer(Trainer):
 def _reason(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    return str(e).splitlines()[0] if str(e) else e.__class__.__name__
+    return first_line(e)
 
 
 class Throughput:

@@ -29,3 +29,9 @@ class Interrupted(RunError, KeyboardInterrupt):
     code that catches Ctrl-C around ``tunelab.train`` keeps working."""
 
     exit_code = 130
+
+
+def first_line(e: BaseException) -> str:
+    """An exception from a library as one line for a user error message: its first line, or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from tunelab.checkpoints import safetensors_problem
-from tunelab.errors import ModelError
+from tunelab.errors import ModelError, first_line
 from tunelab.fsutil import atomic_dir
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -181,7 +181,7 @@ def load_tokenizer(model_dir: Path):
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, ImportError) as e:
-        raise ModelError(f"{model_dir}: the tokenizer could not be loaded ({_first_line(e)})") from None
+        raise ModelError(f"{model_dir}: the tokenizer could not be loaded ({first_line(e)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -203,7 +203,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pic
             output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise ModelError(f"{model_dir}: the model could not be loaded ({_first_line(e)})") from None
+        raise ModelError(f"{model_dir}: the model could not be loaded ({first_line(e)})") from None
     missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
     mismatched = [str(m[0]) if isinstance(m, tuple | list) else str(m) for m in info.get("mismatched_keys") or []]
     if missing or unexpected or mismatched:
@@ -221,11 +221,6 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pic
         if p.is_floating_point() and not bool(p.isfinite().all()):
             raise ModelError(f"{model_dir}: weight {name} holds non-finite values (NaN or inf)")
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else e.__class__.__name__
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
