@@ -64,13 +64,14 @@ def _validate(args) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="a run directory, or a model name/path for a baseline")
     p.add_argument("--data", help="JSONL/JSON/CSV/Parquet file (default: the run's eval file)")
+    p.add_argument("--task", help="multi-task runs: score this task (its eval file, its own parts)")
     _overrides(p, "eval.max_examples=50")
 
 
 def _eval(args) -> int:
     from tunelab.run import evaluate
 
-    print(json.dumps(evaluate(args.target, args.data, args.set), indent=2))
+    print(json.dumps(evaluate(args.target, args.data, args.set, task=args.task), indent=2))
     return 0
 
 
@@ -80,12 +81,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--system", help="system message")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--task", help="multi-task runs with parts per task: answer with this task's parts")
 
 
 def _generate(args) -> int:
     from tunelab.run import generate
 
     opts = {"max_new_tokens": args.max_new_tokens, "system": args.system, "temperature": args.temperature}
+    opts["task"] = args.task
     print(generate(args.target, args.prompt, **opts))
     return 0
 
@@ -221,6 +224,14 @@ def _print_summary(s: dict) -> None:
         f"{t['tokens_per_s']:.0f} tokens/s, peak memory {s['memory']['peak_mb']:.0f} MB, {s['wall_time_s']:.0f} s"
     )
     print(f"trainable parameters: {p['trainable']:,} / {p['total']:,} ({p['trainable_pct']:.3f}%)")
+    if "multitask" in s:
+        from tunelab.evaluate import headline
+
+        m = s["multitask"]
+        for name, sc in m["eval"].items():
+            metric, value = headline(sc)
+            before = f" (before: {headline(m['eval_before'][name])[1]:.3f})" if m["eval_before"] else ""
+            print(f"task {name}: eval loss {sc['loss']:.4f}, {metric} {value:.3f}{before}")
     if "eval" in s:
         from tunelab.evaluate import headline
 

@@ -163,7 +163,24 @@ class ForgettingConfig(Strict):
 
 
 class TaskConfig(DataConfig):
-    name: str = Field(description="Task name, used in the accuracy matrix.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Task name (letters, digits, _ and -): names its scores, logs and per-task parts.",
+    )
+    weight: float = Field(
+        1.0, gt=0, description="mode: multitask only: factor on this task's loss (its rows' task loss)."
+    )
+
+
+class MultitaskConfig(Strict):
+    sampling: Literal["proportional", "uniform", "temperature", "round_robin"] = Field(
+        "proportional",
+        description="Which task each batch comes from: proportional to the tasks' sizes, uniform, temperature "
+        "(probability proportional to size^(1/T)), or round_robin (tasks in turn).",
+    )
+    temperature: float = Field(
+        2.0, ge=1, le=100, description="T for sampling: temperature (1 = proportional, large = uniform)."
+    )
 
 
 class ContinualConfig(Strict):
@@ -175,11 +192,11 @@ class ContinualConfig(Strict):
 
 
 class RunConfig(Strict):
-    mode: Literal["single", "continual"] = Field(
+    mode: Literal["single", "continual", "multitask"] = Field(
         None,
         validate_default=False,
-        description="How to train (tunelab.modes): `single` (one training set: `data`) or `continual` (a "
-        "sequence: `tasks`). Default: continual when `tasks` is given, else single.",
+        description="How to train (tunelab.modes): `single` (one training set: `data`), `continual` (`tasks` in "
+        "sequence) or `multitask` (`tasks` together). Default: continual when `tasks` is given, else single.",
     )
     model: str = Field(
         DEFAULT_MODEL, description=f"A known model name ({DEFAULT_MODEL}) or a local Hugging Face model directory."
@@ -191,9 +208,12 @@ class RunConfig(Strict):
     )
     data: DataConfig | None = Field(None, description="The training data (or `tasks` for continual learning).")
     tasks: list[TaskConfig] | None = Field(
-        None, description="Continual learning: tasks trained in order, each with its own train and eval data."
+        None,
+        description="Named tasks, each with its own train and eval data: trained in order (continual) or "
+        "together (multitask).",
     )
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
     forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig)
     strategy: list[Any] = Field(
         default_factory=lambda: [{"name": "lora"}],
@@ -215,7 +235,7 @@ class RunConfig(Strict):
     def _data_or_tasks(self) -> RunConfig:
         if (self.data is None) == (self.tasks is None):
             raise ValueError("give either data (one training set) or tasks (a sequence, for continual learning)")
-        wants = "tasks" if self.mode == "continual" else "data"
+        wants = "data" if self.mode == "single" else "tasks"
         if getattr(self, wants) is None:
             raise ValueError(f"mode: {self.mode} trains on `{wants}`; give it, or the mode that fits your data")
         if self.tasks is not None:
@@ -223,7 +243,16 @@ class RunConfig(Strict):
             if len(self.tasks) < 2 or len(set(names)) != len(names):
                 raise ValueError(f"tasks needs at least two tasks with distinct names, got {names}")
             if any(t.eval is None and t.eval_split is None for t in self.tasks):
-                raise ValueError("every task needs eval data (eval or eval_split) to fill the accuracy matrix")
+                raise ValueError("every task needs eval data (eval or eval_split): each task is scored")
+            weighted = [t.name for t in self.tasks if t.weight != 1.0]
+            if weighted and self.mode != "multitask":
+                raise ValueError(f"tasks {weighted} set a loss weight, which only mode: multitask uses")
+        per_task = [s.name for s in self.strategy if getattr(s, "per_task", False)]
+        if per_task and self.mode != "multitask":
+            raise ValueError(
+                f"strategy {', '.join(per_task)}: per_task gives one copy per task of a multi-task run; "
+                f"this run's mode is {self.mode} (set mode: multitask with tasks, or per_task: false)"
+            )
         return self
 
     @field_validator("strategy", mode="before")

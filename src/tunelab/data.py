@@ -331,7 +331,8 @@ def features_dataset(features: list[dict[str, Any]]):
     """Tokenized rows as a ``datasets.Dataset`` (the columns the collator and length grouping read)."""
     import datasets
 
-    return datasets.Dataset.from_dict({k: [f[k] for f in features] for k in ("input_ids", "labels", "length")})
+    keys = ("input_ids", "labels", "length") + (("task",) if features and "task" in features[0] else ())
+    return datasets.Dataset.from_dict({k: [f[k] for f in features] for k in keys})
 
 
 def _apply_columns(rows: list[dict], mapping: dict[str, str]) -> list[dict]:
@@ -434,7 +435,8 @@ def prepare_splits(data_cfg, tokenizer, max_length: int, seed: int) -> tuple[Pre
 
 
 class Collator:
-    """Pads a batch to its own longest row (right padding); labels are padded with -100.
+    """Pads a batch to its own longest row (right padding); labels are padded with -100. Rows of a multi-task
+    run carry their task's index, which reaches the batch as ``task``.
 
     With length-grouped sampling (the engine's default) rows in a batch have similar lengths, so little
     compute goes to padding.
@@ -453,7 +455,10 @@ class Collator:
             ids[i, :k] = torch.as_tensor(f["input_ids"])
             labels[i, :k] = torch.as_tensor(f["labels"])
             mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "task" in features[0]:
+            batch["task"] = torch.tensor([f["task"] for f in features], dtype=torch.long)
+        return batch
 
 
 def batches(items: list, size: int) -> Iterator[list]:

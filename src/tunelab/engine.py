@@ -8,7 +8,10 @@ TensorBoard logging. tunelab needs to change only what strategies decide (docs/d
 - ``create_optimizer``: parameter groups (and their learning rates) come from the strategies;
 - ``compute_loss``: in training, the task loss (weighted where a strategy asks) plus every strategy's extra
   loss terms, summed without knowing them; in evaluation the task loss alone;
-- callbacks: a progress bar showing loss and tokens/s, and ``metrics.jsonl`` in the run dir.
+- callbacks: a progress bar showing loss and tokens/s, and ``metrics.jsonl`` in the run dir;
+- multi-task runs: the run mode's batch sampler (each batch from one task), and batches that carry their
+  ``task``: the model is routed to that task's parts (``stack.select_task``), its loss weighted by the
+  task's weight and logged per task (``loss/<task>``).
 
 and at four more for reliability (docs/reliability.md):
 
@@ -67,19 +70,37 @@ class EpochLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class TunelabTrainer(Trainer):
-    def __init__(self, *args, stack, lr: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        stack,
+        lr: float | None = None,
+        sampler=None,
+        tasks: list[str] | None = None,
+        task_weights: list[float] | None = None,
+        **kwargs,
+    ):
         """``stack`` is the run's :class:`~tunelab.strategies.stack.StrategyStack`; ``lr`` is ``training.lr``
         as configured (None when unset): each strategy resolves its groups' rates from it once, its own
-        ``lr`` option and default winning in that order (Strategy.base_lr)."""
+        ``lr`` option and default winning in that order (Strategy.base_lr). Multi-task runs give
+        ``sampler(dataset, batch_size, seed)`` (the run mode's order), the task names a batch's ``task``
+        indexes, and each task's loss weight."""
         super().__init__(*args, **kwargs)
         self.stack = stack
         self.lr = lr
+        self.sampler, self.tasks = sampler, tasks or []
+        self.task_weights = task_weights or [1.0] * len(self.tasks)
+        self._task_loss = [
+            [0.0, 0] for _ in self.tasks
+        ]  # per task: summed batch losses, batches since the last log
         self._last_terms: dict[str, float] = {}
         self._staging = False
 
     # -- data order -----------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
+        if self.sampler is not None:
+            return self.sampler(ds, self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
         if self.args.train_sampling_strategy != "group_by_length" or "length" not in ds.column_names:
             return super()._get_train_sampler(train_dataset)
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
@@ -180,9 +201,24 @@ class TunelabTrainer(Trainer):
         weights (1 unless one, e.g. distillation, reweights it). Evaluation (``prediction_step`` calls this
         too): the task loss alone, so ``eval_loss`` means the same for every strategy and no term's state
         (e.g. the retention loss's batch counter) moves."""
+        task = inputs.pop("task", None)
+        if task is not None:
+            t = int(task[0])
+            if not bool((task == t).all()):
+                raise RuntimeError("a multi-task batch mixes tasks; the run mode's sampler must not")
+            self.stack.select_task(model, self.tasks[t])
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
+        if task is not None and model.training:
+            labels = inputs["labels"][:, 1:]
+            tokens = int((labels != -100).sum())
+            # the Trainer divides by the tokens of the whole accumulated step; this batch's mean is logged
+            mean = float(loss.detach()) * (float(num_items_in_batch) / max(tokens, 1) if num_items_in_batch else 1)
+            self._task_loss[t][0] += mean
+            self._task_loss[t][1] += 1
+            if self.task_weights[t] != 1.0:
+                loss = self.task_weights[t] * loss
         if model.training:
             loss, parts = self.stack.training_loss(model, inputs, outputs, loss)
             self._last_terms = {k: float(v.detach()) for k, v in parts.items()} if len(parts) > 1 else {}
@@ -191,6 +227,10 @@ class TunelabTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs.update({f"loss_terms/{k}": v for k, v in self._last_terms.items()})
+            for name, acc in zip(self.tasks, self._task_loss, strict=True):
+                if acc[1]:
+                    logs[f"loss/{name}"] = round(acc[0] / acc[1], 4)
+                acc[:] = [0.0, 0]
             if self.optimizer is not None:  # every group's current rate, not only the first group's
                 for g in self.optimizer.param_groups:
                     logs.setdefault(f"lr/{g.get('name', 'group')}", g["lr"])

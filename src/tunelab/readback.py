@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tunelab.artefacts import LoadedRun, load_run
 from tunelab.config import load_config
@@ -27,8 +28,31 @@ def _target(target: str | Path, *, allow_pickle: bool = False) -> LoadedRun:
     )
 
 
-def evaluate(target: str | Path, data: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Score a run (or a bare model) on ``data`` (default: the run's eval file). Mirrors ``tunelab eval``."""
+def _select_task(loaded: LoadedRun, task: str | None, target) -> Any:
+    """The task config ``task`` names in a multi-task run, with the model routed to its parts; None when no
+    task is given (refused when the run has per-task parts: which would answer?)."""
+    names = [t.name for t in loaded.cfg.tasks] if loaded.cfg is not None and loaded.cfg.tasks else []
+    if task is None:
+        if loaded.stack is not None and loaded.stack.routes_tasks:
+            raise RunError(f"{target} has parts per task; choose one with --task ({', '.join(names)})")
+        return None
+    if task not in names:
+        known = f"its tasks: {', '.join(names)}" if names else "it was not trained on named tasks"
+        raise RunError(f"--task {task}: {target} has no such task; {known}")
+    if loaded.stack is not None:
+        loaded.stack.select_task(loaded.model, task)
+    return next(t for t in loaded.cfg.tasks if t.name == task)
+
+
+def evaluate(
+    target: str | Path,
+    data: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    task: str | None = None,
+) -> dict:
+    """Score a run (or a bare model) on ``data`` (default: the run's eval file, or task ``task``'s in a
+    multi-task run, whose own parts then answer). Mirrors ``tunelab eval``."""
     bare = None
     if not (Path(target) / CONFIG).is_file():  # a bare model: its config comes from the overrides alone
         if data is None:
@@ -36,16 +60,22 @@ def evaluate(target: str | Path, data: str | Path | None = None, overrides: list
         bare = load_config({"model": str(target), "data": {"train": str(data)}}, overrides)
     loaded = _target(target, allow_pickle=bare.allow_pickle if bare else False)
     cfg = bare if bare is not None else load_config(loaded.cfg.to_dict(), overrides)
-    data_cfg = cfg.data if cfg.data is not None else cfg.tasks[0]
-    data = data or (cfg.data.eval if cfg.data is not None else None)
+    chosen = _select_task(loaded, task, target)
+    data_cfg = chosen or (cfg.data if cfg.data is not None else cfg.tasks[0])
+    data = data or (cfg.data.eval if cfg.data is not None else chosen.eval if chosen else None)
     if data is None:
-        raise RunError(f"{target}: the run has no single eval file; pass --data FILE")
+        hint = "; pass --data FILE" + ("" if chosen or cfg.data else " or --task NAME")
+        raise RunError(f"{target}: no eval file to score{hint}")
     dev = device()
     loaded.model.to(dev)
     labels = None
     if loaded.cfg is not None and (Path(target) / SUMMARY).is_file():
         # classification prompts list the training label set, recorded in the run's summary
-        labels = (json.loads((Path(target) / SUMMARY).read_text()).get("data") or {}).get("labels")
+        recorded = json.loads((Path(target) / SUMMARY).read_text())
+        if chosen is not None:
+            labels = ((recorded.get("multitask") or {}).get("labels") or {}).get(chosen.name)
+        else:
+            labels = (recorded.get("data") or {}).get("labels")
     prepared = prepare_file(data, loaded.tokenizer, data_cfg, cfg.training.max_length, labels=labels)
     bf16 = resolve_precision(cfg.training.precision, dev) == "bf16"
     return score(loaded.model, loaded.tokenizer, prepared, cfg.eval, bf16)
@@ -58,9 +88,12 @@ def generate(
     max_new_tokens: int = 128,
     system: str | None = None,
     temperature: float = 0.0,
+    task: str | None = None,
 ) -> str:
-    """One answer to ``prompt``, rendered with the chat template when the tokenizer has one."""
+    """One answer to ``prompt``, rendered with the chat template when the tokenizer has one; in a multi-task
+    run with parts per task, by task ``task``'s parts."""
     loaded = _target(target)
+    _select_task(loaded, task, target)
     tok = loaded.tokenizer
     dev = device()
     loaded.model.to(dev)

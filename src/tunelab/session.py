@@ -169,21 +169,26 @@ class Session:
     def fit(
         self,
         train_features: list[dict],
-        eval_data: Prepared | None,
+        eval_data: Prepared | dict[str, Prepared] | None,
         out_dir: Path,
         *,
         resume: bool = False,
         callbacks: list | None = None,
+        data_hooks: bool = True,
+        **multitask: Any,
     ) -> dict[str, Any]:
-        """One Trainer run over ``train_features`` (after the stack's data hooks), with checkpoints and logs
-        under ``out_dir``; returns the training stats."""
+        """One Trainer run over ``train_features`` (after the stack's data hooks, unless the mode ran them),
+        with checkpoints and logs under ``out_dir``; returns the training stats. ``eval_data`` may map names
+        to splits (each evaluated and logged as ``eval_<name>_loss``); ``multitask`` holds the engine's
+        multi-task arguments (``sampler``, ``tasks``, ``task_weights``, see TunelabTrainer)."""
         from transformers.integrations import TensorBoardCallback
         from transformers.trainer_callback import ProgressCallback
 
         from tunelab.engine import BarCallback, MetricsCallback, Throughput, TunelabTrainer
 
         cfg = self.cfg
-        train_features = self.stack.training_features(train_features, self.ctx)
+        if data_hooks:
+            train_features = self.stack.training_features(train_features, self.ctx)
         # TrainingArguments needs one rate (it only seeds the optimizer's default); each group's own rate
         # is resolved from training.lr as configured, by the stack (TunelabTrainer.lr)
         lr = cfg.training.lr or self.stack.default_lr
@@ -193,10 +198,11 @@ class Session:
             args=training_arguments(cfg, out_dir, lr, self.precision, eval_data is not None),
             data_collator=Collator(self.tokenizer.pad_token_id),
             train_dataset=features_dataset(train_features),
-            eval_dataset=eval_data.dataset() if eval_data is not None else None,
+            eval_dataset=_eval_datasets(eval_data),
             processing_class=self.tokenizer,
             stack=self.stack,
             lr=cfg.training.lr,
+            **multitask,
         )
         trainer.remove_callback(ProgressCallback)
         tb = TensorBoardCallback()
@@ -260,6 +266,12 @@ class Session:
                 "components": self.stack.components,
             },
         }
+
+
+def _eval_datasets(eval_data: Prepared | dict[str, Prepared] | None):
+    if isinstance(eval_data, dict):
+        return {name: prepared.dataset() for name, prepared in eval_data.items()}
+    return eval_data.dataset() if eval_data is not None else None
 
 
 def _keep_metrics_through(path: Path, step: int) -> None:

@@ -55,7 +55,7 @@ class Memory(_Section):
 
 class Summary(_Section):
     summary_version: Literal[1]
-    mode: Literal["single", "continual"]
+    mode: Literal["single", "continual", "multitask"]
     strategy: list[str]
     model: str
     device: str
@@ -63,11 +63,12 @@ class Summary(_Section):
     world_size: int
     parameters: Parameters
     data: dict[str, Any] | None = None  #: single: format, labels, train/eval row counts
-    train: TrainStats | list[TaskTrainStats]  #: single: one fit; continual: one per task
+    train: TrainStats | list[TaskTrainStats]  #: single, multitask: one fit; continual: one per task
     eval_before: dict[str, Any] | None = None  #: scores of the untouched model (eval.before)
     eval: dict[str, Any] | None = None  #: scores after training (tunelab.evaluate.score)
     forgetting: dict[str, Any] | None = None  #: before / after / delta on the retention set, original tasks
     continual: dict[str, Any] | None = None  #: the accuracy matrix and ACC / BWT / forgetting
+    multitask: dict[str, Any] | None = None  #: tasks, sampling, weights, per-task scores before/after
     memory: Memory
     wall_time_s: float
     outputs: dict[str, str]  #: paths of what the run wrote

@@ -1,7 +1,7 @@
 """Run modes: the ways tunelab trains, each a class shaped set up -> train -> save -> clean up.
 
-A config states its mode (``mode: single | continual``; ``tasks:`` without a mode means continual, ``data:``
-single), and :data:`MODES` is the one table that maps it to its class. A new mode (multi-task, say) is a
+A config states its mode (``mode: single | continual | multitask``; ``tasks:`` without a mode means
+continual, ``data:`` single), and :data:`MODES` is the one table that maps it to its class. A new mode is a
 module here with a :class:`RunMode` subclass, one entry in :data:`MODES` and one in the config's ``mode``
 values (a test keeps the two in step); the CLI and the API dispatch through the table.
 
@@ -24,10 +24,11 @@ import os
 from tunelab.config import RunConfig, load_config
 from tunelab.modes.base import RunMode, RunResult
 from tunelab.modes.continual import ContinualRun
+from tunelab.modes.multitask import MultitaskRun
 from tunelab.modes.single import SingleRun
 
 #: The one table of run modes, by the name a config's ``mode`` gives.
-MODES: dict[str, type[RunMode]] = {m.name: m for m in (SingleRun, ContinualRun)}
+MODES: dict[str, type[RunMode]] = {m.name: m for m in (SingleRun, ContinualRun, MultitaskRun)}
 
 __all__ = ["MODES", "RunMode", "RunResult", "train"]
 

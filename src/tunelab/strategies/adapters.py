@@ -21,6 +21,10 @@ The adapters are attached to the blocks as sub-modules and act through forward h
 model's parameter names, and any PEFT layers on it, are untouched. Saved as safetensors of the adapter
 weights + ``bottleneck_config.json``; reloaded into a fresh base model with identical outputs.
 
+With ``per_task: true`` (mode: multitask) each insertion point holds one adapter per task
+(:class:`TaskAdapters`) and the hook runs the selected task's; the artefact holds every task's weights under
+``...bottleneck_<where>.tasks.<task>.*`` with the task list in ``bottleneck_config.json``.
+
 When to choose them: a classic, robust PEFT baseline with a small inference cost (extra layers, not
 mergeable), good when LoRA's linear updates are not expressive enough or for stacking per-task adapters.
 Works for Llama-family and GPT-2-family blocks (any block whose children include an ``*Attention`` and an
@@ -40,8 +44,8 @@ from pydantic import Field, model_validator
 from safetensors.torch import save_file
 
 from tunelab.strategies.base import (
+    PerTaskConfig,
     Strategy,
-    StrategyConfig,
     StrategyError,
     load_named_tensors,
     register_strategy,
@@ -54,7 +58,7 @@ ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.Si
 PER_BLOCK = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",), "parallel": ("mlp",)}
 
 
-class AdaptersConfig(StrategyConfig):
+class AdaptersConfig(PerTaskConfig):
     placement: Literal["houlsby", "pfeiffer", "parallel"] = Field("pfeiffer", description="Where adapters go.")
     bottleneck: int | None = Field(None, gt=0, description="Bottleneck width m (default: d / reduction_factor).")
     reduction_factor: float = Field(16, gt=0, description="m = hidden size / reduction_factor, if no bottleneck.")
@@ -89,6 +93,21 @@ class BottleneckAdapter(torch.nn.Module):
         return h + self.branch(h) if self.residual else self.branch(h)
 
 
+class TaskAdapters(torch.nn.Module):
+    """One adapter per task at one insertion point; acts as the selected task's adapter."""
+
+    def __init__(self, tasks: list[str], make):
+        super().__init__()
+        self.tasks = torch.nn.ModuleDict({t: make() for t in tasks})
+        self.active, self.enabled = tasks[0], True
+
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
+        return self.tasks[self.active].branch(h)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.tasks[self.active](h)
+
+
 def _child(block: torch.nn.Module, suffix: str) -> torch.nn.Module:
     found = [m for m in block.children() if type(m).__name__.endswith(suffix)]
     if len(found) != 1:
@@ -99,7 +118,7 @@ def _child(block: torch.nn.Module, suffix: str) -> torch.nn.Module:
     return found[0]
 
 
-def _serial_hook(adapter: BottleneckAdapter):
+def _serial_hook(adapter: BottleneckAdapter | TaskAdapters):
     def hook(module, args, output):
         if not adapter.enabled:
             return output
@@ -110,7 +129,7 @@ def _serial_hook(adapter: BottleneckAdapter):
     return hook
 
 
-def _parallel_hook(adapter: BottleneckAdapter):
+def _parallel_hook(adapter: BottleneckAdapter | TaskAdapters):
     def hook(module, args, kwargs, output):
         if not adapter.enabled:
             return output
@@ -120,16 +139,23 @@ def _parallel_hook(adapter: BottleneckAdapter):
     return hook
 
 
-def insert_adapters(model: torch.nn.Module, cfg: AdaptersConfig) -> list[BottleneckAdapter]:
-    """Attach adapters to every block of the plain model inside ``model``; returns them in order."""
+def insert_adapters(
+    model: torch.nn.Module, cfg: AdaptersConfig, tasks: list[str] | None = None
+) -> list[BottleneckAdapter | TaskAdapters]:
+    """Attach adapters to every block of the plain model inside ``model`` (one per task at each point when
+    ``tasks`` is given); returns them in order."""
     inner = unwrap(model)
     hidden = inner.config.hidden_size
     m = cfg.width(hidden)
     added = []
+
+    def make() -> BottleneckAdapter:
+        return BottleneckAdapter(hidden, m, cfg.activation, cfg.residual, cfg.scale)
+
     for block in transformer_blocks(inner):
         for where in PER_BLOCK[cfg.placement]:
             target = _child(block, "Attention" if where == "attn" else "MLP")
-            adapter = BottleneckAdapter(hidden, m, cfg.activation, cfg.residual, cfg.scale)
+            adapter = TaskAdapters(tasks, make) if tasks else make()
             adapter.to(device=next(target.parameters()).device)
             block.add_module(f"bottleneck_{where}", adapter)
             if cfg.placement == "parallel":
@@ -153,8 +179,17 @@ class Adapters(Strategy):
     default_lr = 1e-3
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        self.adapters = insert_adapters(model, self.config)
+        self.adapters = insert_adapters(model, self.config, self.tasks if self.per_task else None)
         return model
+
+    def select_task(self, model: torch.nn.Module, name: str) -> None:
+        if not self.per_task:
+            return
+        routed = [m for m in model.modules() if isinstance(m, TaskAdapters)]
+        if not routed or name not in routed[0].tasks:
+            raise StrategyError(f"strategy {self.name}: no adapter for task {name!r}")
+        for m in routed:
+            m.active = name
 
     def own_parameters(self, model):
         return [
@@ -165,7 +200,9 @@ class Adapters(Strategy):
 
     @contextmanager
     def disabled(self, model: torch.nn.Module) -> Iterator[None]:
-        on = [m for m in model.modules() if isinstance(m, BottleneckAdapter) and m.enabled]  # also after load()
+        on = [
+            m for m in model.modules() if isinstance(m, BottleneckAdapter | TaskAdapters) and m.enabled
+        ]  # also after load()
         for m in on:
             m.enabled = False
         try:
@@ -185,11 +222,14 @@ class Adapters(Strategy):
                     {f"{mname}.{n}": p.detach().contiguous().cpu() for n, p in module.named_parameters()}
                 )
         save_file(tensors, out_dir / WEIGHTS_FILE)
-        (out_dir / CONFIG_FILE).write_text(json.dumps(self.config.model_dump(), indent=2))
+        meta = {**self.config.model_dump(), **({"tasks": self.tasks} if self.per_task else {})}
+        (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, base_model: torch.nn.Module, out_dir: Path) -> torch.nn.Module:
-        cfg = AdaptersConfig.model_validate(json.loads((out_dir / CONFIG_FILE).read_text()))
-        insert_adapters(base_model, cfg)
+        meta = json.loads((out_dir / CONFIG_FILE).read_text())
+        tasks = meta.pop("tasks", None)
+        cfg = AdaptersConfig.model_validate(meta)
+        insert_adapters(base_model, cfg, tasks)
         load_named_tensors(base_model, out_dir / WEIGHTS_FILE)
         return base_model

@@ -30,6 +30,10 @@ engine and the run modes talk to the stack, never to a strategy or a strategy ty
    model's outputs (for strategies that change base weights there is none: the run loads a frozen copy).
 6. ``save(model, out_dir)`` / ``load(base_model, out_dir)`` / ``merge(model)`` — the final artefact, how it
    goes back on a fresh base model, and how it folds into plain weights.
+7. ``select_task(model, name)`` — multi-task runs: route the model to task ``name``'s own parts. A
+   strategy whose options include ``per_task`` (:class:`PerTaskConfig`) builds one copy of its parts per
+   task in ``apply`` (the names are in ``self.tasks``, set by the stack before ``apply``) and switches
+   between them here, acting on the model alone, so a model read back from disk is routed the same way.
 
 Register a strategy with :func:`register_strategy` next to its code. The registry refuses duplicate or
 malformed names, and a config class that lacks the ``name`` field.
@@ -86,6 +90,16 @@ class StrategyConfig(StrictModel):
     lr: float | None = Field(None, gt=0, le=1, description="Learning rate for this strategy's parameters.")
 
 
+class PerTaskConfig(StrategyConfig):
+    """Options of a strategy that can keep one copy of its parts per task (mode: multitask)."""
+
+    per_task: bool = Field(
+        False,
+        description="mode: multitask: one copy per task (its own adapter, routed by task name) instead of one "
+        "shared by every task.",
+    )
+
+
 class Strategy:
     """A fine-tuning strategy. Subclasses set ``name``, ``Config`` and ``default_lr`` and override hooks."""
 
@@ -112,6 +126,12 @@ class Strategy:
 
     def __init__(self, config: StrategyConfig):
         self.config = config
+        self.tasks: list[str] = []  #: multi-task runs: the task names, set by the stack before ``apply``
+
+    @property
+    def per_task(self) -> bool:
+        """True when this strategy keeps one copy of its parts per task."""
+        return bool(getattr(self.config, "per_task", False))
 
     @classmethod
     def phase_of(cls, config: StrategyConfig) -> Phase:
@@ -197,6 +217,10 @@ class Strategy:
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError(f"strategy '{self.name}' has nothing to merge")
+
+    # -- 7. multi-task routing ----------------------------------------------------------------------
+    def select_task(self, model: torch.nn.Module, name: str) -> None:
+        """Route ``model`` to task ``name``'s parts (per-task strategies; a shared one does nothing)."""
 
 
 class Regularizer(Strategy):

@@ -14,11 +14,11 @@ from __future__ import annotations
 from peft import IA3Config as PeftIA3Config
 from pydantic import Field
 
-from tunelab.strategies.base import StrategyConfig, register_strategy
+from tunelab.strategies.base import PerTaskConfig, register_strategy
 from tunelab.strategies.peft_base import PeftStrategy
 
 
-class IA3Config(StrategyConfig):
+class IA3Config(PerTaskConfig):
     target_modules: list[str] | str | None = Field(
         None, description="Modules to rescale; default: PEFT's per-architecture choice (keys, values, MLP)."
     )

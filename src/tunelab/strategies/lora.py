@@ -21,11 +21,11 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from pydantic import Field
 
-from tunelab.strategies.base import StrategyConfig, register_strategy
+from tunelab.strategies.base import PerTaskConfig, register_strategy
 from tunelab.strategies.peft_base import PeftStrategy
 
 
-class LoraConfig(StrategyConfig):
+class LoraConfig(PerTaskConfig):
     r: int = Field(16, gt=0, description="Rank of the update.")
     alpha: float = Field(32, gt=0, description="Scale numerator: the update is multiplied by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from tunelab.strategies.base import Phase, StrategyConfig, register_strategy
+from tunelab.strategies.base import PerTaskConfig, Phase, register_strategy
 from tunelab.strategies.peft_base import PeftStrategy
 
 
@@ -26,7 +26,7 @@ def peft_config_class(kind: str):
     return mapping[kind.lower()]
 
 
-class PeftAnyConfig(StrategyConfig):
+class PeftAnyConfig(PerTaskConfig):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     type: str = Field(description="PEFT method name, e.g. loha, lokr, adalora, vera, oft.")
 

@@ -22,7 +22,7 @@ from typing import Literal
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from pydantic import Field, model_validator
 
-from tunelab.strategies.base import Phase, StrategyConfig, register_strategy
+from tunelab.strategies.base import PerTaskConfig, Phase, register_strategy
 from tunelab.strategies.peft_base import PeftStrategy
 
 
@@ -35,7 +35,7 @@ class PromptLearning(PeftStrategy):
         raise NotImplementedError(f"strategy '{self.name}' adds virtual tokens; it cannot be merged into weights")
 
 
-class PrefixConfig(StrategyConfig):
+class PrefixConfig(PerTaskConfig):
     num_virtual_tokens: int = Field(20, gt=0, description="Prefix length (virtual tokens per layer).")
     projection: bool = Field(False, description="Reparameterise the prefix through an MLP while training.")
     encoder_hidden_size: int | None = Field(None, gt=0, description="Width of that MLP (default: model width).")
@@ -57,7 +57,7 @@ class Prefix(PromptLearning):
         )
 
 
-class PromptConfig(StrategyConfig):
+class PromptConfig(PerTaskConfig):
     num_virtual_tokens: int = Field(20, gt=0, description="Number of learned prompt embeddings.")
     init: Literal["random", "text"] = Field("random", description="Initialise at random or from init_text.")
     init_text: str | None = Field(None, description="Text whose token embeddings initialise the prompt.")
@@ -89,7 +89,7 @@ class Prompt(PromptLearning):
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=c.num_virtual_tokens, **kwargs)
 
 
-class PTuningConfig(StrategyConfig):
+class PTuningConfig(PerTaskConfig):
     num_virtual_tokens: int = Field(20, gt=0, description="Number of virtual tokens.")
     encoder: Literal["MLP", "LSTM"] = Field("MLP", description="Prompt encoder type.")
     encoder_hidden_size: int = Field(128, gt=0, description="Prompt encoder width.")

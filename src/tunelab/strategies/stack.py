@@ -49,13 +49,29 @@ class StrategyStack:
 
     @property
     def not_mergeable(self) -> list[str]:
-        return [s.name for s in self.items if not s.mergeable]
+        """Components that cannot fold into plain weights (per-task parts: which task's would it be?)."""
+        return [s.name for s in self.items if not s.mergeable or s.per_task]
+
+    @property
+    def routes_tasks(self) -> bool:
+        """Some component keeps one copy per task: the model must be routed to a task before use."""
+        return any(s.per_task for s in self.items)
 
     @property
     def _savers(self) -> list[Strategy]:
         return [s for s in self.items if s.saves]
 
     # -- the model ----------------------------------------------------------------------------------
+    def set_tasks(self, names: list[str]) -> None:
+        """Multi-task runs: the task names, before ``apply`` (per-task components build a copy per task)."""
+        for s in self.items:
+            s.tasks = list(names)
+
+    def select_task(self, model: torch.nn.Module, name: str) -> None:
+        """Route every per-task component of ``model`` to task ``name``."""
+        for s in self.items:
+            s.select_task(model, name)
+
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Each strategy applies itself in phase order; then exactly their own parameters train."""
         for s in self.items:
