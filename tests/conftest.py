@@ -160,12 +160,14 @@ def tiny_config(model_dir: Path, data: Path, out: Path, strategy="lora", **train
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The trained tensors a run saved: its adapter, or its whole model."""
+    """The trained tensors a run saved (its adapter, its whole model, or each component of a hybrid), keyed
+    ``<file>:<tensor>``."""
     from safetensors.torch import load_file
 
     d = run_dir / "model"
-    f = d / "adapter_model.safetensors"
-    return load_file(f if f.is_file() else d / "model.safetensors")
+    return {
+        f"{f.relative_to(d)}:{k}": v for f in sorted(d.rglob("*.safetensors")) for k, v in load_file(f).items()
+    }
 
 
 def crash_at(step: int):

@@ -119,6 +119,9 @@ VARIANTS = {
     "full, no dropout": "full",
     "lora with dropout": {"name": "lora", "dropout": 0.3},
     "full + hidden dropout": ["full", {"name": "dropout", "hidden": 0.2, "attention": 0.1}],
+    # hybrids whose checkpoint the Trainer writes as the PEFT adapter alone: the native parts must resume too
+    "adapters + lora": [{"name": "adapters", "bottleneck": 8}, {"name": "lora", "r": 8}],
+    "layerwise + prefix": [{"name": "layerwise", "top": 1}, {"name": "prefix", "num_virtual_tokens": 4}],
 }
 
 

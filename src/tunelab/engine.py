@@ -24,7 +24,10 @@ and at four more for reliability (docs/reliability.md):
   checkpoint is written (0.12 s for 135M parameters on 2 cores: too much for every step);
 - ``_save_checkpoint``: each checkpoint is written under ``checkpoints/.staging/`` and renamed into
   place when complete (tunelab.checkpoints); a failed write (disk full) removes the partial copy, keeps
-  the previous checkpoints and says so.
+  the previous checkpoints and says so. For a PEFT-wrapped model, whose checkpoint the Trainer writes as
+  the PEFT adapter alone, every trained tensor is also written to ``trainable.safetensors`` and read back
+  on resume (``_load_from_checkpoint``): a hybrid's native parts (bottleneck adapters, layer-wise base
+  weights) resume exactly too.
 
 The engine never names a strategy.
 """
@@ -47,6 +50,8 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from tunelab.checkpoints import STAGING
 from tunelab.errors import NonFiniteError, RunError, first_line
+
+TRAINABLE = "trainable.safetensors"  #: every trained tensor of a PEFT-wrapped model, in each checkpoint
 
 
 class EpochLengthGroupedSampler(torch.utils.data.Sampler):
@@ -139,6 +144,8 @@ class TunelabTrainer(Trainer):
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
+            if writer:
+                self._save_trainable(staged)
             self._barrier()  # every rank has written its part (RNG states) before rank 0 renames
         except Exception as e:
             if writer:
@@ -157,6 +164,32 @@ class TunelabTrainer(Trainer):
             staged.parent.rmdir()  # empty now; a .staging left behind means a write that was cut short
             rotate_checkpoints(str(root), save_total_limit=self.args.save_total_limit)
         self._barrier()
+
+    def _save_trainable(self, out_dir: Path) -> None:
+        from peft import PeftModel
+        from safetensors.torch import save_file
+
+        if not isinstance(self.model, PeftModel):
+            return  # the Trainer saved the whole model
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        save_file({names[id(p)]: p.detach().cpu().contiguous().clone() for p in params}, out_dir / TRAINABLE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from safetensors.torch import load_file
+
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / TRAINABLE
+        if not path.is_file():
+            return
+        params = dict(self.model.named_parameters())
+        tensors = load_file(path)
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise RunError(f"{path}: tensors {unknown[:3]} do not fit this run's model; was the config changed?")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
 
     def _check_weights(self) -> None:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
