@@ -149,3 +149,126 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_training(tiny_llama
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "its tokenizer differs from the student's" in p.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()  # refused before training: nothing written
+
+
+# ----------------------------------------------------------------------------- cached teacher, cut students, on-policy
+
+
+def prepared_distill(tiny_llama, teacher_dir, memo_data, tmp_path, **options):
+    """A session with LoRA + distill loaded and prepared (teacher loaded), and one training batch."""
+    from tunelab.data import Collator
+    from tunelab.session import Session
+
+    spec = ["lora", {"name": "distill", "teacher": str(teacher_dir), **options}]
+    cfg = load_config(tiny_config(tiny_llama, memo_data, tmp_path / "run", spec))
+    session = Session(cfg, main=True, run_dir=tmp_path / "run")
+    session.load()
+    batch = Collator(session.tokenizer.pad_token_id)(session.ctx.load_rows(str(memo_data))[:4])
+    return session, next(s for s in session.stack if s.name == "distill"), batch
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_cached_top_k_teacher_with_k_the_vocabulary_gives_the_live_loss(
+    kind, tiny_llama, teacher_dir, memo_data, tmp_path
+):
+    session, live, batch = prepared_distill(tiny_llama, teacher_dir, memo_data, tmp_path, loss=kind, beta=0.3)
+    vocab = session.model.get_output_embeddings().weight.shape[0]
+    _, cached, _ = prepared_distill(
+        tiny_llama, teacher_dir, memo_data, tmp_path / "c", loss=kind, beta=0.3, top_k=vocab
+    )
+    outputs = session.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    want = live.loss_terms(session.model, batch, outputs)["kd"]
+    got = cached.loss_terms(session.model, batch, outputs)["kd"]
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    # a smaller k is an approximation, not the same number
+    _, small, _ = prepared_distill(tiny_llama, teacher_dir, memo_data, tmp_path / "s", loss=kind, top_k=4)
+    assert small.loss_terms(session.model, batch, outputs)["kd"].item() != pytest.approx(want.item(), rel=1e-3)
+
+
+def test_the_cached_teacher_runs_once_per_row_not_every_epoch(tiny_llama, teacher_dir, memo_data, tmp_path):
+    session, distill, _ = prepared_distill(tiny_llama, teacher_dir, memo_data, tmp_path, top_k=16)
+    (tmp_path / "run").mkdir()
+    rows = session.ctx.load_rows(str(memo_data))  # 16 rows: 4 distinct, repeated
+    stats = session.fit(rows, None, tmp_path / "run")  # 8 steps of 4 rows: 2 epochs
+    assert stats["epochs"] == 2.0
+    assert len(distill.cache) == 4
+    assert distill.teacher_rows <= 16  # only batches holding an unseen row ran it
+    live_session, live, _ = prepared_distill(tiny_llama, teacher_dir, memo_data, tmp_path / "live")
+    (tmp_path / "live" / "run").mkdir(parents=True)
+    live_session.fit(rows, None, tmp_path / "live" / "run")
+    assert live.teacher_rows == 32  # the live teacher: every row of every batch
+
+
+def test_a_student_cut_from_its_teacher(tiny_llama, memo_data, tmp_path):
+    """keep_layers [1] of a 2-block model: a 1-block student, initialised from the teacher's block 1,
+    embeddings and head, aligned on hidden states, saved whole and generating with a correct KV cache."""
+    from tunelab.models import load_model
+    from tunelab.run import generate, load_run, train
+
+    spec = ["full", {"name": "distill", "keep_layers": [1], "hidden_weight": 1.0, "alpha": 0.5}]
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", spec, max_steps=6)
+    s = train(cfg).summary
+    teacher = load_model(tiny_llama)
+    per_block = sum(p.numel() for p in teacher.model.layers[0].parameters())
+    assert s["parameters"]["total"] == sum(p.numel() for p in teacher.parameters()) - per_block
+    assert "exact_match" in s["eval"]  # scored by generation on the in-memory student
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("loss_terms/distill/hidden", 0) > 0 for r in records)
+    student = load_run(tmp_path / "run").model
+    assert student.config.num_hidden_layers == 1 and len(student.model.layers) == 1
+    assert generate(tmp_path / "run", "what is the colour of grass ?", max_new_tokens=3) is not None
+
+    # the initialisation: the student's block is the teacher's block 1, before any step
+    from tunelab.strategies.distill import cut_blocks
+
+    cut = load_model(tiny_llama)
+    cut_blocks(cut, [1])
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(cut.model.layers[0].parameters(), teacher.model.layers[1].parameters(), strict=True)
+    )
+    assert cut.model.layers[0].self_attn.layer_idx == 0  # its slot in the KV cache
+    ids = torch.tensor([[1, 50, 60]])
+    out = cut.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=3)
+    assert out.shape[1] == 7
+
+
+def test_a_cut_student_needs_full_and_options_are_checked(tiny_llama, memo_data, tmp_path):
+    from tunelab.config import ConfigError
+
+    base = tiny_config(tiny_llama, memo_data, tmp_path / "run")
+    for spec, says in [
+        (["lora", {"name": "distill", "keep_every": 2}], "train it with `full`"),
+        (
+            ["full", {"name": "distill", "keep_every": 2, "keep_layers": [0]}],
+            "keep_every or keep_layers, not both",
+        ),
+        (["full", {"name": "distill", "keep_layers": [1, 0]}], "increasing order"),
+        (["full", {"name": "distill", "hidden_weight": 1.0}], "hidden_weight aligns a student cut"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            load_config({**base, "strategy": spec})
+
+
+def test_on_policy_distills_on_the_students_own_samples(tiny_llama, teacher_dir, memo_data, tmp_path):
+    session, distill, batch = prepared_distill(
+        tiny_llama, teacher_dir, memo_data, tmp_path, on_policy=1.0, max_new_tokens=5
+    )
+    prompts = []
+    for row, lab in zip(batch["input_ids"], batch["labels"], strict=True):
+        prompts.append(row[: int((lab != -100).nonzero()[0])])
+    torch.manual_seed(0)
+    seqs, mask, labels = distill._rollout(session.model, prompts)
+    for i, p in enumerate(prompts):
+        assert torch.equal(seqs[i, : len(p)], p)  # the prompt, then what the student sampled
+        assert bool((labels[i, : len(p)] == -100).all())
+        n = int(mask[i].sum())
+        assert 1 <= n - len(p) <= 5 and bool((labels[i, len(p) : n] == seqs[i, len(p) : n]).all())
+    outputs = session.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    terms = distill.loss_terms(session.model, batch, outputs)
+    assert set(terms) == {"kd_on_policy"} and terms["kd_on_policy"].requires_grad
+    # the share of on-policy batches follows on_policy, chosen by batch content (stable across a resume)
+    _, half, _ = prepared_distill(tiny_llama, teacher_dir, memo_data, tmp_path / "h", on_policy=0.3)
+    picks = [half._on_policy_batch({"input_ids": torch.tensor([[i, i + 1, i + 2]])}) for i in range(2000)]
+    assert sum(picks) / len(picks) == pytest.approx(0.3, abs=0.04)
+    assert picks == [half._on_policy_batch({"input_ids": torch.tensor([[i, i + 1, i + 2]])}) for i in range(2000)]

@@ -62,6 +62,23 @@ CASES = {
     "lora+replay": ([LORA, {"name": "replay", "share": 0.2}], 2e-2, True),
     # the teacher is the base model itself ("<base>" is replaced by the tiny model's path)
     "lora+distill": ([LORA, {"name": "distill", "teacher": "<base>", "alpha": 0.7}], 2e-2, True),
+    # a student cut from its teacher (the run's model), aligned on hidden states, trained whole
+    "full+distill-cut-student": (
+        ["full", {"name": "distill", "keep_layers": [1], "hidden_weight": 1.0}],
+        1e-2,
+        False,
+    ),
+    # adapters + distillation from a cached top-k teacher, a quarter of the batches on-policy
+    "adapters+distill-topk-on-policy": (
+        [
+            {"name": "adapters", "bottleneck": 8},
+            {"name": "distill", "top_k": 16, "on_policy": 0.25, "max_new_tokens": 4},
+        ],
+        1e-2,
+        True,
+    ),
+    # layer-wise + distillation
+    "layerwise+distill": ([LAYERWISE, {"name": "distill", "teacher": "<base>", "loss": "jsd"}], 1e-2, False),
 }
 
 

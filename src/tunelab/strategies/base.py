@@ -30,17 +30,17 @@ engine and the run modes talk to the stack, never to a strategy or a strategy ty
    model's outputs (for strategies that change base weights there is none: the run loads a frozen copy).
 6. ``save(model, out_dir)`` / ``load(base_model, out_dir)`` / ``merge(model)`` — the final artefact, how it
    goes back on a fresh base model, and how it folds into plain weights.
-7. ``select_task(model, name)`` — multi-task runs: route the model to task ``name``'s own parts. A
-   strategy whose options include ``per_task`` (:class:`PerTaskConfig`) builds one copy of its parts per
-   task in ``apply`` (the names are in ``self.tasks``, set by the stack before ``apply``) and switches
-   between them here, acting on the model alone, so a model read back from disk is routed the same way.
+7. ``select_task(model, name)`` — multi-task: with ``per_task`` (:class:`PerTaskConfig`) a strategy builds
+   a copy per task in ``apply`` (names in ``self.tasks``) and routes the model here, acting on the model
+   alone, so a model read back from disk is routed the same way.
 
 Register a strategy with :func:`register_strategy` next to its code. The registry refuses duplicate or
 malformed names, and a config class that lacks the ``name`` field.
 
-Hybrids: ``strategy:`` takes a list. Strategies apply in ``phase`` order, whatever the list order: PEFT
-tuners that inject layers (LoRA, IA3, ...) first, then PEFT prompt learners that wrap the model (prefix,
-prompt, P-tuning), then native strategies that edit the inner model (bottleneck adapters, layer-wise).
+Hybrids: ``strategy:`` takes a list. Strategies apply in ``phase`` order, whatever the list order: changes
+to the architecture first (a student cut from its teacher), then PEFT tuners that inject layers (LoRA,
+IA3, ...), then PEFT prompt learners that wrap the model (prefix, prompt, P-tuning), then native
+strategies that edit the inner model (bottleneck adapters, layer-wise).
 :func:`validate_strategy_specs` refuses combinations that cannot work, saying why.
 """
 
@@ -69,6 +69,7 @@ class StrategyError(ValueError):
 class Phase(IntEnum):
     """Where a strategy applies in a hybrid; strategies apply in this order, whatever the list order."""
 
+    STRUCTURE = -1  #: strategies that change the architecture first (a distillation student cut from its teacher)
     TUNER = 0  #: PEFT tuners that inject layers into the base model (LoRA, IA3, ...)
     PROMPT = 1  #: PEFT prompt learners that wrap the model (prefix, prompt, P-tuning)
     NATIVE = 2  #: native strategies that edit the inner model (bottleneck adapters, layer-wise, full)
@@ -94,9 +95,7 @@ class PerTaskConfig(StrategyConfig):
     """Options of a strategy that can keep one copy of its parts per task (mode: multitask)."""
 
     per_task: bool = Field(
-        False,
-        description="mode: multitask: one copy per task (its own adapter, routed by task name) instead of one "
-        "shared by every task.",
+        False, description="mode: multitask: one copy per task (its own adapter, routed by task name), not shared."
     )
 
 
@@ -129,8 +128,7 @@ class Strategy:
         self.tasks: list[str] = []  #: multi-task runs: the task names, set by the stack before ``apply``
 
     @property
-    def per_task(self) -> bool:
-        """True when this strategy keeps one copy of its parts per task."""
+    def per_task(self) -> bool:  # one copy of its parts per task
         return bool(getattr(self.config, "per_task", False))
 
     @classmethod

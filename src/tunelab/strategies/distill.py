@@ -15,13 +15,34 @@ label token, temperature ``T`` and the chosen divergence ``D``::
 - ``jsd``: generalised Jensen-Shannon with weight β (Agarwal et al., 2024, "On-Policy Distillation of
   Language Models", GKD): β·KL(p || m) + (1-β)·KL(q || m), m = β·p + (1-β)·q; bounded, symmetric at 0.5.
 
-The student is whatever the run trains: the run's ``model`` under any training strategy. The teacher's
-own architecture under LoRA or adapters gives the adapter + distillation hybrid, ``full`` on a smaller
-local model gives classic distillation into a smaller model. The teacher (a known model name, a local
-model directory, or a tunelab run dir) is loaded frozen, in eval mode, held by this strategy and never by
-the model, so it receives no gradient and is never saved with the student. A teacher whose vocabulary or
-tokenizer differs from the student's is refused before training: token-level distributions over different
-vocabularies cannot be compared.
+**The student** is whatever the run trains:
+
+- (a) a smaller model cut from the teacher, DistilBERT-style (Sanh et al., 2019, §3: "initialise the
+  student from the teacher by taking one layer out of two"): ``keep_every: k`` keeps blocks 0, k, 2k, ...
+  of the run's ``model``, ``keep_layers: [...]`` a chosen list; the embeddings, final norm and head are
+  the teacher's. Trained with ``full`` (the student is a new model, saved whole). ``hidden_weight`` adds
+  hidden-state alignment: ``1 - cos`` between student block i's output and the output of the teacher block
+  it was copied from, averaged over tokens and blocks (DistilBERT's cosine loss);
+- (b) any local model sharing the teacher's tokenizer: the run's ``model``, with ``teacher`` the larger one;
+- (c) the teacher's own architecture under LoRA, adapters or any other strategy (adapter + distillation).
+
+**The teacher** (``teacher``: a known model name, a local model directory, a tunelab run dir, or by default
+the run's own ``model`` before anything is cut or added) is loaded frozen, in eval mode, held by this
+strategy and never by the model, so it receives no gradient and is never saved with the student. A teacher
+whose tokenizer or output vocabulary differs from the student's is refused before training.
+
+**Cached teacher** (``top_k: K``): the teacher runs once per distinct training row (the first time it is
+seen) and its K largest logits at each label position are kept in memory, so later epochs do not run it.
+The loss then uses the teacher's distribution restricted to those K tokens (renormalised): forward KL
+against the student's full-vocabulary log-probabilities at those tokens, reverse KL and JSD against the
+student's distribution renormalised over the same K tokens. With K = the vocabulary size this is exactly
+the live teacher's loss (tested).
+
+**On-policy** (``on_policy: λ``; GKD, Agarwal et al., 2024): a fraction λ of training batches (chosen by the
+batch's content, so a resume chooses the same ones) has the student sample completions of the batch's
+prompts (``max_new_tokens``, ``sample_temperature``), and the distillation term is taken on those sampled
+tokens instead of the dataset's: the student learns from the teacher on its own mistakes. The task loss
+still uses the dataset's completions.
 
 When to choose it: to move a model's behaviour into a cheaper one (a smaller student, or a small adapter),
 or to learn a task while staying close to a strong model's distribution (distilling from the base model is
@@ -30,20 +51,32 @@ the retention loss's idea on task data).
 
 from __future__ import annotations
 
+import zlib
 from typing import Literal
 
 import torch
-from pydantic import Field
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from tunelab.evaluate import autocast
 from tunelab.forgetting import divergence, label_positions
-from tunelab.strategies.base import Regularizer, StrategyConfig, StrategyError, register_strategy
+from tunelab.strategies.base import (
+    Phase,
+    Regularizer,
+    StrategyConfig,
+    StrategyError,
+    register_strategy,
+    transformer_blocks,
+    unwrap,
+)
 
 
 class DistillConfig(StrategyConfig):
-    teacher: str = Field(
+    teacher: str | None = Field(
+        None,
         description="The teacher: a known model name (smollm2-135m-instruct), a local model directory, or a "
-        "tunelab run dir (its trained model). Must share the student's tokenizer."
+        "tunelab run dir (its trained model); default: the run's own model, untouched. Must share the "
+        "student's tokenizer.",
     )
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="The divergence D.")
     temperature: float = Field(2.0, gt=0, le=20, description="T: both distributions are softened by it.")
@@ -51,41 +84,290 @@ class DistillConfig(StrategyConfig):
         0.5, ge=0, le=1, description="Weight of the task loss; the distillation term gets 1 - alpha."
     )
     beta: float = Field(0.5, gt=0, lt=1, description="jsd only: the teacher's weight in the mixture m.")
+    keep_every: int | None = Field(
+        None, ge=2, description="Student = the run's model with blocks 0, k, 2k, ... kept (train it with full)."
+    )
+    keep_layers: list[int] | None = Field(
+        None, min_length=1, description="Student = the run's model with these blocks kept (0-based, in order)."
+    )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of hidden-state alignment (1 - cos to the teacher block each student block came "
+        "from); needs keep_every or keep_layers.",
+    )
+    top_k: int | None = Field(
+        None, gt=0, description="Cache the teacher's top-k logits per row: it runs once per row, not each epoch."
+    )
+    on_policy: float = Field(
+        0.0, ge=0, le=1, description="Fraction of batches distilled on completions the student samples itself."
+    )
+    max_new_tokens: int = Field(32, gt=0, description="on_policy: tokens the student samples per prompt.")
+    sample_temperature: float = Field(1.0, gt=0, description="on_policy: the student's sampling temperature.")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.keep_every is not None and self.keep_layers is not None:
+            raise ValueError("give keep_every or keep_layers, not both")
+        if self.keep_layers is not None and (
+            sorted(set(self.keep_layers)) != self.keep_layers or min(self.keep_layers) < 0
+        ):
+            raise ValueError(
+                f"keep_layers must be distinct block indices >= 0 in increasing order, got {self.keep_layers}"
+            )
+        if self.hidden_weight and not self.cuts:
+            raise ValueError("hidden_weight aligns a student cut from its teacher; set keep_every or keep_layers")
+        return self
+
+    @property
+    def cuts(self) -> bool:
+        return self.keep_every is not None or self.keep_layers is not None
+
+
+def cut_blocks(model: torch.nn.Module, keep: list[int]) -> None:
+    """Keep only blocks ``keep`` of ``model``, in place: the block list, the layer count in the config (and
+    its per-layer lists), and each kept block's layer index (its slot in the KV cache)."""
+    inner = unwrap(model)
+    n = len(transformer_blocks(inner))
+    if not keep or max(keep) >= n:
+        raise StrategyError(f"distill: the model has {n} blocks (0..{n - 1}); cannot keep {keep}")
+    holder, attr = next(
+        (parent, name)
+        for parent in inner.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, torch.nn.ModuleList) and len(child) == n
+    )
+    blocks = getattr(holder, attr)
+    setattr(holder, attr, torch.nn.ModuleList([blocks[i] for i in keep]))
+    for new, block in enumerate(getattr(holder, attr)):
+        for m in block.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new
+    inner.config.num_hidden_layers = len(keep)
+    for key in ("layer_types",):  # per-layer lists in the config follow the kept blocks
+        values = getattr(inner.config, key, None)
+        if isinstance(values, list) and len(values) == n:
+            setattr(inner.config, key, [values[i] for i in keep])
+
+
+def topk_divergence(student: torch.Tensor, idx: torch.Tensor, t_vals: torch.Tensor, kind, temperature, beta):
+    """Per-row divergence to a teacher known only by its top-k logits ``t_vals`` at token ids ``idx`` (see the
+    module docstring): ``[N, V]``, ``[N, k]``, ``[N, k]`` -> ``[N]``."""
+    log_p = F.log_softmax(t_vals.float() / temperature, -1)
+    s_k = student.float().gather(-1, idx)
+    if kind == "forward_kl":
+        log_q = F.log_softmax(student.float() / temperature, -1).gather(-1, idx)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    # reverse KL and JSD compare on the teacher's support: the student renormalised over the same tokens
+    return divergence(s_k, t_vals, kind, temperature, beta)
+
+
+def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    return [row[: int(m.sum())] for row, m in zip(ids, mask, strict=True)]
 
 
 @register_strategy
 class Distill(Regularizer):
     name = "distill"
-    summary = "Regularizer: distill a frozen teacher's token distributions into the student (KL, reverse KL, JSD)."
+    summary = (
+        "Regularizer: distill a frozen teacher into the student (KL, reverse KL, JSD; cut students, cached "
+        "top-k, on-policy)."
+    )
     Config = DistillConfig
 
+    @classmethod
+    def phase_of(cls, config) -> Phase:
+        return Phase.STRUCTURE if config.cuts else Phase.REGULARIZER
+
+    @classmethod
+    def check_stack(cls, config, provided) -> None:
+        if config.cuts and "whole-model" not in provided:
+            raise ValueError(
+                "distill.keep_every / keep_layers cut blocks out of the model: the student is a new, smaller "
+                "model, saved whole; train it with `full` (an adapter or layer-wise weights would need a base "
+                "model that exists nowhere)"
+            )
+
+    @property
+    def changes_base_weights(self) -> bool:  # a cut student is not the base model
+        return self.config.cuts
+
+    # -- the student ----------------------------------------------------------------------------------
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        c = self.config
+        self.kept: list[int] | None = None
+        if c.cuts:
+            n = len(transformer_blocks(unwrap(model)))
+            self.kept = list(range(0, n, c.keep_every)) if c.keep_every else list(c.keep_layers)
+            cut_blocks(model, self.kept)
+        return model
+
+    def describe(self, model: torch.nn.Module) -> str | None:
+        if self.kept is None:
+            return None
+        return f"distill: student keeps blocks {self.kept} of the teacher ({len(self.kept)} blocks)"
+
+    # -- the teacher ------------------------------------------------------------------------------------
     def prepare(self, model, ctx) -> None:
         c = self.config
-        teacher_tok = ctx.load_tokenizer(c.teacher)
+        source = c.teacher or str(ctx.reference.model_dir)
+        shown = c.teacher or "(the run's model)"
+        teacher_tok = ctx.load_tokenizer(source) if c.teacher else ctx.tokenizer
         if teacher_tok.get_vocab() != ctx.tokenizer.get_vocab():
             raise StrategyError(
-                f"distill.teacher {c.teacher}: its tokenizer differs from the student's "
+                f"distill.teacher {shown}: its tokenizer differs from the student's "
                 f"({len(teacher_tok)} vs {len(ctx.tokenizer)} tokens); distillation compares token "
                 "distributions, so both must use the same tokenizer"
             )
-        self.teacher = ctx.load_model(c.teacher)
+        self.teacher = ctx.load_model(source)
         t_vocab = self.teacher.get_output_embeddings().weight.shape[0]
         s_vocab = model.get_output_embeddings().weight.shape[0]
         if t_vocab != s_vocab:
             raise StrategyError(
-                f"distill.teacher {c.teacher}: its output layer has {t_vocab} tokens, the student's {s_vocab}; "
+                f"distill.teacher {shown}: its output layer has {t_vocab} tokens, the student's {s_vocab}; "
                 "both must predict the same vocabulary"
             )
-        self.bf16 = ctx.bf16
+        if c.on_policy and ctx.data_cfg.train_on == "all":
+            raise StrategyError(
+                "distill.on_policy samples completions of the training prompts; with data.train_on: all the "
+                "rows have no prompt (use prompt/completion, chat or classification rows)"
+            )
+        self.bf16, self.seed = ctx.bf16, ctx.seed
+        self.pad_id, self.eos_id = ctx.tokenizer.pad_token_id, ctx.tokenizer.eos_token_id
+        self.cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.teacher_rows = 0  # rows the teacher has run on (with top_k: each distinct row once)
+        self._hidden: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+        if c.hidden_weight:
+            self._capture(transformer_blocks(unwrap(model)), "student")
+            t_blocks = transformer_blocks(unwrap(self.teacher))
+            self._capture([t_blocks[i] for i in self.kept], "teacher")
+
+    def _capture(self, blocks: list[torch.nn.Module], who: str) -> None:
+        def hook(module, args, output):
+            if who == "teacher" or module.training:
+                self._hidden[who].append(output[0] if isinstance(output, tuple) else output)
+
+        for b in blocks:
+            b.register_forward_hook(hook)
 
     def task_loss_weight(self) -> float:
         return self.config.alpha
 
+    @torch.no_grad()
+    def _teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.teacher_rows += ids.shape[0]
+        with autocast(ids.device, self.bf16):
+            return self.teacher(input_ids=ids, attention_mask=mask).logits
+
+    def _cached(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's top-k (token ids, logits) at the batch's label positions, row by row as
+        ``label_positions`` orders them; the teacher runs only for a batch holding an unseen row."""
+        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        keys = [r.cpu().numpy().tobytes() for r in _unpadded(ids, mask)]
+        if any(k not in self.cache for k in keys):
+            logits = self._teacher_logits(ids, mask)
+            k = min(self.config.top_k, logits.shape[-1])
+            for i, key in enumerate(keys):
+                vals, idx = label_positions(logits[i : i + 1], labels[i : i + 1]).float().topk(k, -1)
+                self.cache[key] = (idx.cpu(), vals.cpu())
+        device = ids.device
+        return (
+            torch.cat([self.cache[k][0] for k in keys]).to(device),
+            torch.cat([self.cache[k][1] for k in keys]).to(device),
+        )
+
+    # -- the loss -----------------------------------------------------------------------------------------
     def loss_terms(self, model, inputs, outputs):
         c = self.config
         labels = inputs["labels"]
-        with torch.no_grad(), autocast(labels.device, self.bf16):
-            teacher = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        student = label_positions(outputs.logits, labels)
-        d = divergence(student, label_positions(teacher, labels), c.loss, c.temperature, c.beta)
-        return {"kd": (1 - c.alpha) * c.temperature**2 * d.mean()}
+        student_h = self._hidden["student"][-len(self.kept) :] if c.hidden_weight else []
+        self._hidden = {"student": [], "teacher": []}
+        terms, teacher_ran = {}, False
+        if c.on_policy and self._on_policy_batch(inputs):
+            terms["kd_on_policy"] = self._on_policy_term(model, inputs)
+        else:
+            student = label_positions(outputs.logits, labels)
+            if c.top_k:
+                idx, vals = self._cached(inputs)
+                d = topk_divergence(student, idx, vals, c.loss, c.temperature, c.beta)
+            else:
+                teacher = self._teacher_logits(inputs["input_ids"], inputs["attention_mask"])
+                d = divergence(student, label_positions(teacher, labels), c.loss, c.temperature, c.beta)
+                teacher_ran = True
+            terms["kd"] = (1 - c.alpha) * c.temperature**2 * d.mean()
+        if c.hidden_weight:
+            if not teacher_ran:  # the teacher's hidden states of this batch's own rows
+                self._hidden["teacher"] = []
+                self._teacher_logits(inputs["input_ids"], inputs["attention_mask"])
+            terms["hidden"] = c.hidden_weight * self._hidden_term(student_h, inputs["attention_mask"])
+        self._hidden = {"student": [], "teacher": []}
+        return terms
+
+    def _hidden_term(self, student: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        teacher = self._hidden["teacher"][-len(self.kept) :]
+        keep = mask.bool()
+        losses = [
+            (1 - F.cosine_similarity(s.float()[keep], t.float()[keep], dim=-1)).mean()
+            for s, t in zip(student, teacher, strict=True)
+        ]
+        return torch.stack(losses).mean()
+
+    def _on_policy_batch(self, inputs) -> bool:
+        """Chosen by the batch's content: the same batches are on-policy in a run and in its resume."""
+        digest = zlib.crc32(inputs["input_ids"].cpu().numpy().tobytes(), self.seed & 0xFFFFFFFF)
+        return digest / 2**32 < self.config.on_policy
+
+    def _on_policy_term(self, model, inputs) -> torch.Tensor:
+        c = self.config
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        prompts = []
+        for row, lab in zip(_unpadded(ids, inputs["attention_mask"]), labels, strict=True):
+            first = int((lab != -100).nonzero()[0]) if bool((lab != -100).any()) else len(row)
+            prompts.append(row[:first])
+        seqs, mask, gen_labels = self._rollout(model, prompts)
+        out = model(input_ids=seqs, attention_mask=mask)
+        student = label_positions(out.logits, gen_labels)
+        teacher = label_positions(self._teacher_logits(seqs, mask), gen_labels)
+        d = divergence(student, teacher, c.loss, c.temperature, c.beta)
+        return (1 - c.alpha) * c.temperature**2 * d.mean()
+
+    @torch.no_grad()
+    def _rollout(self, model, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The student's sampled completions: right-padded ``prompt + completion`` ids, their attention mask,
+        and labels that mark the completion tokens (through the first end-of-sequence)."""
+        device, width = prompts[0].device, max(len(p) for p in prompts)
+        left = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
+        left_mask = torch.zeros_like(left)
+        for i, p in enumerate(prompts):
+            left[i, width - len(p) :], left_mask[i, width - len(p) :] = p, 1
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(device, self.bf16):
+                out = model.generate(
+                    input_ids=left,
+                    attention_mask=left_mask,
+                    max_new_tokens=self.config.max_new_tokens,
+                    do_sample=True,
+                    temperature=self.config.sample_temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=self.eos_id,
+                )
+        finally:
+            model.train(was_training)
+        rows, comps = [], []
+        for i, p in enumerate(prompts):
+            new = out[i, width:]
+            ends = (new == self.eos_id).nonzero()
+            new = new[: int(ends[0]) + 1] if len(ends) else new
+            rows.append(torch.cat([p, new]))
+            comps.append(len(new))
+        n = max(len(r) for r in rows)
+        seqs = torch.full((len(rows), n), self.pad_id, dtype=torch.long, device=device)
+        labels, mask = torch.full_like(seqs, -100), torch.zeros_like(seqs)
+        for i, (r, k) in enumerate(zip(rows, comps, strict=True)):
+            seqs[i, : len(r)], mask[i, : len(r)] = r, 1
+            labels[i, len(r) - k : len(r)] = r[len(r) - k :]
+        return seqs, mask, labels

@@ -29,6 +29,10 @@ class Full(Strategy):
     exclusive = True
     changes_base_weights = True
 
+    @classmethod
+    def provides(cls, config):
+        return frozenset({"whole-model"})  # its artefact is the whole model, whatever its architecture became
+
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
