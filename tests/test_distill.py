@@ -151,7 +151,7 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_training(tiny_llama
     assert not (tmp_path / "run").exists()  # refused before training: nothing written
 
 
-# ----------------------------------------------------------------------------- cached teacher, cut students, on-policy
+# ------------------------------------------------------------------ cached teacher, cut students, on-policy
 
 
 def prepared_distill(tiny_llama, teacher_dir, memo_data, tmp_path, **options):
@@ -231,6 +231,19 @@ def test_a_student_cut_from_its_teacher(tiny_llama, memo_data, tmp_path):
     ids = torch.tensor([[1, 50, 60]])
     out = cut.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=3)
     assert out.shape[1] == 7
+
+
+def test_alpha_one_is_the_same_student_without_a_teacher(tiny_llama, memo_data, tmp_path):
+    from tunelab.session import Session
+
+    spec = ["full", {"name": "distill", "keep_layers": [0], "alpha": 1.0, "teacher": str(tmp_path / "nowhere")}]
+    cfg = load_config(tiny_config(tiny_llama, memo_data, tmp_path / "run", spec))
+    session = Session(cfg, main=True, run_dir=tmp_path / "run")
+    session.load()  # the teacher path does not exist: it is never read
+    distill = next(s for s in session.stack if s.name == "distill")
+    assert distill.teacher is None and distill.kept == [0]
+    (tmp_path / "run").mkdir()
+    assert session.fit(session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")["steps"] == 8
 
 
 def test_a_cut_student_needs_full_and_options_are_checked(tiny_llama, memo_data, tmp_path):

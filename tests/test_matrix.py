@@ -151,12 +151,62 @@ def test_strategy_behaviour(case, tiny_model, memo_data, tmp_path):
     assert torch.allclose(disabled, base, atol=1e-6) == disable_gives_base
 
 
+# Multi-task runs (mode: multitask, two tasks of different shapes): per-task parts over a shared body, with
+# the same checks, each task's parts read back and routed.
+MULTITASK_CASES = {
+    "lora-per-task": ({"name": "lora", "r": 8, "per_task": True}, 2e-2),
+    "prefix-per-task": ({"name": "prefix", "num_virtual_tokens": 4, "per_task": True}, 2e-1),
+    "adapters-per-task": ({"name": "adapters", "bottleneck": 8, "per_task": True}, 1e-2),
+    "lora+adapters-per-task": ([LORA, {"name": "adapters", "bottleneck": 8, "per_task": True}], 1e-2),
+    "lora+heads": ([LORA, {"name": "heads"}], 2e-2),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTITASK_CASES))
+def test_multitask_behaviour(case, tiny_model, tmp_path):
+    from conftest import MEMO_ROWS, write_jsonl
+
+    spec, lr = MULTITASK_CASES[case]
+    qa = write_jsonl(tmp_path / "qa.jsonl", MEMO_ROWS * 4)
+    cls = write_jsonl(
+        tmp_path / "cls.jsonl", [{"text": "good movie", "label": "pos"}, {"text": "bad book", "label": "neg"}] * 4
+    )
+    cfg = tiny_config(tiny_model, qa, tmp_path / "run", spec, max_steps=30, lr=lr, schedule="constant")
+    cfg.update(mode="multitask", data=None, multitask={"sampling": "round_robin"})
+    cfg["tasks"] = [
+        {"name": "qa", "train": str(qa), "eval": str(qa)},
+        {"name": "cls", "train": str(cls), "eval": str(cls)},
+    ]
+    cfg["eval"]["before"] = True
+    probe = Probe()
+    s = train(cfg, callbacks=[probe]).summary
+    m = s["multitask"]
+    for t in ("qa", "cls"):  # each task's loss goes down
+        assert m["eval"][t]["loss"] < 0.9 * m["eval_before"][t]["loss"], (t, m["eval_before"][t], m["eval"][t])
+    changed = {n for n in probe.before if not torch.equal(probe.before[n], probe.after[n])}
+    assert changed == probe.claimed, sorted(changed ^ probe.claimed)[:5]
+    params = dict(probe.model.named_parameters())
+    assert s["parameters"]["trainable"] == sum(params[n].numel() for n in probe.with_grad)
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 2]])
+    run = load_run(tmp_path / "run")
+    for t in ("qa", "cls"):  # each task's parts, read back, give the trained model's logits for that task
+        run.stack.select_task(probe.model, t)
+        run.stack.select_task(run.model, t)
+        assert torch.equal(logits(run.model, ids), logits(probe.model, ids)), t
+    if "heads" in case:
+        assert m["eval"]["cls"]["head_accuracy"] == 1.0
+        assert "head_accuracy" not in m["eval"]["qa"]
+    base = logits(load_model(tiny_model), ids)
+    with run.stack.disabled(run.model):
+        assert torch.allclose(logits(run.model, ids), base, atol=1e-6)
+
+
 def test_every_registered_strategy_is_in_the_matrix():
     """A strategy registered without a matrix case would ship with none of the checks above."""
     from tunelab.strategies import registered
 
     covered = set()
-    for spec, _, _ in CASES.values():
+    for spec, *_ in [*CASES.values(), *MULTITASK_CASES.values()]:
         for item in spec if isinstance(spec, list) else [spec]:
             covered.add(item if isinstance(item, str) else item["name"])
     assert sorted(set(registered()) - covered) == []

@@ -94,8 +94,9 @@ def test_order_depends_only_on_seed_and_epoch():
 
 
 def test_task_of_each_row_reaches_the_batch():
-    batch = Collator(0)([{"input_ids": [5, 6], "labels": [5, 6], "length": 2, "task": 1}] * 2)
-    assert batch["task"].tolist() == [1, 1]
+    rows = [{"input_ids": [5, 6], "labels": [5, 6], "length": 2, "task": 1}] * 2
+    assert Collator(0, annotations=True)(rows)["task"].tolist() == [1, 1]
+    assert "task" not in Collator(0)(rows)  # batches for the model's own forward carry tokens only
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -286,3 +287,62 @@ def test_resume_after_a_kill_gives_identical_weights(two_tasks, tiny_llama, tmp_
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
     assert len(a) > 4 and a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+# -- classification heads per task ----------------------------------------------------------------
+def test_a_head_per_classification_task_learns_only_from_its_rows(two_tasks, tiny_llama, tmp_path):
+    """Two classification tasks with their own label sets and a prompt/completion task: each
+    classification task gets a head sized to its labels, each head a gradient only on its task's batches,
+    the prompt/completion task none; after training each head classifies its task's eval rows."""
+    yes_no = write_jsonl(
+        tmp_path / "yn.jsonl",
+        [
+            {"text": "is the sky blue", "label": "yes"},
+            {"text": "is grass red", "label": "no"},
+            {"text": "is the sun hot", "label": "yes"},
+        ]
+        * 3,
+    )
+    tasks = [*two_tasks, {"name": "yn", "train": str(yes_no), "eval": str(yes_no)}]
+    cfg = mt_config(
+        tiny_llama, tasks, tmp_path / "run", [{"name": "lora", "r": 4}, {"name": "heads"}], max_steps=24
+    )
+    cfg["multitask"] = {"sampling": "round_robin"}
+
+    class HeadGrads(TrainerCallback):
+        steps: list = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            got = {
+                n.split("heads.heads.")[1].split(".")[0]
+                for n, p in model.named_parameters()
+                if "task_heads" in n and p.grad is not None and bool(p.grad.abs().sum() > 0)
+            }
+            self.steps.append(got)
+
+    probe = HeadGrads()
+    s = train(cfg, callbacks=[probe]).summary
+    assert probe.steps[:6] == [set(), {"cls"}, {"yn"}, set(), {"cls"}, {"yn"}]  # round robin: qa, cls, yn
+    m = s["multitask"]
+    assert m["labels"] == {"qa": None, "cls": ["negative", "positive"], "yn": ["no", "yes"]}
+    assert m["eval"]["cls"]["head_accuracy"] == 1.0 and m["eval"]["yn"]["head_accuracy"] == 1.0
+    assert "head_accuracy" not in m["eval"]["qa"]
+    meta = json.loads((tmp_path / "run" / "model" / "heads" / "heads.json").read_text())
+    assert meta["labels"] == {"cls": ["negative", "positive"], "yn": ["no", "yes"]}
+    assert evaluate(tmp_path / "run", task="yn")["head_accuracy"] == 1.0  # read back, routed to its head
+
+
+def test_heads_need_classification_tasks_and_are_always_per_task(two_tasks, tiny_llama, tmp_path):
+    qa_only = [two_tasks[0], {**two_tasks[0], "name": "qa2"}]
+    cfg = mt_config(tiny_llama, qa_only, tmp_path / "run", [{"name": "lora", "r": 4}, {"name": "heads"}])
+    assert main_train(cfg, tmp_path) == 2
+    with pytest.raises(ConfigError, match="per_task cannot be false"):
+        load_config({**cfg, "strategy": [{"name": "lora"}, {"name": "heads", "per_task": False}]})
+
+
+def main_train(cfg: dict, tmp_path) -> int:
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return main(["train", str(path)])

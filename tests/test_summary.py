@@ -19,8 +19,9 @@ def mode_config(mode: str, model: Path, tmp_path: Path) -> dict:
     data = write_jsonl(tmp_path / "d.jsonl", MEMO_ROWS * 2)
     cfg = tiny_config(model, data, tmp_path / "run", "lora", max_steps=2)
     cfg["eval"]["before"] = True
-    if mode == "continual":
+    if mode in ("continual", "multitask"):
         del cfg["data"]
+        cfg["mode"] = mode
         cfg["tasks"] = [{"name": n, "train": str(data), "eval": str(data)} for n in ("a", "b")]
     return cfg
 
@@ -35,6 +36,8 @@ def test_every_mode_writes_a_summary_that_fits_the_schema(mode, tiny_llama, tmp_
     assert isinstance(s.train, list) == (mode == "continual")
     if mode == "continual":
         assert [t.task for t in s.train] == ["a", "b"] and s.continual["tasks"] == ["a", "b"]
+    elif mode == "multitask":
+        assert s.multitask["tasks"] == ["a", "b"] and set(s.multitask["eval"]) == set(s.multitask["eval_before"])
     else:
         assert s.eval is not None and s.eval_before is not None and s.data is not None
 

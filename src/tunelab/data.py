@@ -36,6 +36,9 @@ from tunelab.errors import first_line
 
 IGNORE = -100
 LOADERS = (".jsonl", ".json", ".csv", ".parquet")
+#: What a row may carry beside its tokens, for the engine and strategies, never for the model's forward:
+#: its task's index (multi-task runs) and its class's index in the label set (classification rows; -1 none).
+ANNOTATIONS = ("task", "class")
 
 
 class DataError(ValueError):
@@ -331,8 +334,11 @@ def features_dataset(features: list[dict[str, Any]]):
     """Tokenized rows as a ``datasets.Dataset`` (the columns the collator and length grouping read)."""
     import datasets
 
-    keys = ("input_ids", "labels", "length") + (("task",) if features and "task" in features[0] else ())
-    return datasets.Dataset.from_dict({k: [f[k] for f in features] for k in keys})
+    columns = {k: [f[k] for f in features] for k in ("input_ids", "labels", "length")}
+    for k in ANNOTATIONS:
+        if any(k in f for f in features):
+            columns[k] = [f.get(k, -1) for f in features]
+    return datasets.Dataset.from_dict(columns)
 
 
 def _apply_columns(rows: list[dict], mapping: dict[str, str]) -> list[dict]:
@@ -375,6 +381,8 @@ def prepare_rows(
             stats.skipped += 1
             stats.reasons.append(f"{where}: {e}")
             continue
+        if fmt == "classification":
+            feats["class"] = labels.index(r.reference) if r.reference in labels else -1
         out.features.append(feats)
         out.prompts.append((r.prompt, r.special) if r.prompt is not None else None)
         out.references.append(r.reference)
@@ -435,15 +443,16 @@ def prepare_splits(data_cfg, tokenizer, max_length: int, seed: int) -> tuple[Pre
 
 
 class Collator:
-    """Pads a batch to its own longest row (right padding); labels are padded with -100. Rows of a multi-task
-    run carry their task's index, which reaches the batch as ``task``.
+    """Pads a batch to its own longest row (right padding); labels are padded with -100. With
+    ``annotations``, what rows carry beside their tokens (:data:`ANNOTATIONS`: a multi-task row's task, a
+    classification row's class) reaches the batch too, for the engine to take out before the forward.
 
     With length-grouped sampling (the engine's default) rows in a batch have similar lengths, so little
     compute goes to padding.
     """
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, annotations: bool = False):
+        self.pad_id, self.annotations = pad_id, annotations
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(f["input_ids"]) for f in features)
@@ -456,8 +465,9 @@ class Collator:
             labels[i, :k] = torch.as_tensor(f["labels"])
             mask[i, :k] = 1
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        if "task" in features[0]:
-            batch["task"] = torch.tensor([f["task"] for f in features], dtype=torch.long)
+        for k in ANNOTATIONS if self.annotations else ():
+            if any(k in f for f in features):
+                batch[k] = torch.tensor([f.get(k, -1) for f in features], dtype=torch.long)
         return batch
 
 

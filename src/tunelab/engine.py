@@ -49,6 +49,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import rotate_checkpoints
 
 from tunelab.checkpoints import STAGING
+from tunelab.data import ANNOTATIONS
 from tunelab.errors import NonFiniteError, RunError, first_line
 
 TRAINABLE = "trainable.safetensors"  #: every trained tensor of a PEFT-wrapped model, in each checkpoint
@@ -234,7 +235,8 @@ class TunelabTrainer(Trainer):
         weights (1 unless one, e.g. distillation, reweights it). Evaluation (``prediction_step`` calls this
         too): the task loss alone, so ``eval_loss`` means the same for every strategy and no term's state
         (e.g. the retention loss's batch counter) moves."""
-        task = inputs.pop("task", None)
+        notes = {k: inputs.pop(k) for k in ANNOTATIONS if k in inputs}  # for us and the strategies, not the model
+        task = notes.get("task")
         if task is not None:
             t = int(task[0])
             if not bool((task == t).all()):
@@ -253,7 +255,7 @@ class TunelabTrainer(Trainer):
             if self.task_weights[t] != 1.0:
                 loss = self.task_weights[t] * loss
         if model.training:
-            loss, parts = self.stack.training_loss(model, inputs, outputs, loss)
+            loss, parts = self.stack.training_loss(model, {**inputs, **notes}, outputs, loss)
             self._last_terms = {k: float(v.detach()) for k, v in parts.items()} if len(parts) > 1 else {}
         return (loss, outputs) if return_outputs else loss
 

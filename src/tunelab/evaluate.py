@@ -77,8 +77,12 @@ def generate_batch(
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
-def score(model, tokenizer, prepared: Prepared, eval_cfg, bf16: bool, samples: int = 3) -> dict[str, Any]:
-    """All metrics for one split; ``samples`` (prompt, reference, prediction) examples are kept."""
+def score(
+    model, tokenizer, prepared: Prepared, eval_cfg, bf16: bool, samples: int = 3, classify=None
+) -> dict[str, Any]:
+    """All metrics for one split; ``samples`` (prompt, reference, prediction) examples are kept. With
+    ``classify(input_ids, attention_mask)`` (class logits, or None where the model has no classifier),
+    classification splits also get ``head_accuracy``."""
     was_training = model.training
     model.eval()
     try:
@@ -107,9 +111,32 @@ def score(model, tokenizer, prepared: Prepared, eval_cfg, bf16: bool, samples: i
                 {"prompt": p[0], "reference": r, "prediction": pred}
                 for (p, r), pred in list(zip(scored, preds, strict=True))[:samples]
             ]
+            if classify is not None and prepared.format == "classification" and prepared.labels:
+                head = head_accuracy(tokenizer, scored, prepared.labels, eval_cfg.batch_size, classify)
+                if head is not None:
+                    result["head_accuracy"] = head
         return result
     finally:
         model.train(was_training)
+
+
+def head_accuracy(tokenizer, scored, labels: list[str], batch_size: int, classify) -> float | None:
+    """The share of (prompt, reference) pairs whose classifier argmax is the reference label."""
+    hits = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for chunk in batches(scored, batch_size):
+            enc = tokenizer(
+                [p for (p, _), _ in chunk], add_special_tokens=chunk[0][0][1], padding=True, return_tensors="pt"
+            )
+            logits = classify(enc["input_ids"], enc["attention_mask"])
+            if logits is None:
+                return None
+            hits += [labels[i] == r for i, (_, r) in zip(logits.argmax(-1).tolist(), chunk, strict=True)]
+    finally:
+        tokenizer.padding_side = side
+    return sum(hits) / len(hits)
 
 
 def headline(metrics: dict[str, Any]) -> tuple[str, float] | None:

@@ -78,7 +78,13 @@ def evaluate(
             labels = (recorded.get("data") or {}).get("labels")
     prepared = prepare_file(data, loaded.tokenizer, data_cfg, cfg.training.max_length, labels=labels)
     bf16 = resolve_precision(cfg.training.precision, dev) == "bf16"
-    return score(loaded.model, loaded.tokenizer, prepared, cfg.eval, bf16)
+    classify = None
+    if loaded.stack is not None:
+
+        def classify(ids, mask):
+            return loaded.stack.classify(loaded.model, ids.to(dev), mask.to(dev), bf16)
+
+    return score(loaded.model, loaded.tokenizer, prepared, cfg.eval, bf16, classify=classify)
 
 
 def generate(

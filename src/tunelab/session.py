@@ -137,7 +137,10 @@ class Session:
             return score(self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16)
 
     def score(self, prepared: Prepared) -> dict[str, Any]:
-        return score(self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16)
+        def classify(ids, mask):
+            return self.stack.classify(self.model, ids.to(self.device), mask.to(self.device), self.bf16)
+
+        return score(self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16, classify=classify)
 
     def retention_before(self) -> dict[str, Any] | None:
         """Retention metrics of the untouched model: KL 0 and exact reproduction 1 by construction."""
@@ -196,7 +199,7 @@ class Session:
         trainer = TunelabTrainer(
             model=self.model,
             args=training_arguments(cfg, out_dir, lr, self.precision, eval_data is not None),
-            data_collator=Collator(self.tokenizer.pad_token_id),
+            data_collator=Collator(self.tokenizer.pad_token_id, annotations=True),
             train_dataset=features_dataset(train_features),
             eval_dataset=_eval_datasets(eval_data),
             processing_class=self.tokenizer,

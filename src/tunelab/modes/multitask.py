@@ -122,7 +122,7 @@ class MultitaskRun(RunMode):
                 )
             self.tasks.append((t, tr, ev))
         self.names = [t.name for t, _, _ in self.tasks]
-        s.stack.set_tasks(self.names)  # before the model loads: per-task parts are built per name
+        s.stack.set_tasks(self.names, {t.name: tr.labels for t, tr, _ in self.tasks})  # before the model loads
         self.originals = s.original_tasks()
 
     def score_tasks(self, base: bool = False) -> dict[str, dict[str, Any]]:

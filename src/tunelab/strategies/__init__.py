@@ -7,6 +7,7 @@ from tunelab.strategies import (  # noqa: E402,F401
     dropout,
     ewc,
     full,
+    heads,
     ia3,
     l2,
     l2sp,

@@ -30,9 +30,9 @@ engine and the run modes talk to the stack, never to a strategy or a strategy ty
    model's outputs (for strategies that change base weights there is none: the run loads a frozen copy).
 6. ``save(model, out_dir)`` / ``load(base_model, out_dir)`` / ``merge(model)`` — the final artefact, how it
    goes back on a fresh base model, and how it folds into plain weights.
-7. ``select_task(model, name)`` — multi-task: with ``per_task`` (:class:`PerTaskConfig`) a strategy builds
-   a copy per task in ``apply`` (names in ``self.tasks``) and routes the model here, acting on the model
-   alone, so a model read back from disk is routed the same way.
+7. ``select_task(model, name)`` / ``classify(...)`` — multi-task: with ``per_task`` a strategy builds a copy
+   per task in ``apply`` (``self.tasks``) and routes the model here, acting on the model alone (so a model
+   read back from disk routes the same way); a classifier (heads) scores prompts without generating.
 
 Register a strategy with :func:`register_strategy` next to its code. The registry refuses duplicate or
 malformed names, and a config class that lacks the ``name`` field.
@@ -42,6 +42,9 @@ to the architecture first (a student cut from its teacher), then PEFT tuners tha
 IA3, ...), then PEFT prompt learners that wrap the model (prefix, prompt, P-tuning), then native
 strategies that edit the inner model (bottleneck adapters, layer-wise).
 :func:`validate_strategy_specs` refuses combinations that cannot work, saying why.
+
+Long because it is the contract in one place: this text, the base class with every hook's default, and the
+registry and combination checks that enforce it.
 """
 
 from __future__ import annotations
@@ -124,12 +127,11 @@ class Strategy:
     changes_base_weights: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig):
-        self.config = config
-        self.tasks: list[str] = []  #: multi-task runs: the task names, set by the stack before ``apply``
+        self.config = config  # multi-task runs: the stack sets the task names and label sets before ``apply``
+        self.tasks: list[str] = []
+        self.task_labels: dict[str, list[str] | None] = {}
 
-    @property
-    def per_task(self) -> bool:  # one copy of its parts per task
-        return bool(getattr(self.config, "per_task", False))
+    per_task = property(lambda self: bool(getattr(self.config, "per_task", False)))  # a copy per task
 
     @classmethod
     def phase_of(cls, config: StrategyConfig) -> Phase:
@@ -219,6 +221,9 @@ class Strategy:
     # -- 7. multi-task routing ----------------------------------------------------------------------
     def select_task(self, model: torch.nn.Module, name: str) -> None:
         """Route ``model`` to task ``name``'s parts (per-task strategies; a shared one does nothing)."""
+
+    def classify(self, model, input_ids, attention_mask, bf16: bool) -> torch.Tensor | None:
+        """Class logits ``[B, labels]`` for prompts, when the strategy adds a classifier (heads), else None."""
 
 
 class Regularizer(Strategy):

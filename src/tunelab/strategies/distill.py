@@ -205,11 +205,22 @@ class Distill(Regularizer):
     def describe(self, model: torch.nn.Module) -> str | None:
         if self.kept is None:
             return None
-        return f"distill: student keeps blocks {self.kept} of the teacher ({len(self.kept)} blocks)"
+        how = "distilled" if self.uses_teacher else "alpha 1: trained on labels alone, no teacher"
+        return f"distill: the student keeps blocks {self.kept} ({len(self.kept)}) of its teacher; {how}"
 
     # -- the teacher ------------------------------------------------------------------------------------
+    @property
+    def uses_teacher(self) -> bool:
+        """``alpha: 1`` with no alignment and no on-policy batches is the task loss alone: with ``keep_*``, the
+        same student trained on labels only, and no teacher is loaded."""
+        c = self.config
+        return c.alpha < 1 or bool(c.hidden_weight) or c.on_policy > 0
+
     def prepare(self, model, ctx) -> None:
         c = self.config
+        self.teacher = None
+        if not self.uses_teacher:
+            return
         source = c.teacher or str(ctx.reference.model_dir)
         shown = c.teacher or "(the run's model)"
         teacher_tok = ctx.load_tokenizer(source) if c.teacher else ctx.tokenizer
@@ -279,6 +290,8 @@ class Distill(Regularizer):
     # -- the loss -----------------------------------------------------------------------------------------
     def loss_terms(self, model, inputs, outputs):
         c = self.config
+        if self.teacher is None:
+            return {}
         labels = inputs["labels"]
         student_h = self._hidden["student"][-len(self.kept) :] if c.hidden_weight else []
         self._hidden = {"student": [], "teacher": []}

@@ -62,10 +62,19 @@ class StrategyStack:
         return [s for s in self.items if s.saves]
 
     # -- the model ----------------------------------------------------------------------------------
-    def set_tasks(self, names: list[str]) -> None:
-        """Multi-task runs: the task names, before ``apply`` (per-task components build a copy per task)."""
+    def set_tasks(self, names: list[str], labels: dict[str, list[str] | None] | None = None) -> None:
+        """Multi-task runs: the task names (and label sets), before ``apply``: per-task components build a
+        copy per task."""
         for s in self.items:
-            s.tasks = list(names)
+            s.tasks, s.task_labels = list(names), dict(labels or {})
+
+    def classify(self, model: torch.nn.Module, input_ids, attention_mask, bf16: bool) -> torch.Tensor | None:
+        """Class logits from the first component that classifies (heads), else None."""
+        for s in self.items:
+            logits = s.classify(model, input_ids, attention_mask, bf16)
+            if logits is not None:
+                return logits
+        return None
 
     def select_task(self, model: torch.nn.Module, name: str) -> None:
         """Route every per-task component of ``model`` to task ``name``."""
