@@ -51,6 +51,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from tunelab.checkpoints import STAGING
 from tunelab.data import ANNOTATIONS
 from tunelab.errors import NonFiniteError, RunError, first_line
+from tunelab.strategies.base import StrategyError, load_named_tensors
 
 TRAINABLE = "trainable.safetensors"  #: every trained tensor of a PEFT-wrapped model, in each checkpoint
 
@@ -96,9 +97,8 @@ class TunelabTrainer(Trainer):
         self.lr = lr
         self.sampler, self.tasks = sampler, tasks or []
         self.task_weights = task_weights or [1.0] * len(self.tasks)
-        self._task_loss = [
-            [0.0, 0] for _ in self.tasks
-        ]  # per task: summed batch losses, batches since the last log
+        # per task, since the last log: the sum of its batches' mean losses, and their count
+        self._task_loss = [[0.0, 0] for _ in self.tasks]
         self._last_terms: dict[str, float] = {}
         self._staging = False
 
@@ -177,20 +177,13 @@ class TunelabTrainer(Trainer):
         save_file({names[id(p)]: p.detach().cpu().contiguous().clone() for p in params}, out_dir / TRAINABLE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from safetensors.torch import load_file
-
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = Path(resume_from_checkpoint) / TRAINABLE
-        if not path.is_file():
-            return
-        params = dict(self.model.named_parameters())
-        tensors = load_file(path)
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise RunError(f"{path}: tensors {unknown[:3]} do not fit this run's model; was the config changed?")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
+        if path.is_file():
+            try:
+                load_named_tensors(self.model, path, plain=False)
+            except StrategyError as e:
+                raise RunError(f"{e}; was the config changed since the checkpoint was written?") from None
 
     def _check_weights(self) -> None:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from tunelab.config import RunConfig
 from tunelab.errors import RunError
+from tunelab.forgetting import forgetting_summary
 from tunelab.rundir import RunDir, guarded
 from tunelab.runtime import is_main_process
 from tunelab.session import Session
@@ -63,3 +64,18 @@ class RunMode:
 
     def clean_up(self) -> None:
         del self.session
+
+    # -- shared by the modes that score ``forgetting.original_tasks`` (``self.originals``) ------------------
+    def score_originals_before(self) -> None:
+        """Rank 0, before training: the untouched model's scores on the original tasks."""
+        self.before_original = {f: self.session.score_base(p) for f, p in self.originals.items()}
+
+    def add_forgetting(self, summary: dict[str, Any], forgetting: dict[str, Any]) -> None:
+        """``summary["forgetting"]``: the retention part given, plus before/after on the original tasks."""
+        if self.originals:
+            forgetting["original_tasks"] = {
+                f: forgetting_summary(self.before_original[f], self.session.score(p))
+                for f, p in self.originals.items()
+            }
+        if forgetting:
+            summary["forgetting"] = forgetting

@@ -136,12 +136,11 @@ class MultitaskRun(RunMode):
     def train(self) -> None:
         s, cfg = self.session, self.cfg
         self.eval_before, self.before_retention = None, None
-        self.before_original: dict[str, Any] = {}
         if self.main:
             if cfg.eval.before:
                 self.eval_before = self.score_tasks(base=True)
             self.before_retention = s.retention_before()
-            self.before_original = {f: s.score_base(p) for f, p in self.originals.items()}
+            self.score_originals_before()
         features, sizes = [], []
         for i, (_, tr, _) in enumerate(self.tasks):
             rows = s.stack.training_features(tr.features, s.ctx)  # replay mixes its rows into each task's
@@ -149,11 +148,9 @@ class MultitaskRun(RunMode):
             sizes.append(len(rows))
         self.sizes = sizes
         self.probabilities = task_probabilities(sizes, cfg.multitask.sampling, cfg.multitask.temperature)
-        tags = [f["task"] for f in features]
-        probabilities = self.probabilities
 
         def sampler(dataset, batch_size: int, seed: int) -> TaskMixSampler:
-            return TaskMixSampler(tags, batch_size, probabilities, seed)
+            return TaskMixSampler(dataset["task"], batch_size, self.probabilities, seed)
 
         evals = (
             {t.name: _tagged(ev, i) for i, (t, _, ev) in enumerate(self.tasks)}
@@ -221,10 +218,5 @@ class MultitaskRun(RunMode):
                 forgetting["per_task"][name] = forgetting_summary(self.before_retention, s.retention_after())
         elif (after := s.retention_after()) is not None:
             forgetting.update(forgetting_summary(self.before_retention, after))
-        if self.originals:
-            forgetting["original_tasks"] = {
-                f: forgetting_summary(self.before_original[f], s.score(p)) for f, p in self.originals.items()
-            }
-        if forgetting:
-            summary["forgetting"] = forgetting
+        self.add_forgetting(summary, forgetting)
         return finish_summary(summary, s.device, self.run_dir, self.t_start)

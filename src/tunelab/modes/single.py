@@ -25,12 +25,11 @@ class SingleRun(RunMode):
     def train(self) -> None:
         s, cfg = self.session, self.cfg
         self.eval_before = self.before_retention = None
-        self.before_original: dict[str, Any] = {}
         if self.main:  # the untouched model's scores, before anything trains
             if cfg.eval.before and self.eval_data is not None:
                 self.eval_before = s.score_base(self.eval_data)
             self.before_retention = s.retention_before()
-            self.before_original = {f: s.score_base(p) for f, p in self.originals.items()}
+            self.score_originals_before()
         self.stats = s.fit(
             self.train_data.features, self.eval_data, self.run_dir, resume=self.resume, callbacks=self.callbacks
         )
@@ -50,14 +49,6 @@ class SingleRun(RunMode):
         summary["train"] = self.stats
         if ev is not None:
             summary["eval"] = s.score(ev)
-        forgetting: dict[str, Any] = {}
         after = s.retention_after()
-        if after is not None:
-            forgetting.update(forgetting_summary(self.before_retention, after))
-        if self.originals:
-            forgetting["original_tasks"] = {
-                f: forgetting_summary(self.before_original[f], s.score(p)) for f, p in self.originals.items()
-            }
-        if forgetting:
-            summary["forgetting"] = forgetting
+        self.add_forgetting(summary, forgetting_summary(self.before_retention, after) if after is not None else {})
         return finish_summary(summary, s.device, self.run_dir, self.t_start)

@@ -369,13 +369,14 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise StrategyError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
 
 
-def load_named_tensors(model: torch.nn.Module, path: Path) -> None:
+def load_named_tensors(model: torch.nn.Module, path: Path, *, plain: bool = True) -> None:
     """Copy the tensors of a safetensors file into the same-named parameters of the plain model inside
-    ``model``; a tensor with no such parameter is an error (the file belongs to another model)."""
+    ``model`` (of ``model`` itself with ``plain=False``); a tensor with no such parameter is an error (the
+    file belongs to another model)."""
     from safetensors.torch import load_file
 
     tensors = load_file(path)
-    params = dict(unwrap(model).named_parameters())
+    params = dict((unwrap(model) if plain else model).named_parameters())
     missing = sorted(set(tensors) - set(params))
     if missing:
         raise StrategyError(f"{path}: tensors {missing[:3]} do not fit this model")
