@@ -79,7 +79,7 @@ def test_bad_choice_lists_allowed_values(tmp_path):
 
 def test_missing_data_and_unknown_strategy(tmp_path):
     (p,) = problems(tmp_path, "strategy: loraa\n")
-    assert "unknown strategy 'loraa'; registered: adapters, distill, dropout, ewc, full, ia3, l2" in p
+    assert "unknown strategy 'loraa'; registered: adapters, distill, dropout, ewc, full, heads, ia3, l2" in p
     (p,) = problems(tmp_path, "model: x\n")
     assert "give either data (one training set) or tasks" in p
 

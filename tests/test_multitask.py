@@ -305,12 +305,13 @@ def test_a_head_per_classification_task_learns_only_from_its_rows(two_tasks, tin
     )
     tasks = [*two_tasks, {"name": "yn", "train": str(yes_no), "eval": str(yes_no)}]
     cfg = mt_config(
-        tiny_llama, tasks, tmp_path / "run", [{"name": "lora", "r": 4}, {"name": "heads"}], max_steps=24
+        tiny_llama, tasks, tmp_path / "run", [{"name": "lora", "r": 4}, {"name": "heads"}], max_steps=45, lr=5e-3
     )
     cfg["multitask"] = {"sampling": "round_robin"}
 
     class HeadGrads(TrainerCallback):
-        steps: list = []
+        def __init__(self):
+            self.steps = []
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             got = {
@@ -332,10 +333,12 @@ def test_a_head_per_classification_task_learns_only_from_its_rows(two_tasks, tin
     assert evaluate(tmp_path / "run", task="yn")["head_accuracy"] == 1.0  # read back, routed to its head
 
 
-def test_heads_need_classification_tasks_and_are_always_per_task(two_tasks, tiny_llama, tmp_path):
+def test_heads_need_classification_tasks_and_are_always_per_task(two_tasks, tiny_llama, tmp_path, capsys):
     qa_only = [two_tasks[0], {**two_tasks[0], "name": "qa2"}]
     cfg = mt_config(tiny_llama, qa_only, tmp_path / "run", [{"name": "lora", "r": 4}, {"name": "heads"}])
     assert main_train(cfg, tmp_path) == 2
+    assert "heads: no task has classification rows" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model").exists()
     with pytest.raises(ConfigError, match="per_task cannot be false"):
         load_config({**cfg, "strategy": [{"name": "lora"}, {"name": "heads", "per_task": False}]})
 
