@@ -255,10 +255,14 @@ class TunelabTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs.update({f"loss_terms/{k}": v for k, v in self._last_terms.items()})
-            for name, acc in zip(self.tasks, self._task_loss, strict=True):
-                if acc[1]:
-                    logs[f"loss/{name}"] = round(acc[0] / acc[1], 4)
-                acc[:] = [0.0, 0]
+            if self.tasks:  # every rank logs (the Trainer gathers the loss there too): sum their batches
+                acc = torch.tensor(self._task_loss, dtype=torch.float64, device=self.args.device)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(acc)
+                for name, (total, n) in zip(self.tasks, acc.tolist(), strict=True):
+                    if n:
+                        logs[f"loss/{name}"] = round(total / n, 4)
+                self._task_loss = [[0.0, 0] for _ in self.tasks]
             if self.optimizer is not None:  # every group's current rate, not only the first group's
                 for g in self.optimizer.param_groups:
                     logs.setdefault(f"lr/{g.get('name', 'group')}", g["lr"])

@@ -27,7 +27,11 @@ from tunelab.strategies import Need
 from tunelab.strategies.stack import StrategyStack
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, lr: float, precision: str, has_eval: bool):
+def training_arguments(
+    cfg: RunConfig, run_dir: Path, lr: float, precision: str, has_eval: bool, unused_parameters: bool = False
+):
+    """``unused_parameters``: some trained parameters sit out whole steps (per-task parts: only the batch's
+    task's are used), which DDP must be told."""
     from transformers import TrainingArguments
 
     t = cfg.training
@@ -64,7 +68,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, lr: float, precision: str,
         logging_nan_inf_filter=False,  # log the real loss; a non-finite one stops the run (engine.py)
         include_num_input_tokens_seen="non_padding",
         ddp_backend="gloo" if not torch.cuda.is_available() and world_size() > 1 else None,
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=unused_parameters,
         dataloader_num_workers=0,
     )
 
@@ -198,7 +202,9 @@ class Session:
         throughput = Throughput()
         trainer = TunelabTrainer(
             model=self.model,
-            args=training_arguments(cfg, out_dir, lr, self.precision, eval_data is not None),
+            args=training_arguments(
+                cfg, out_dir, lr, self.precision, eval_data is not None, unused_parameters=self.stack.routes_tasks
+            ),
             data_collator=Collator(self.tokenizer.pad_token_id, annotations=True),
             train_dataset=features_dataset(train_features),
             eval_dataset=_eval_datasets(eval_data),
