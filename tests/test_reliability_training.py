@@ -122,6 +122,11 @@ VARIANTS = {
     # hybrids whose checkpoint the Trainer writes as the PEFT adapter alone: the native parts must resume too
     "adapters + lora": [{"name": "adapters", "bottleneck": 8}, {"name": "lora", "r": 8}],
     "layerwise + prefix": [{"name": "layerwise", "top": 1}, {"name": "prefix", "num_virtual_tokens": 4}],
+    # the teacher is the run's own model: a cache rebuilt after the kill, and sampled on-policy batches
+    "lora + distill (cached, on-policy)": [
+        {"name": "lora", "r": 8},
+        {"name": "distill", "top_k": 16, "on_policy": 0.5, "max_new_tokens": 4},
+    ],
 }
 
 
