@@ -201,12 +201,29 @@ def test_multitask_behaviour(case, tiny_model, tmp_path):
         assert torch.allclose(logits(run.model, ids), base, atol=1e-6)
 
 
+# Baselines train nothing: the run scores the base model, which stays bit for bit the base model.
+BASELINE_CASES = {
+    "prompt-only-zero-shot": ({"name": "prompt-only"},),
+    "prompt-only-2-shot": ({"name": "prompt-only", "shots": 2},),
+}
+
+
+@pytest.mark.parametrize("case", list(BASELINE_CASES))
+def test_baseline_behaviour(case, tiny_model, memo_data, tmp_path):
+    (spec,) = BASELINE_CASES[case]
+    s = train(tiny_config(tiny_model, memo_data, tmp_path / "run", spec, max_length=256)).summary
+    assert "train" not in s and s["parameters"]["trainable"] == 0
+    assert "exact_match" in s["eval"] and s["eval"]["examples"] == 16
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 2]])
+    assert torch.equal(logits(load_run(tmp_path / "run").model, ids), logits(load_model(tiny_model), ids))
+
+
 def test_every_registered_strategy_is_in_the_matrix():
     """A strategy registered without a matrix case would ship with none of the checks above."""
     from tunelab.strategies import registered
 
     covered = set()
-    for spec, *_ in [*CASES.values(), *MULTITASK_CASES.values()]:
+    for spec, *_ in [*CASES.values(), *MULTITASK_CASES.values(), *BASELINE_CASES.values()]:
         for item in spec if isinstance(spec, list) else [spec]:
             covered.add(item if isinstance(item, str) else item["name"])
     assert sorted(set(registered()) - covered) == []

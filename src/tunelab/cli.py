@@ -209,7 +209,7 @@ def _fail(args, error, code: int) -> int:
 
 
 def _print_summary(s: dict) -> None:
-    p, t = s["parameters"], s["train"]
+    p, t = s["parameters"], s.get("train")
     if "continual" in s:
         c = s["continual"]
         print(
@@ -219,10 +219,14 @@ def _print_summary(s: dict) -> None:
         )
         print(f"outputs: {s['outputs']['run_dir']} (continual.json, continual.png)")
         return
-    print(
-        f"\ntrained {'+'.join(s['strategy'])}: {t['steps']} steps, {t['tokens_seen']:,} tokens, "
-        f"{t['tokens_per_s']:.0f} tokens/s, peak memory {s['memory']['peak_mb']:.0f} MB, {s['wall_time_s']:.0f} s"
-    )
+    if t is None:
+        print(f"\nscored {'+'.join(s['strategy'])} (nothing trained), {s['wall_time_s']:.0f} s")
+    else:
+        print(
+            f"\ntrained {'+'.join(s['strategy'])}: {t['steps']} steps, {t['tokens_seen']:,} tokens, "
+            f"{t['tokens_per_s']:.0f} tokens/s, peak memory {s['memory']['peak_mb']:.0f} MB, "
+            f"{s['wall_time_s']:.0f} s"
+        )
     print(f"trainable parameters: {p['trainable']:,} / {p['total']:,} ({p['trainable_pct']:.3f}%)")
     if "multitask" in s:
         from tunelab.evaluate import headline

@@ -247,6 +247,11 @@ class RunConfig(Strict):
             weighted = [t.name for t in self.tasks if t.weight != 1.0]
             if weighted and self.mode != "multitask":
                 raise ValueError(f"tasks {weighted} set a loss weight, which only mode: multitask uses")
+        from tunelab.strategies import get_strategy
+
+        baseline = [s.name for s in self.strategy if get_strategy(s.name).baseline]
+        if baseline and self.mode != "single":
+            raise ValueError(f"{baseline[0]} scores one eval set without training: it runs in mode: single only")
         per_task = [s.name for s in self.strategy if getattr(s, "per_task", False)]
         if per_task and self.mode != "multitask":
             raise ValueError(

@@ -179,11 +179,12 @@ class Rendered:
 class Formatter:
     """Renders rows of one shape with one tokenizer. Raises ``ValueError`` with a plain reason for a bad row."""
 
-    def __init__(self, tokenizer, data_cfg, fmt: str, labels: list[str] | None = None):
+    def __init__(self, tokenizer, data_cfg, fmt: str, labels: list[str] | None = None, shots=()):
         self.tok = tokenizer
         self.cfg = data_cfg
         self.fmt = fmt
         self.labels = labels
+        self.shots: list[tuple[str, str]] = list(shots)  # few-shot: solved (prompt, answer) pairs shown first
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if data_cfg.template == "chat" and not has_template:
             raise DataError("data.template is 'chat' but the tokenizer has no chat template; use 'plain'")
@@ -228,11 +229,26 @@ class Formatter:
 
     def render_pair(self, prompt: str, completion: str) -> Rendered:
         if self.chat:
-            return self.render_chat(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            shown = [{"role": r, "content": c} for p, a in self.shots for r, c in (("user", p), ("assistant", a))]
+            r = self.render_chat(
+                [*shown, {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
             )
+            r.spans = r.spans[-1:]  # the shown answers carry no loss: only the row's own
+            return r
+        prompt = "".join(f"{p}{a}\n\n" for p, a in self.shots) + prompt
         text = prompt + completion + self.eos
         return Rendered(text, [(len(prompt), len(text))], prompt, completion)
+
+    def pair(self, row: dict[str, Any]) -> tuple[str, str]:
+        """A row as a solved example (prompt, answer), for few-shot prompts."""
+        if self.fmt == "prompt_completion":
+            return _need_str(row, "prompt"), _need_text(row, "completion")
+        if self.fmt == "classification":
+            label = str(row.get("label"))
+            return self.cfg.instruction.format(
+                text=_need_str(row, "text"), labels=", ".join(self.labels or [])
+            ), label
+        raise DataError(f"few-shot examples need prompt/completion or classification rows, not {self.fmt} rows")
 
     # -- one row --------------------------------------------------------------------------------
     def render(self, row: dict[str, Any]) -> Rendered:
@@ -357,6 +373,7 @@ def prepare_rows(
     lines: list[int] | None = None,
     fmt: str | None = None,
     labels: list[str] | None = None,
+    shots: list[tuple[str, str]] = (),
 ) -> Prepared:
     rows = _apply_columns(rows, data_cfg.columns)
     if not rows:
@@ -365,7 +382,7 @@ def prepare_rows(
         fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(set(rows[0]))
     if fmt == "classification" and labels is None:
         labels = sorted({str(r["label"]) for r in rows if r.get("label") is not None})
-    formatter = Formatter(tokenizer, data_cfg, fmt, labels)
+    formatter = Formatter(tokenizer, data_cfg, fmt, labels, shots)
     stats = DataStats(rows=len(rows))
     out = Prepared([], [], [], stats, fmt, labels)
     for i, row in enumerate(rows):
@@ -392,7 +409,7 @@ def prepare_rows(
     return out
 
 
-def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None) -> Prepared:
+def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None, shots=()) -> Prepared:
     path = Path(path)
     rows, lines = read_rows_with_lines(path)
     return prepare_rows(
@@ -404,11 +421,15 @@ def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None
         lines=lines,
         fmt=fmt,
         labels=labels,
+        shots=shots,
     )
 
 
-def prepare_splits(data_cfg, tokenizer, max_length: int, seed: int) -> tuple[Prepared, Prepared | None]:
-    """The training split and the eval split (a file, a held-out fraction, or none)."""
+def prepare_splits(
+    data_cfg, tokenizer, max_length: int, seed: int, shots: int = 0
+) -> tuple[Prepared, Prepared | None]:
+    """The training split and the eval split (a file, a held-out fraction, or none). With ``shots`` k,
+    k training rows drawn with ``seed`` are shown as solved examples before every eval prompt."""
     train_path = Path(data_cfg.train)
     rows, lines = read_rows_with_lines(train_path)
     eval_rows = eval_lines = None
@@ -420,10 +441,16 @@ def prepare_splits(data_cfg, tokenizer, max_length: int, seed: int) -> tuple[Pre
         eval_rows, eval_lines = [rows[i] for i in ev], [lines[i] for i in ev] if lines else None
         rows, lines = [rows[i] for i in tr], [lines[i] for i in tr] if lines else None
     train = prepare_rows(rows, tokenizer, data_cfg, max_length, source=str(train_path), lines=lines)
+    examples = []
+    if shots:
+        g = torch.Generator().manual_seed(seed)
+        drawn = torch.randperm(len(rows), generator=g).tolist()[:shots]
+        formatter = Formatter(tokenizer, data_cfg, train.format, train.labels)
+        examples = [formatter.pair(r) for r in _apply_columns([rows[i] for i in drawn], data_cfg.columns)]
     evaluation = None
     if data_cfg.eval:
         evaluation = prepare_file(
-            data_cfg.eval, tokenizer, data_cfg, max_length, fmt=train.format, labels=train.labels
+            data_cfg.eval, tokenizer, data_cfg, max_length, fmt=train.format, labels=train.labels, shots=examples
         )
     elif eval_rows:
         evaluation = prepare_rows(
@@ -435,6 +462,7 @@ def prepare_splits(data_cfg, tokenizer, max_length: int, seed: int) -> tuple[Pre
             lines=eval_lines,
             fmt=train.format,
             labels=train.labels,
+            shots=examples,
         )
     return train, evaluation
 

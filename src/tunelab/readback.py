@@ -120,6 +120,8 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RunError(f"{out_dir} is not empty; choose a new directory for the merged model")
     loaded = load_run(run_dir)
+    if loaded.stack.baseline:
+        raise RunError(f"{run_dir} is a prompting baseline: nothing was trained, so there is nothing to merge")
     if loaded.stack.standalone:
         raise RunError(
             f"{run_dir} used {'+'.join(loaded.cfg.strategy_names())}: its {MODEL}/ is already a "

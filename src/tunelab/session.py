@@ -113,7 +113,7 @@ class Session:
         set_seed(cfg.training.seed)
         self.model = self.stack.apply(self.model).to(self.device)
         self.trainable, self.total = count_parameters(self.model)
-        if self.trainable == 0:
+        if self.trainable == 0 and not self.stack.baseline:
             raise RunError(f"strategy {'+'.join(cfg.strategy_names())} leaves no parameter to train")
         if self.main:
             for line in self.stack.describe(self.model):

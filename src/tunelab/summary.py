@@ -17,7 +17,7 @@ from tunelab.errors import RunError
 from tunelab.rundir import CONFIG, MODEL, SUMMARY
 from tunelab.runtime import peak_memory_mb, write_json_atomic
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 
 
 class _Section(BaseModel):
@@ -54,7 +54,7 @@ class Memory(_Section):
 
 
 class Summary(_Section):
-    summary_version: Literal[1]
+    summary_version: Literal[2]
     mode: Literal["single", "continual", "multitask"]
     strategy: list[str]
     model: str
@@ -63,7 +63,8 @@ class Summary(_Section):
     world_size: int
     parameters: Parameters
     data: dict[str, Any] | None = None  #: single: format, labels, train/eval row counts
-    train: TrainStats | list[TaskTrainStats]  #: single, multitask: one fit; continual: one per task
+    #: single, multitask: one fit; continual: one per task; absent for a prompting baseline (nothing trains)
+    train: TrainStats | list[TaskTrainStats] | None = None
     eval_before: dict[str, Any] | None = None  #: scores of the untouched model (eval.before)
     eval: dict[str, Any] | None = None  #: scores after training (tunelab.evaluate.score)
     forgetting: dict[str, Any] | None = None  #: before / after / delta on the retention set, original tasks

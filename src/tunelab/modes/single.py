@@ -1,4 +1,6 @@
-"""``mode: single``: one training set, one fit, scored before and after, forgetting measured."""
+"""``mode: single``: one training set, one fit, scored before and after, forgetting measured. A prompting
+baseline (a strategy that declares ``baseline``) skips the fit: the untouched model is scored, with the
+stack's ``prompt_examples`` training rows shown before every eval prompt."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ class SingleRun(RunMode):
     def prepare_data(self) -> None:
         cfg, s = self.cfg, self.session
         self.train_data, self.eval_data = prepare_splits(
-            cfg.data, s.tokenizer, cfg.training.max_length, cfg.training.seed
+            cfg.data, s.tokenizer, cfg.training.max_length, cfg.training.seed, shots=s.stack.prompt_examples
         )
         self.originals = s.original_tasks()
 
@@ -30,6 +32,9 @@ class SingleRun(RunMode):
                 self.eval_before = s.score_base(self.eval_data)
             self.before_retention = s.retention_before()
             self.score_originals_before()
+        if s.stack.baseline:  # nothing trains: the scores after are the untouched model's
+            self.stats = None
+            return
         self.stats = s.fit(
             self.train_data.features, self.eval_data, self.run_dir, resume=self.resume, callbacks=self.callbacks
         )
@@ -46,7 +51,8 @@ class SingleRun(RunMode):
         }
         if self.eval_before is not None:
             summary["eval_before"] = self.eval_before
-        summary["train"] = self.stats
+        if self.stats is not None:
+            summary["train"] = self.stats
         if ev is not None:
             summary["eval"] = s.score(ev)
         after = s.retention_after()

@@ -15,6 +15,7 @@ from tunelab.strategies import (  # noqa: E402,F401
     lora,
     peft_any,
     prompt_learning,
+    prompting,
     replay,
     retention,
 )

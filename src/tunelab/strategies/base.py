@@ -62,7 +62,7 @@ from pydantic import Field
 from tunelab.schema import StrictModel
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 class StrategyError(ValueError):
@@ -125,6 +125,9 @@ class Strategy:
     #: True when it changes base weights (full, layer-wise): the base model's outputs then need a frozen
     #: copy; otherwise disabling the added modules gives them.
     changes_base_weights: ClassVar[bool] = False
+    #: True for a baseline that scores the untouched model (prompting): no training run, no artefact, and
+    #: ``prompt_examples(config)`` training rows shown in every scored prompt.
+    baseline: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig):
         self.config = config  # multi-task runs: the stack sets the task names and label sets before ``apply``
@@ -142,6 +145,11 @@ class Strategy:
     def needs(cls, config: StrategyConfig) -> frozenset[Need]:
         """What the run must provide to this strategy (read before the model loads)."""
         return frozenset()
+
+    @classmethod
+    def prompt_examples(cls, config: StrategyConfig) -> int:
+        """Baselines: how many training rows to show, as solved examples, before every scored prompt."""
+        return 0
 
     @classmethod
     def provides(cls, config: StrategyConfig) -> frozenset[str]:
@@ -315,6 +323,14 @@ def check_combination(configs: list[StrategyConfig]) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"a strategy appears twice: {names}")
     classes = [get_strategy(c.name) for c in configs]
+    baselines = [cls.name for cls in classes if cls.baseline]
+    if baselines and len(configs) > 1:
+        raise ValueError(
+            f"{baselines[0]} scores the untouched model without training; it combines with no other strategy "
+            f"(got {' + '.join(names)}): compare it with them instead"
+        )
+    if baselines:
+        return
     if not any(cls.trains for cls in classes):
         raise ValueError(
             f"{' + '.join(names)} train nothing by themselves; add a strategy that trains, "

@@ -40,12 +40,21 @@ class StrategyStack:
 
     @property
     def default_lr(self) -> float:
-        return next(s for s in self.items if s.trains).default_lr
+        return next((s for s in self.items if s.trains), self.items[0]).default_lr
+
+    @property
+    def baseline(self) -> bool:
+        """A prompting baseline: the untouched model is scored, nothing trains."""
+        return any(s.baseline for s in self.items)
+
+    @property
+    def prompt_examples(self) -> int:
+        return max(type(s).prompt_examples(s.config) for s in self.items)
 
     @property
     def standalone(self) -> bool:
         """The artefact is a whole model (full fine-tuning), not additions to a base model."""
-        return all(s.artefact == "full" for s in self._savers)
+        return bool(self._savers) and all(s.artefact == "full" for s in self._savers)
 
     @property
     def not_mergeable(self) -> list[str]:
@@ -161,7 +170,7 @@ class StrategyStack:
         component put back in application order."""
         if self.standalone:
             return type(self._savers[0]).load(None, model_dir)
-        model = base_model()
+        model = base_model()  # with nothing saved (a prompting baseline), the base model itself
         for s in self.items:
             model = type(s).load(model, self.component_dir(model_dir, s))
         return model
