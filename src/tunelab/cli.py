@@ -1,4 +1,4 @@
-"""``tunelab`` command line: train | validate | eval | generate | merge | strategies | demo.
+"""``tunelab`` command line: train | validate | eval | generate | merge | compare | report | strategies | demo.
 
 Each verb is one entry of :data:`VERBS` and a thin layer over the Python API of the same name
 (``tunelab.train`` etc.). Errors a user can
@@ -105,6 +105,47 @@ def _merge(args) -> int:
     return 0
 
 
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("grid", help="a grid YAML: base config + named variants (docs/compare.md)")
+
+
+def _compare(args) -> int:
+    from tunelab.run import compare
+
+    out = compare(args.grid)
+    print(f"comparison written to {out}/ (report.html, report.md, results.csv)")
+    print((out / "report.md").read_text().split("\n\n|")[0].removeprefix("# Comparison\n\n"))
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a comparison directory (tunelab compare's output_dir)")
+    p.add_argument("--within", type=float, default=None, help="N in 'cheapest within N%% of the best' (0-100)")
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from tunelab.config import safe_load
+    from tunelab.errors import RunError
+    from tunelab.lab.compare import GRID, Grid
+    from tunelab.run import report
+
+    out = Path(args.dir)
+    if not (out / GRID).is_file():
+        raise RunError(f"{out} is not a comparison directory (no {GRID}); run `tunelab compare GRID.yaml` first")
+    within = (
+        args.within
+        if args.within is not None
+        else Grid.model_validate(safe_load((out / GRID).read_text())).report.within
+    )
+    if not 0 <= within <= 100:
+        raise RunError(f"--within {within}: a percentage from 0 to 100")
+    files = report(out, within=within)
+    print(f"report rebuilt: {files['html']}, {files['md']}, {files['csv']}")
+    return 0
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=60)
@@ -158,6 +199,8 @@ VERBS: dict[str, Verb] = {
     "eval": Verb("score a run (or a bare model) on its eval file or --data", _eval_args, _eval),
     "generate": Verb("answer a prompt with a run's model (chat template applied)", _generate_args, _generate),
     "merge": Verb("fold a run's adapter into a standalone safetensors model", _merge_args, _merge),
+    "compare": Verb("run several strategies on the same data and budget, and report", _compare_args, _compare),
+    "report": Verb("rebuild a comparison's report from its files", _report_args, _report),
     "strategies": Verb("list the strategies: phase, summary, options", _strategies_args, _strategies),
     "demo": Verb("LoRA on the default model for support-ticket triage, before vs after", _demo_args, _demo),
 }

@@ -5,6 +5,7 @@
 - ``tunelab.rundir`` — the run directory: marker, lock, what may be replaced, how a run ends;
 - ``tunelab.artefacts`` — the final artefact: written atomically and never non-finite, read back;
 - ``tunelab.readback`` — evaluate, generate, merge;
+- ``tunelab.lab`` — compare (several variants, one comparison dir) and report (its tables and plots);
 - ``tunelab.summary`` — summary.json and its versioned schema;
 - ``tunelab.runtime`` — device, precision, rank, memory.
 
@@ -25,7 +26,20 @@ from __future__ import annotations
 
 from tunelab.artefacts import LoadedRun, load_run
 from tunelab.errors import RunError
+from tunelab.lab.compare import compare
+from tunelab.lab.report import write_report as report
 from tunelab.modes import RunResult, train
 from tunelab.readback import evaluate, generate, merge
 
-__all__ = ["LoadedRun", "RunError", "RunResult", "evaluate", "generate", "load_run", "merge", "train"]
+__all__ = [
+    "LoadedRun",
+    "RunError",
+    "RunResult",
+    "compare",
+    "evaluate",
+    "generate",
+    "load_run",
+    "merge",
+    "report",
+    "train",
+]
