@@ -8,10 +8,12 @@ The Python API mirrors the CLI::
     tunelab.evaluate(result.run_dir)                               # tunelab eval
     tunelab.generate(result.run_dir, "Hello")                      # tunelab generate
     tunelab.merge(result.run_dir, "merged/")                       # tunelab merge
+    tunelab.compare("grid.yaml")                                   # tunelab compare
+    tunelab.report("runs/compare", within=5)                       # tunelab report
 """
 
 from tunelab.config import ConfigError, RunConfig, load_config
-from tunelab.run import RunResult, evaluate, generate, load_run, merge, train
+from tunelab.run import RunResult, compare, evaluate, generate, load_run, merge, report, train
 from tunelab.strategies import Strategy, StrategyConfig, register_strategy
 
 __all__ = [
@@ -20,12 +22,14 @@ __all__ = [
     "RunResult",
     "Strategy",
     "StrategyConfig",
+    "compare",
     "evaluate",
     "generate",
     "load_config",
     "load_run",
     "merge",
     "register_strategy",
+    "report",
     "train",
 ]
 __version__ = "0.1.0"
