@@ -110,3 +110,19 @@ def test_every_variant_is_validated_before_the_first_runs(tiny_llama, memo_data,
     dup = write_grid(tmp_path, tiny_llama, memo_data, [{"name": "a", "strategy": "lora"}] * 2)
     with pytest.raises(ConfigError, match="names repeat"):
         load_grid(dup)
+
+
+def test_a_prompt_baseline_row_is_added_unless_one_is_there(tiny_llama, memo_data, tmp_path):
+    plain = [{"name": "lora", "strategy": "lora"}, {"name": "full", "strategy": "full"}]
+    _, configs = load_grid(write_grid(tmp_path, tiny_llama, memo_data, plain))
+    assert list(configs) == ["zero-shot", "lora", "full"]
+    assert configs["zero-shot"].strategy_names() == ["prompt-only"]
+    few = [{"name": "4-shot", "strategy": {"name": "prompt-only", "shots": 4}}, *plain]
+    assert list(load_grid(write_grid(tmp_path, tiny_llama, memo_data, few))[1]) == ["4-shot", "lora", "full"]
+    off = write_grid(tmp_path, tiny_llama, memo_data, plain, baseline=False)
+    assert list(load_grid(off)[1]) == ["lora", "full"]
+    taken = [{"name": "zero-shot", "strategy": "lora"}]  # the name is taken by a trained variant
+    assert list(load_grid(write_grid(tmp_path, tiny_llama, memo_data, taken))[1]) == [
+        "prompt-baseline",
+        "zero-shot",
+    ]

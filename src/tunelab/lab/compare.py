@@ -12,6 +12,9 @@ A grid is a base run config plus named variants::
     output_dir: runs/compare
     report: {within: 5}
 
+A zero-shot prompt baseline (``prompt-only``: the untouched model, no training) is added as the first row
+unless a variant is already a prompt baseline or the grid says ``baseline: false``.
+
 Each variant is the base with the variant's keys merged in (mappings merge, other values replace) and its
 ``set`` overrides applied, exactly like ``tunelab train --set``. A variant may change strategies, mode,
 learning rates and any other option, but not what makes the comparison fair: the data (``data``,
@@ -62,6 +65,11 @@ class ReportOptions(StrictModel):
 class Grid(StrictModel):
     base: dict[str, Any] = Field(description="The run config every variant starts from.")
     variants: list[Variant] = Field(min_length=1, description="Named variants of the base.")
+    baseline: bool = Field(
+        True,
+        description="Add a zero-shot prompt baseline (the untouched model, no training) as the first row when "
+        "no variant is a prompt baseline.",
+    )
     output_dir: str = Field("runs/compare", description="The comparison directory.")
     report: ReportOptions = Field(default_factory=ReportOptions)
 
@@ -96,6 +104,7 @@ def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:
     names = [v.name for v in grid.variants]
     if len(set(names)) != len(names):
         raise ConfigError([f"{path}: variants: names repeat: {sorted({n for n in names if names.count(n) > 1})}"])
+    grid = _with_baseline(grid)
     configs, problems = {}, []
     for v in grid.variants:
         extra = {k: val for k, val in (v.__pydantic_extra__ or {}).items()}
@@ -115,6 +124,25 @@ def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:
     if problems:
         raise ConfigError(problems, str(path))
     return grid, configs
+
+
+def _with_baseline(grid: Grid) -> Grid:
+    """The grid with a zero-shot prompt baseline first, unless it has one or ``baseline: false``."""
+    from tunelab.strategies import get_strategy, validate_strategy_specs
+
+    def is_baseline(v: Variant) -> bool:
+        spec = (v.__pydantic_extra__ or {}).get("strategy", grid.base.get("strategy"))
+        try:
+            return any(get_strategy(c.name).baseline for c in validate_strategy_specs(spec))
+        except (ValueError, TypeError):
+            return False  # an invalid spec is reported with the variant's other problems
+
+    if not grid.baseline or any(is_baseline(v) for v in grid.variants):
+        return grid
+    names = {v.name for v in grid.variants}
+    name = next(n for n in ("zero-shot", "prompt-baseline", "zero-shot-baseline") if n not in names)
+    first = Variant.model_validate({"name": name, "strategy": {"name": "prompt-only"}})
+    return grid.model_copy(update={"variants": [first, *grid.variants]})
 
 
 def _state(run_dir: Path) -> str:
@@ -162,10 +190,10 @@ def compare(path: str | os.PathLike, *, callbacks: list | None = None) -> Path:
 
 
 def read_grid(out: Path) -> Grid:
-    """The grid a comparison dir was run from (its copy in the dir)."""
+    """The grid a comparison dir was run from (its copy in the dir), with the baseline row it ran."""
     if not (Path(out) / GRID).is_file():
         raise RunError(f"{out} is not a comparison directory (no {GRID}); run `tunelab compare GRID.yaml` first")
-    return Grid.model_validate(safe_load((Path(out) / GRID).read_text(encoding="utf-8")))
+    return _with_baseline(Grid.model_validate(safe_load((Path(out) / GRID).read_text(encoding="utf-8"))))
 
 
 def read_status(out: Path) -> dict[str, dict]:
