@@ -11,7 +11,8 @@ import yaml
 from conftest import crash_at, tiny_config
 from tunelab.cli import main
 from tunelab.config import ConfigError
-from tunelab.lab.compare import compare, load_grid
+from tunelab.lab.compare import compare
+from tunelab.lab.grid import load_grid
 
 
 def write_grid(tmp_path, model, data, variants, **extra) -> str:

@@ -126,19 +126,12 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 def _report(args) -> int:
     from pathlib import Path
 
-    from tunelab.config import safe_load
     from tunelab.errors import RunError
-    from tunelab.lab.compare import GRID, Grid
+    from tunelab.lab.grid import read_grid
     from tunelab.run import report
 
     out = Path(args.dir)
-    if not (out / GRID).is_file():
-        raise RunError(f"{out} is not a comparison directory (no {GRID}); run `tunelab compare GRID.yaml` first")
-    within = (
-        args.within
-        if args.within is not None
-        else Grid.model_validate(safe_load((out / GRID).read_text())).report.within
-    )
+    within = args.within if args.within is not None else read_grid(out).report.within
     if not 0 <= within <= 100:
         raise RunError(f"--within {within}: a percentage from 0 to 100")
     files = report(out, within=within)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.evaluate import headline
-from tunelab.lab.compare import VARIANTS, read_grid, read_status
 from tunelab.lab.frontier import Point, pareto_front, recommend
+from tunelab.lab.grid import VARIANTS, read_grid, read_status
 from tunelab.rundir import METRICS, MODEL, SUMMARY
 from tunelab.runtime import write_json_atomic
 
