@@ -127,3 +127,14 @@ def test_a_prompt_baseline_row_is_added_unless_one_is_there(tiny_llama, memo_dat
         "prompt-baseline",
         "zero-shot",
     ]
+
+
+def test_a_comparison_never_writes_into_a_directory_it_did_not_make(tiny_llama, memo_data, tmp_path):
+    (tmp_path / "cmp").mkdir()
+    mine = tmp_path / "cmp" / "report.md"
+    mine.write_text("my own notes")
+    grid = write_grid(tmp_path, tiny_llama, memo_data, [{"name": "lora", "strategy": "lora"}])
+    assert main(["compare", grid]) == 2
+    assert mine.read_text() == "my own notes" and sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
+        "report.md"
+    ]

@@ -22,7 +22,9 @@ learning rates and any other option, but not what makes the comparison fair: the
 base; a variant that sets them is refused, naming it. Every variant's config is validated before the first
 one runs.
 
-Layout: ``<dir>/grid.yaml`` (the grid as given), ``<dir>/variants/<name>/`` (an ordinary run dir) and
+Layout: ``<dir>/.tunelab-compare`` (the marker: a comparison only starts in a new or empty directory and
+continues only in one that holds the marker, so no file of the user's is overwritten), ``<dir>/grid.yaml``
+(the grid as given), ``<dir>/variants/<name>/`` (an ordinary run dir) and
 ``<dir>/status.json`` (each variant's state: done, failed with its error line, or not run yet). Rerunning
 the same command continues: finished variants are skipped, a variant killed mid-run resumes from its last
 checkpoint (``--resume``), a failed one is tried again. A variant that fails is recorded with its error
@@ -35,12 +37,14 @@ import json
 import os
 from pathlib import Path
 
-from tunelab.errors import first_line
+from tunelab.errors import RunError, first_line
 from tunelab.lab.grid import GRID, STATUS, VARIANTS, load_grid
 from tunelab.lab.report import write_report
 from tunelab.modes import train
 from tunelab.rundir import MARKER, SUMMARY
 from tunelab.runtime import write_json_atomic
+
+MARK = ".tunelab-compare"  #: proves a directory is a comparison tunelab wrote (and may continue)
 
 
 def _state(run_dir: Path) -> str:
@@ -56,7 +60,15 @@ def compare(path: str | os.PathLike, *, callbacks: list | None = None) -> Path:
     comparison directory. Mirrors ``tunelab compare``."""
     grid, configs = load_grid(path)
     out = Path(grid.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output_dir {out} is a file; a comparison writes a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
+        raise RunError(
+            f"output_dir {out} holds files tunelab did not write (no {MARK}); a comparison only continues in "
+            "its own directory: choose a new or empty one"
+        )
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).write_text("a tunelab comparison directory: tunelab compare writes here\n")
     (out / GRID).write_text(Path(path).read_text(encoding="utf-8"))
     status_file = out / STATUS
     status: dict[str, dict] = json.loads(status_file.read_text()) if status_file.is_file() else {}
