@@ -33,12 +33,11 @@ and the others still run.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from tunelab.errors import RunError, first_line
-from tunelab.lab.grid import GRID, STATUS, VARIANTS, load_grid
+from tunelab.lab.grid import GRID, STATUS, VARIANTS, load_grid, read_status
 from tunelab.lab.report import write_report
 from tunelab.modes import train
 from tunelab.rundir import MARKER, SUMMARY
@@ -71,7 +70,7 @@ def compare(path: str | os.PathLike, *, callbacks: list | None = None) -> Path:
     (out / MARK).write_text("a tunelab comparison directory: tunelab compare writes here\n")
     (out / GRID).write_text(Path(path).read_text(encoding="utf-8"))
     status_file = out / STATUS
-    status: dict[str, dict] = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    status = read_status(out)
     for name, cfg in configs.items():
         run_dir = out / VARIANTS / name
         state = _state(run_dir)

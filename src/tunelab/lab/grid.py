@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from tunelab.config import ConfigError, RunConfig, load_config, safe_load
+from tunelab.config import ConfigError, RunConfig, load_config, parse_override, safe_load
 from tunelab.errors import RunError, first_line
 from tunelab.schema import StrictModel
 
@@ -55,7 +55,15 @@ def _merge(into: dict, extra: dict) -> dict:
 def _touches(extra: dict, sets: list[str], key: str) -> bool:
     head, _, rest = key.partition(".")
     in_extra = head in extra and (not rest or (isinstance(extra[head], dict) and rest in extra[head]))
-    return in_extra or any(s.split("=", 1)[0].strip() == key for s in sets)
+    return in_extra or any(_set_key(s) == key for s in sets)
+
+
+def _set_key(item: str) -> str | None:
+    """The key an override sets; None for a malformed one (load_config reports it, naming the variant)."""
+    try:
+        return parse_override(item)[0]
+    except ConfigError:
+        return None
 
 
 def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:

@@ -88,12 +88,13 @@ def collect(out: Path) -> list[dict[str, Any]]:
             t = s.get("train")
             t = t[-1] if isinstance(t, list) else t  # a continual run: its last task's stats
             kl, rep, orig = _forgetting(s)
+            metric, score = _score(s)
             row.update(
                 state="done",
                 strategy="+".join(s["strategy"]),
                 mode=s["mode"],
-                score=_score(s)[1],
-                metric=_score(s)[0],
+                score=score,
+                metric=metric,
                 kl_to_base=kl,
                 base_answers_reproduced=rep,
                 original_tasks_score=orig,

@@ -25,6 +25,7 @@ TensorBoard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -98,14 +99,7 @@ class TaskMixSampler(torch.utils.data.Sampler):
 
 
 def _tagged(prepared: Prepared, task: int) -> Prepared:
-    return Prepared(
-        [{**f, "task": task} for f in prepared.features],
-        prepared.prompts,
-        prepared.references,
-        prepared.stats,
-        prepared.format,
-        prepared.labels,
-    )
+    return dataclasses.replace(prepared, features=[{**f, "task": task} for f in prepared.features])
 
 
 class MultitaskRun(RunMode):
