@@ -138,3 +138,78 @@ def test_a_comparison_never_writes_into_a_directory_it_did_not_make(tiny_llama, 
     assert mine.read_text() == "my own notes" and sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
         "report.md"
     ]
+
+
+def test_variants_with_extra_tasks_are_scored_on_the_comparisons_own_data(tiny_llama, memo_data, tmp_path):
+    from conftest import write_jsonl
+
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": f"say {w} ?", "completion": w} for w in "abcd"] * 4)
+    own = {"name": "memo", "train": str(memo_data), "eval": str(memo_data)}
+    extra = {"name": "other", "train": str(other), "eval": str(other)}
+    variants = [
+        {"name": "lora", "strategy": "lora"},
+        {"name": "joint", "strategy": "lora", "mode": "multitask", "tasks": [own, extra]},
+        {"name": "after-other", "strategy": "lora", "mode": "continual", "tasks": [extra, own]},
+    ]
+    out = compare(write_grid(tmp_path, tiny_llama, memo_data, variants, baseline=False))
+    rows = {r["variant"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert [rows[n]["extra_tasks"] for n in ("lora", "joint", "after-other")] == ["", "other", "other"]
+    joint = json.loads((out / "variants" / "joint" / "summary.json").read_text())
+    assert float(rows["joint"]["score"]) == joint["multitask"]["eval"]["memo"]["exact_match"]
+    seq = json.loads((out / "variants" / "after-other" / "summary.json").read_text())
+    assert float(rows["after-other"]["score"]) == seq["continual"]["matrix"][-1][1]  # memo, after the sequence
+    # a continual run: both tasks' training time and loss curve, one after the other
+    assert float(rows["after-other"]["train_time_s"]) == pytest.approx(
+        sum(t["train_time_s"] for t in seq["train"]), abs=0.01
+    )
+    from tunelab.lab.report import loss_curve
+
+    steps = [s for s, _ in loss_curve(out / "variants" / "after-other")]
+    assert steps == sorted(steps) and steps[-1] == 12
+
+    # extra tasks, but not the comparison's own data among them: refused
+    elsewhere = [{"name": "x", "strategy": "lora", "mode": "multitask", "tasks": [extra, {**extra, "name": "y"}]}]
+    with pytest.raises(ConfigError, match="variant x: tasks must include the comparison's own data"):
+        load_grid(write_grid(tmp_path, tiny_llama, memo_data, elsewhere))
+
+
+def test_with_a_budget_in_steps_every_variant_trains_on_the_same_batch(tiny_llama, memo_data, tmp_path):
+    variants = [
+        {"name": "a", "strategy": "lora"},
+        {"name": "b", "strategy": "lora", "set": ["training.grad_accum=2"]},
+    ]
+    with pytest.raises(ConfigError, match=r"different batches \(batch_size × grad_accum: a 4, b 8\)"):
+        load_grid(write_grid(tmp_path, tiny_llama, memo_data, variants))
+    path = write_grid(tmp_path, tiny_llama, memo_data, variants)
+    grid = yaml.safe_load(open(path))
+    grid["base"]["training"].pop("max_steps")
+    grid["base"]["training"]["max_tokens"] = 2000  # a budget in tokens: batches may differ
+    open(path, "w").write(yaml.safe_dump(grid))
+    _, configs = load_grid(path)
+    assert configs["b"].training.grad_accum == 2 and configs["b"].training.max_tokens == 2000
+    with pytest.raises(ConfigError, match="variant c: sets training.max_tokens"):
+        grid["variants"] = [{"name": "c", "strategy": "lora", "set": ["training.max_tokens=9"]}]
+        open(path, "w").write(yaml.safe_dump(grid))
+        load_grid(path)
+
+
+def test_continuing_refuses_a_changed_base_or_variant_and_runs_added_variants(
+    tiny_llama, memo_data, tmp_path, capsys
+):
+    path = write_grid(tmp_path, tiny_llama, memo_data, [{"name": "lora", "strategy": "lora"}], baseline=False)
+    out = compare(path)
+    grid = yaml.safe_load(open(path))
+    grid["base"]["training"]["max_steps"] = 7
+    open(path, "w").write(yaml.safe_dump(grid))
+    assert main(["compare", path]) == 2
+    assert "different base config" in capsys.readouterr().err
+    grid["base"]["training"]["max_steps"] = 6
+    grid["variants"] = [{"name": "lora", "strategy": {"name": "lora", "r": 4}}]
+    open(path, "w").write(yaml.safe_dump(grid))
+    assert main(["compare", path]) == 2
+    assert "variant(s) lora changed since they ran" in capsys.readouterr().err
+    grid["variants"] = [{"name": "lora", "strategy": "lora"}, {"name": "full", "strategy": "full"}]
+    open(path, "w").write(yaml.safe_dump(grid))
+    assert main(["compare", path]) == 0
+    assert "lora: done earlier, skipped" in capsys.readouterr().out
+    assert [r["variant"] for r in csv.DictReader((out / "results.csv").open())] == ["lora", "full"]

@@ -50,6 +50,41 @@ def test_tokens_seen_counts_non_padding_tokens(tiny_llama, memo_data, tmp_path):
     assert result.summary["train"]["tokens_seen"] == sum(f["length"] for f in prepared.features)
 
 
+def test_a_budget_in_tokens_stops_at_the_first_step_reaching_it_and_resumes_to_the_same_step(
+    tiny_llama, memo_data, tmp_path
+):
+    from tunelab.config import DataConfig
+    from tunelab.data import prepare_file
+    from tunelab.models import load_tokenizer
+
+    lengths = [
+        f["length"]
+        for f in prepare_file(memo_data, load_tokenizer(tiny_llama), DataConfig(train=str(memo_data)), 64).features
+    ]
+    budget = int(sum(lengths) * 1.5)  # a budget of one and a half epochs, in tokens
+    opts = {"max_steps": None, "max_tokens": budget, "logging_steps": 1, "save_steps": 2, "batch_size": 4}
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "whole", "lora", **opts)
+    cfg["training"].pop("max_steps")
+    whole = train(cfg)
+    seen = [
+        r["tokens_seen"]
+        for r in map(json.loads, (whole.run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    assert seen[-1] == whole.summary["train"]["tokens_seen"] >= budget > seen[-2]
+    # the schedule's horizon is the budget at the data's mean tokens per step: 16 rows, 4 steps per epoch
+    assert whole.summary["train"]["steps"] == len(seen) == 6
+    cfg["output_dir"] = str(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[crash_at(3)])
+    resumed = train(cfg, resume=True)
+    assert resumed.summary["train"]["resumed_from"] == "checkpoint-2"
+    assert resumed.summary["train"]["tokens_seen"] == whole.summary["train"]["tokens_seen"]
+    w1, w2 = final_weights(whole.run_dir), final_weights(resumed.run_dir)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_same_seed_same_weights_other_seed_other_weights(tiny_llama, memo_data, tmp_path):
     a = train(tiny_config(tiny_llama, memo_data, tmp_path / "a", "lora", max_steps=4)).run_dir
     b = train(tiny_config(tiny_llama, memo_data, tmp_path / "b", "lora", max_steps=4)).run_dir

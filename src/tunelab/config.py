@@ -95,8 +95,15 @@ class DataConfig(Strict):
 
 
 class TrainingConfig(Strict):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps or max_tokens is set).")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    max_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Budget in tokens: stop once this many non-padding training tokens have been seen (all "
+        "processes together). Without max_steps, the schedule runs over the steps this budget takes at the "
+        "data's mean tokens per step.",
+    )
     batch_size: int = Field(8, gt=0, description="Examples per device per forward pass.")
     grad_accum: int = Field(1, gt=0, description="Forward passes accumulated per optimizer step.")
     lr: float | None = Field(

@@ -296,6 +296,19 @@ class Throughput:
         return (state.num_input_tokens_seen - self.tokens0) / dt if dt > 0 else 0.0
 
 
+class TokenBudget(TrainerCallback):
+    """Stops training at the first optimizer step that brings the tokens seen (non-padding, all processes:
+    the Trainer gathers them) to ``training.max_tokens``. The count is in the checkpoint's trainer state, so a
+    resumed run stops at the same step."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.num_input_tokens_seen >= self.max_tokens:
+            control.should_training_stop = True
+
+
 class BarCallback(ProgressCallback):
     """tqdm bar (steps, ETA) whose postfix shows the latest loss and tokens/s instead of printing dicts."""
 

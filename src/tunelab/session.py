@@ -7,6 +7,7 @@ knows nothing of modes or run directories beyond where a fit writes its checkpoi
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,17 @@ from tunelab.strategies.stack import StrategyStack
 
 
 def training_arguments(
-    cfg: RunConfig, run_dir: Path, lr: float, precision: str, has_eval: bool, unused_parameters: bool = False
+    cfg: RunConfig,
+    run_dir: Path,
+    lr: float,
+    precision: str,
+    has_eval: bool,
+    unused_parameters: bool = False,
+    max_steps: int | None = None,
 ):
     """``unused_parameters``: some trained parameters sit out whole steps (per-task parts: only the batch's
-    task's are used), which DDP must be told."""
+    task's are used), which DDP must be told. ``max_steps``: the horizon, when it is not ``training.max_steps``
+    (a budget in tokens: :func:`token_budget_steps`)."""
     from transformers import TrainingArguments
 
     t = cfg.training
@@ -41,7 +49,7 @@ def training_arguments(
         per_device_eval_batch_size=cfg.eval.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
+        max_steps=max_steps or t.max_steps or -1,
         learning_rate=lr,
         lr_scheduler_type=t.schedule,
         warmup_steps=t.warmup_ratio or t.warmup_steps,
@@ -71,6 +79,16 @@ def training_arguments(
         ddp_find_unused_parameters=unused_parameters,
         dataloader_num_workers=0,
     )
+
+
+def token_budget_steps(cfg: RunConfig, features: list[dict]) -> int | None:
+    """With ``training.max_tokens`` and no ``max_steps``: the optimizer steps the budget takes at the data's
+    mean tokens per step (the schedule's horizon; TokenBudget stops at the budget itself)."""
+    t = cfg.training
+    if t.max_tokens is None or t.max_steps is not None or not features:
+        return None
+    per_step = sum(f["length"] for f in features) / len(features) * t.batch_size * t.grad_accum * world_size()
+    return max(1, math.ceil(t.max_tokens / per_step))
 
 
 class Session:
@@ -191,7 +209,7 @@ class Session:
         from transformers.integrations import TensorBoardCallback
         from transformers.trainer_callback import ProgressCallback
 
-        from tunelab.engine import BarCallback, MetricsCallback, Throughput, TunelabTrainer
+        from tunelab.engine import BarCallback, MetricsCallback, Throughput, TokenBudget, TunelabTrainer
 
         cfg = self.cfg
         if data_hooks:
@@ -203,7 +221,13 @@ class Session:
         trainer = TunelabTrainer(
             model=self.model,
             args=training_arguments(
-                cfg, out_dir, lr, self.precision, eval_data is not None, unused_parameters=self.stack.routes_tasks
+                cfg,
+                out_dir,
+                lr,
+                self.precision,
+                eval_data is not None,
+                unused_parameters=self.stack.routes_tasks,
+                max_steps=token_budget_steps(cfg, train_features),
             ),
             data_collator=Collator(self.tokenizer.pad_token_id, annotations=True),
             train_dataset=features_dataset(train_features),
@@ -221,6 +245,7 @@ class Session:
             MetricsCallback(out_dir / METRICS, throughput),
             tb,
             *self.stack.callbacks(),
+            *([TokenBudget(cfg.training.max_tokens)] if cfg.training.max_tokens else []),
             *(callbacks or []),
         ]:
             trainer.add_callback(cb)

@@ -37,7 +37,7 @@ import os
 from pathlib import Path
 
 from tunelab.errors import RunError, first_line
-from tunelab.lab.grid import GRID, STATUS, VARIANTS, load_grid, read_status
+from tunelab.lab.grid import GRID, STATUS, VARIANTS, Grid, load_grid, read_grid, read_status
 from tunelab.lab.report import write_report
 from tunelab.modes import train
 from tunelab.rundir import MARKER, SUMMARY
@@ -54,6 +54,27 @@ def _state(run_dir: Path) -> str:
     return "new"
 
 
+def _same_grid(old: Grid, new: Grid, status: dict[str, dict], out: Path) -> None:
+    """Continuing a comparison: the base and every variant that has run must be as they were, or its rows
+    would mix two setups. New variants may be added; report options may change."""
+    if old.base != new.base:
+        raise RunError(
+            f"{out} was run with a different base config; continuing would compare runs on different setups: "
+            "restore the base, or choose a new output_dir"
+        )
+    before = {v.name: v for v in old.variants}
+    changed = [
+        v.name
+        for v in new.variants
+        if v.name in before and v.model_dump() != before[v.name].model_dump() and v.name in status
+    ]
+    if changed:
+        raise RunError(
+            f"{out}: variant(s) {', '.join(changed)} changed since they ran; give a changed variant a new name, "
+            "or choose a new output_dir"
+        )
+
+
 def compare(path: str | os.PathLike, *, callbacks: list | None = None) -> Path:
     """Run (or continue) every variant of the grid at ``path``; then write the report. Returns the
     comparison directory. Mirrors ``tunelab compare``."""
@@ -66,11 +87,13 @@ def compare(path: str | os.PathLike, *, callbacks: list | None = None) -> Path:
             f"output_dir {out} holds files tunelab did not write (no {MARK}); a comparison only continues in "
             "its own directory: choose a new or empty one"
         )
+    status = read_status(out) if out.is_dir() else {}
+    if (out / GRID).is_file():
+        _same_grid(read_grid(out), grid, status, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARK).write_text("a tunelab comparison directory: tunelab compare writes here\n")
     (out / GRID).write_text(Path(path).read_text(encoding="utf-8"))
     status_file = out / STATUS
-    status = read_status(out)
     for name, cfg in configs.items():
         run_dir = out / VARIANTS / name
         state = _state(run_dir)

@@ -17,7 +17,7 @@ from tunelab.config import ConfigError, RunConfig, load_config, parse_override, 
 from tunelab.errors import RunError, first_line
 from tunelab.schema import StrictModel
 
-FAIR = ("data", "tasks", "training.seed", "training.max_steps", "training.epochs")
+FAIR = ("data", "tasks", "training.seed", "training.max_steps", "training.max_tokens", "training.epochs")
 VARIANTS, STATUS, GRID = "variants", "status.json", "grid.yaml"
 
 
@@ -88,6 +88,10 @@ def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:
     for v in grid.variants:
         extra = {k: val for k, val in (v.__pydantic_extra__ or {}).items()}
         unfair = [k for k in FAIR if _touches(extra, v.set, k)]
+        # more tasks beside the comparison's own (multitask, continual): allowed, checked below
+        adds_tasks = "tasks" in extra and "data" in grid.base and "tasks" not in grid.base
+        if adds_tasks and not any(_set_key(s) == "tasks" for s in v.set):
+            unfair = [k for k in unfair if k != "tasks"]
         if unfair:
             problems.append(
                 f"{path}: variant {v.name}: sets {', '.join(unfair)}; data, seed and budget belong to `base` so "
@@ -95,14 +99,67 @@ def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:
             )
             continue
         cfg = _merge(grid.base, extra)
+        if adds_tasks:
+            cfg.pop("data")
         cfg["output_dir"] = str(Path(grid.output_dir) / VARIANTS / v.name)
         try:
             configs[v.name] = load_config(cfg, v.set)
         except ConfigError as e:
             problems += [f"{path}: variant {v.name}: {p}" for p in e.problems]
+            continue
+        if adds_tasks and comparison_task(grid.base, configs[v.name]) is None:
+            problems.append(
+                f"{path}: variant {v.name}: tasks must include the comparison's own data (base `data`, the same "
+                "train and eval) as one of them: the row is scored on it, the other tasks are extra training"
+            )
+    problems += _same_batch(path, grid, configs)
     if problems:
         raise ConfigError(problems, str(path))
     return grid, configs
+
+
+def comparison_task(base: dict, cfg: RunConfig | dict) -> str | None:
+    """The name of the task, among a variant's ``tasks``, that is the comparison's own data (the base's
+    ``data``); None when the variant has no tasks or none of them is it."""
+    from tunelab.config import DataConfig
+
+    tasks = cfg.get("tasks") if isinstance(cfg, dict) else cfg.tasks
+    if not tasks or not isinstance(base.get("data"), dict):
+        return None
+    try:
+        own = DataConfig.model_validate(base["data"]).model_dump()
+    except Exception:  # an invalid base data is reported by load_config
+        return None
+    for t in tasks:
+        d = t if isinstance(t, dict) else t.model_dump()
+        data = {k: v for k, v in d.items() if k not in ("name", "weight")}
+        if DataConfig.model_validate(data).model_dump() == own:
+            return d["name"]
+    return None
+
+
+def trains(cfg: RunConfig) -> bool:
+    """Whether a variant trains at all (a prompt baseline does not)."""
+    from tunelab.strategies import get_strategy
+
+    return not any(get_strategy(c.name).baseline for c in cfg.strategy)
+
+
+def _same_batch(path: Path, grid: Grid, configs: dict[str, RunConfig]) -> list[str]:
+    """With a budget in steps or epochs, a variant with a larger batch would get more compute: every
+    variant that trains must use the same batch (``batch_size × grad_accum``); a budget in tokens
+    (``training.max_tokens``) lets them differ."""
+    if (grid.base.get("training") or {}).get("max_tokens") is not None:
+        return []
+    batch = {n: c.training.batch_size * c.training.grad_accum for n, c in configs.items() if trains(c)}
+    if len(set(batch.values())) <= 1:
+        return []
+    listed = ", ".join(f"{n} {b}" for n, b in batch.items())
+    return [
+        f"{path}: variants train on different batches (batch_size × grad_accum: {listed}); with a budget in steps "
+        "or epochs that gives some more compute: keep them equal, or give the budget in tokens "
+        "(base training.max_tokens)"
+    ]
 
 
 def _with_baseline(grid: Grid) -> Grid:

@@ -21,26 +21,46 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import safe_load
 from tunelab.evaluate import headline
 from tunelab.lab.frontier import Point, pareto_front, recommend
-from tunelab.lab.grid import VARIANTS, read_grid, read_status
-from tunelab.rundir import METRICS, MODEL, SUMMARY
+from tunelab.lab.grid import VARIANTS, comparison_task, read_grid, read_status
+from tunelab.rundir import CONFIG, METRICS, MODEL, SUMMARY
 from tunelab.runtime import write_json_atomic
 
 COLUMNS = [
-    "variant", "state", "strategy", "mode", "metric", "score", "kl_to_base", "base_answers_reproduced",
-    "original_tasks_score", "trainable", "trainable_pct", "peak_mb", "tokens_per_s", "train_time_s",
-    "wall_time_s", "artefact_mb", "error",
+    "variant", "state", "strategy", "mode", "extra_tasks", "metric", "score", "kl_to_base",
+    "base_answers_reproduced", "original_tasks_score", "trainable", "trainable_pct", "peak_mb", "tokens_per_s",
+    "train_time_s", "wall_time_s", "artefact_mb", "error",
 ]  # fmt: skip
 
 
-def _score(s: dict) -> tuple[str | None, float | None]:
+def _score(s: dict, task: str | None = None) -> tuple[str | None, float | None]:
+    """The row's metric and score: the headline metric; a run over several tasks is scored on ``task`` (the
+    comparison's own data, when the other tasks are extra training) or else on all of them (a multi-task
+    run's mean, a continual run's average accuracy)."""
     if s.get("multitask"):
-        return s["multitask"]["metric"], s["multitask"]["mean_score"]
+        m = s["multitask"]
+        if task is not None:
+            h = headline(m["eval"][task])
+            return (h[0], float(h[1])) if h else (None, None)
+        return m["metric"], m["mean_score"]
     if s.get("continual"):
-        return f"average {s['continual']['metric']}", s["continual"]["average_accuracy"]
+        c = s["continual"]
+        if task is not None:  # after the whole sequence
+            return c["metric"], float(c["matrix"][-1][c["tasks"].index(task)])
+        return f"average {c['metric']}", c["average_accuracy"]
     h = headline(s.get("eval") or {})
     return (h[0], float(h[1])) if h else (None, None)
+
+
+def _train_stats(s: dict) -> dict | None:
+    """Training stats; a continual run's summed over its tasks."""
+    t = s.get("train")
+    if not isinstance(t, list):
+        return t
+    time_s, tokens = sum(x["train_time_s"] for x in t), sum(x["tokens_seen"] for x in t)
+    return {"train_time_s": round(time_s, 2), "tokens_per_s": round(tokens / time_s, 2) if time_s else None}
 
 
 def _forgetting(s: dict) -> tuple[float | None, float | None, float | None]:
@@ -60,23 +80,27 @@ def _size_mb(path: Path) -> float:
 
 
 def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
-    path = run_dir / METRICS
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if "loss" in r and "step" in r:
-            out.append((int(r["step"]), float(r["loss"])))
+    """The training loss by step; a continual run's tasks one after the other (steps counted on)."""
+    paths = [run_dir / METRICS] if (run_dir / METRICS).is_file() else []
+    if not paths and (run_dir / "tasks").is_dir():  # continual: tasks/<i>-<name>/metrics.jsonl
+        paths = sorted((run_dir / "tasks").glob(f"*/{METRICS}"), key=lambda p: int(p.parent.name.split("-")[0]))
+    out: list[tuple[int, float]] = []
+    for path in paths:
+        offset = out[-1][0] if out else 0
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in r and "step" in r:
+                out.append((offset + int(r["step"]), float(r["loss"])))
     return out
 
 
 def collect(out: Path) -> list[dict[str, Any]]:
     """One row per variant, in the grid's order, from the run dirs and ``status.json``."""
-    names = [v.name for v in read_grid(out).variants]
+    grid = read_grid(out)
+    names = [v.name for v in grid.variants]
     status, rows = read_status(out), []
     for name in names:
         run_dir = out / VARIANTS / name
@@ -85,14 +109,17 @@ def collect(out: Path) -> list[dict[str, Any]]:
         row.update(variant=name, state=st.get("state"), error=st.get("error"), curve=loss_curve(run_dir))
         if (run_dir / SUMMARY).is_file():
             s = json.loads((run_dir / SUMMARY).read_text())
-            t = s.get("train")
-            t = t[-1] if isinstance(t, list) else t  # a continual run: its last task's stats
+            t = _train_stats(s)
             kl, rep, orig = _forgetting(s)
-            metric, score = _score(s)
+            cfg = safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
+            task = comparison_task(grid.base, cfg or {})
+            metric, score = _score(s, task)
+            extra = [x["name"] for x in (cfg or {}).get("tasks") or [] if x["name"] != task] if task else []
             row.update(
                 state="done",
                 strategy="+".join(s["strategy"]),
                 mode=s["mode"],
+                extra_tasks=", ".join(extra) or None,
                 score=score,
                 metric=metric,
                 kl_to_base=kl,
