@@ -213,3 +213,37 @@ def test_continuing_refuses_a_changed_base_or_variant_and_runs_added_variants(
     assert main(["compare", path]) == 0
     assert "lora: done earlier, skipped" in capsys.readouterr().out
     assert [r["variant"] for r in csv.DictReader((out / "results.csv").open())] == ["lora", "full"]
+
+
+def test_the_guide_preset_runs_every_variant_end_to_end(tiny_llama, tmp_path, capsys):
+    # the guide's grid on a tiny model for 2 steps: every variant (baselines, every strategy family, hybrids,
+    # multitask, continual, a distilled student of the LoRA variant) runs and reaches the report
+    from tunelab.lab.compare import _claim
+    from tunelab.lab.presets import write_preset
+
+    out = tmp_path / "guide"
+    _claim(out)
+    (out / "data").mkdir()
+    path = write_preset("guide", out, steps=2, model=str(tiny_llama))
+    grid = yaml.safe_load(path.read_text())
+    assert grid["base"]["model"] == str(tiny_llama) and grid["base"]["training"]["max_steps"] == 2
+    grid["base"]["training"]["max_length"] = 768  # the tiny tokenizer spells words out: longer rows
+    grid["variants"][1]["set"] = ["training.max_length=4096"]  # 4-shot
+    path.write_text(yaml.safe_dump(grid))
+    compare(path)
+    status = json.loads((out / "status.json").read_text())
+    assert {n: s for n, s in status.items() if s["state"] != "done"} == {}
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 20 and [r["variant"] for r in rows][:2] == ["zero-shot", "4-shot"]
+    assert all(r["score"] != "" and r["kl_to_base"] != "" for r in rows)
+    by = {r["variant"]: r for r in rows}
+    assert (
+        by["multitask"]["extra_tasks"] == "sentiment, extraction"
+        and by["continual"]["extra_tasks"] == "extraction"
+    )
+    # continuing skips what ran; the preset again with another budget is refused (its base differs)
+    compare(path)
+    assert capsys.readouterr().out.count("done earlier, skipped") == 20
+    argv = ["compare", "--preset", "guide", "--output-dir", str(out), "--steps", "3", "--model", str(tiny_llama)]
+    assert main(argv) == 2
+    assert "different base config" in capsys.readouterr().err

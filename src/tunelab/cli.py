@@ -106,13 +106,20 @@ def _merge(args) -> int:
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("grid", help="a grid YAML: base config + named variants (docs/compare.md)")
+    p.add_argument("grid", nargs="?", help="a grid YAML: base config + named variants (docs/compare.md)")
+    p.add_argument("--preset", help="a ready-made comparison instead of a grid: guide (docs/results.md)")
+    p.add_argument("--output-dir", help="--preset only: the comparison directory (default runs/<preset>)")
+    p.add_argument("--steps", type=int, help="--preset only: training steps per variant (guide: 30)")
+    p.add_argument("--model", help="--preset only: the model (default: the default model)")
 
 
 def _compare(args) -> int:
+    from tunelab.errors import RunError
     from tunelab.run import compare
 
-    out = compare(args.grid)
+    if args.steps is not None and args.steps <= 0:
+        raise RunError(f"--steps must be a positive number of steps, got {args.steps}")
+    out = compare(args.grid, preset=args.preset, output_dir=args.output_dir, steps=args.steps, model=args.model)
     print(f"comparison written to {out}/ (report.html, report.md, results.csv)")
     print((out / "report.md").read_text().split("\n\n|")[0].removeprefix("# Comparison\n\n"))
     return 0

@@ -95,7 +95,9 @@ class DataConfig(Strict):
 
 
 class TrainingConfig(Strict):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps or max_tokens is set).")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training data (ignored when max_steps or max_tokens is set)."
+    )
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
     max_tokens: int | None = Field(
         None,

@@ -75,11 +75,8 @@ def _same_grid(old: Grid, new: Grid, status: dict[str, dict], out: Path) -> None
         )
 
 
-def compare(path: str | os.PathLike, *, callbacks: list | None = None) -> Path:
-    """Run (or continue) every variant of the grid at ``path``; then write the report. Returns the
-    comparison directory. Mirrors ``tunelab compare``."""
-    grid, configs = load_grid(path)
-    out = Path(grid.output_dir)
+def _claim(out: Path) -> None:
+    """Make sure ``out`` is new, empty or a comparison tunelab wrote, and mark it as one."""
     if out.exists() and not out.is_dir():
         raise RunError(f"output_dir {out} is a file; a comparison writes a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
@@ -87,11 +84,42 @@ def compare(path: str | os.PathLike, *, callbacks: list | None = None) -> Path:
             f"output_dir {out} holds files tunelab did not write (no {MARK}); a comparison only continues in "
             "its own directory: choose a new or empty one"
         )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).write_text("a tunelab comparison directory: tunelab compare writes here\n")
+
+
+def compare(
+    path: str | os.PathLike | None = None,
+    *,
+    preset: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    steps: int | None = None,
+    model: str | None = None,
+    callbacks: list | None = None,
+) -> Path:
+    """Run (or continue) every variant of the grid at ``path``, or of a ready-made ``preset``
+    (:mod:`tunelab.lab.presets`: its data and grid are written under ``output_dir/data``, ``steps`` sets its
+    budget and ``model`` its model); then write the report. Returns the comparison directory. Mirrors
+    ``tunelab compare``."""
+    if (path is None) == (preset is None):
+        raise RunError("give a grid file or a preset (--preset), not both or neither")
+    if preset is not None:
+        from tunelab.lab.presets import PRESETS, write_preset
+
+        if preset not in PRESETS:
+            raise RunError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        out = Path(output_dir or f"runs/{preset}")
+        _claim(out)
+        (out / "data").mkdir(exist_ok=True)
+        path = write_preset(preset, out, steps, model)
+    elif output_dir is not None or steps is not None or model is not None:
+        raise RunError("--output-dir, --steps and --model go with --preset; a grid sets them itself")
+    grid, configs = load_grid(path)
+    out = Path(grid.output_dir)
     status = read_status(out) if out.is_dir() else {}
     if (out / GRID).is_file():
         _same_grid(read_grid(out), grid, status, out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARK).write_text("a tunelab comparison directory: tunelab compare writes here\n")
+    _claim(out)
     (out / GRID).write_text(Path(path).read_text(encoding="utf-8"))
     status_file = out / STATUS
     for name, cfg in configs.items():

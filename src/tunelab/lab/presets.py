@@ -1,0 +1,117 @@
+"""Ready-made comparisons: ``tunelab compare --preset NAME``.
+
+``guide`` runs every strategy of the guide on the default model and the demo task (support-ticket triage,
+:mod:`tunelab.demo`), on one budget: prompt baselines (zero- and 4-shot), full fine-tuning, layer-wise,
+bottleneck adapters, prefix and prompt tuning, LoRA, IA3, the regularizers against forgetting, multi-task
+learning and continual learning (the demo task with the other built-in tasks, :mod:`tunelab.builtin_tasks`,
+as extra training; the row is scored on the demo task), distillation into a smaller student, and hybrids.
+Sized to finish in under an hour on 2 CPU cores (30 steps of batch 8); docs/results.md holds its figures.
+
+A preset is an ordinary grid: it is written to ``<output_dir>/data/<preset>.yaml`` beside its generated data,
+so it can be read, copied and edited like any other (``tunelab compare <output_dir>/data/guide.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.builtin_tasks import write_tasks
+from tunelab.demo import INSTRUCTION
+from tunelab.lab.grid import VARIANTS
+from tunelab.models import resolve_model
+
+LORA = {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "lr": 1e-3}
+FULL_LR = ["training.lr=5.0e-5"]
+LONG = ["training.max_length=1024"]  # four examples in the prompt
+
+
+def _blocks(model: str) -> int:
+    config = json.loads((resolve_model(model) / "config.json").read_text())
+    return int(config.get("num_hidden_layers") or config["n_layer"])
+
+
+def guide(out: Path, steps: int = 30, model: str = "smollm2-135m-instruct") -> dict[str, Any]:
+    """The guide's grid: the demo task's data written under ``out/data``."""
+    triage, sentiment, extraction = write_tasks(out / "data", train_rows=320, eval_rows=40)
+    own = {k: triage[k] for k in ("train", "eval")}
+    teacher = str(out / VARIANTS / "lora")  # the LoRA variant's run (it runs before the students)
+    # the student drops every third block: 20 of the default model's 30, 27% fewer parameters
+    blocks = _blocks(model)
+    student = [b for b in range(blocks) if b % 3 != 2]
+    top = max(1, blocks // 3)  # layer-wise: the top third of the blocks (10 of 30)
+    distill = {"name": "distill", "teacher": teacher, "alpha": 0.5, "temperature": 2.0, "top_k": 64}
+    sequence = [triage, extraction]  # continual: triage first, then a second task; scored on triage after both
+    return {
+        "base": {
+            "model": model,
+            "data": own,
+            "training": {
+                "max_steps": steps,
+                "batch_size": 8,
+                "warmup_steps": 3,
+                "max_length": 192,
+                "logging_steps": 2,
+                "save_steps": steps,
+            },
+            "eval": {"before": False, "max_new_tokens": 24, "batch_size": 20},
+        },
+        "variants": [
+            {"name": "zero-shot", "strategy": {"name": "prompt-only"}},
+            {"name": "4-shot", "strategy": {"name": "prompt-only", "shots": 4}, "set": LONG},
+            {"name": "full", "strategy": "full", "set": FULL_LR},
+            {"name": "layerwise", "strategy": {"name": "layerwise", "top": top, "lr_decay": 0.9, "lr": 1e-4}},
+            {"name": "adapters", "strategy": {"name": "adapters", "placement": "houlsby"}},
+            {"name": "prefix", "strategy": {"name": "prefix", "num_virtual_tokens": 20}},
+            {
+                "name": "prompt-tuning",
+                "strategy": {"name": "prompt", "num_virtual_tokens": 20, "init": "text", "init_text": INSTRUCTION},
+            },
+            {"name": "lora", "strategy": LORA},
+            {"name": "ia3", "strategy": {"name": "ia3"}},
+            {"name": "full+l2sp", "strategy": ["full", {"name": "l2sp", "alpha": 0.05}], "set": FULL_LR},
+            {"name": "full+ewc", "strategy": ["full", {"name": "ewc", "lam": 1e3, "samples": 32}], "set": FULL_LR},
+            {"name": "full+retention", "strategy": ["full", {"name": "retention", "lam": 1.0}], "set": FULL_LR},
+            {"name": "lora+retention", "strategy": [LORA, {"name": "retention", "lam": 1.0}]},
+            {"name": "layerwise+prefix", "strategy": [{"name": "layerwise", "top": top, "lr": 1e-4}, "prefix"]},
+            {"name": "prefix+lora", "strategy": ["prefix", LORA]},
+            {
+                "name": "multitask",
+                "strategy": LORA,
+                "mode": "multitask",
+                "tasks": [triage, sentiment, extraction],
+                "multitask": {"sampling": "uniform"},
+            },
+            {"name": "continual", "strategy": LORA, "mode": "continual", "tasks": sequence},
+            {
+                "name": "continual+replay",
+                "strategy": [LORA, {"name": "replay", "share": 0.2}],
+                "mode": "continual",
+                "tasks": sequence,
+            },
+            {
+                "name": "distilled-student",
+                "strategy": ["full", {**distill, "keep_layers": student}],
+                "set": ["training.lr=1.0e-4"],
+            },
+            {"name": "adapters+distill", "strategy": [{"name": "adapters", "placement": "houlsby"}, distill]},
+        ],
+        "baseline": False,  # the zero-shot and 4-shot rows are the baselines
+        "output_dir": str(out),
+        "report": {"within": 5},
+    }
+
+
+PRESETS = {"guide": guide}
+
+
+def write_preset(name: str, out: Path, steps: int | None = None, model: str | None = None) -> Path:
+    """Write preset ``name``'s data and grid under ``out/data``; returns the grid file."""
+    given = {"steps": steps, "model": model}
+    grid = PRESETS[name](out, **{k: v for k, v in given.items() if v is not None})
+    path = out / "data" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False, width=110))
+    return path
