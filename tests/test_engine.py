@@ -185,3 +185,19 @@ def test_two_process_torchrun_completes_and_only_rank_0_writes(tiny_llama, memo_
     # each optimizer step saw both ranks' batches: 4 steps x 2 ranks x 4 rows = 32 rows = 2 epochs
     assert s["train"]["epochs"] == pytest.approx(2.0)
     assert not list((tmp_path / "run").glob(".model-*"))
+
+
+def test_peak_memory_is_the_runs_own_not_an_earlier_runs_in_the_same_process(tiny_llama, memo_data, tmp_path):
+    # tunelab compare runs variants one after the other in one process: each summary's peak is its own
+    from transformers import TrainerCallback
+
+    class Hog(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                block = bytearray(600 * 2**20)  # 600 MiB, touched so that it is resident
+                block[::4096] = b"x" * len(block[::4096])
+                del block
+
+    big = train(tiny_config(tiny_llama, memo_data, tmp_path / "big", "lora", max_steps=2), callbacks=[Hog()])
+    small = train(tiny_config(tiny_llama, memo_data, tmp_path / "small", "lora", max_steps=2))
+    assert big.summary["memory"]["peak_mb"] - small.summary["memory"]["peak_mb"] > 400

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -43,11 +45,44 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def reset_peak_memory() -> None:
+    """Start the peak-memory count afresh, so that a run's peak is its own and not that of an earlier run
+    in the same process (``tunelab compare`` runs its variants one after the other): the CUDA allocator's
+    peak, and on Linux the resident-set high-water mark (``VmHWM``; writing 5 to ``/proc/self/clear_refs``
+    resets it to the current resident set)."""
+    gc.collect()  # an earlier run's model, freed and handed back to the system first
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the process's peak (ru_maxrss) is all there is
+        pass
+
+
+def _vm_hwm_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_memory_mb(device: str) -> dict[str, Any]:
+    """The peak since the last :func:`reset_peak_memory`: CUDA's max allocated, or on CPU the resident-set
+    high-water mark (``VmHWM`` where Linux has it, else ``ru_maxrss``: the whole process's; both KiB)."""
     if device == "cuda":
         return {"peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "kind": "cuda_max_allocated"}
-    # ru_maxrss is in KiB on Linux: the process's resident-set high-water mark.
-    return {"peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "kind": "cpu_peak_rss"}
+    kib = _vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mb": round(kib / 1024, 1), "kind": "cpu_peak_rss"}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

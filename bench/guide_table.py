@@ -1,0 +1,70 @@
+"""The table of docs/results.md from a finished ``tunelab compare --preset guide`` directory.
+
+    tunelab compare --preset guide --output-dir bench/out/guide     # < 1 hour on 2 CPU cores
+    python bench/guide_table.py bench/out/guide [--plots docs/results]
+
+Prints a Markdown table (one row per variant, the report's figures rounded for reading) and the
+recommendation; with ``--plots DIR`` copies the report's plots there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+
+
+def pct(v: str) -> str:
+    return f"{float(v):.0%}" if v else ""
+
+
+def num(v: str, digits: int = 3) -> str:
+    return f"{float(v):.{digits}f}" if v else ""
+
+
+def count(v: str) -> str:
+    if not v:
+        return ""
+    n = int(v)
+    return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir")
+    ap.add_argument("--plots", help="copy the report's plots into this directory")
+    a = ap.parse_args()
+    out = Path(a.dir)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    print(
+        "| variant | strategy | triage exact match | KL to base | base answers reproduced | trainable (share) "
+        "| peak MB | tokens/s | train s | wall s | artefact MB |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["state"] != "done":
+            print(f"| {r['variant']} | {r['state']}: {r['error']} |" + " |" * 9)
+            continue
+        mode = f" ({r['mode']}, + {r['extra_tasks']})" if r["extra_tasks"] else ""
+        share = f" ({float(r['trainable_pct']):.2g}%)" if r["trainable"] != "0" else ""
+        print(
+            f"| {r['variant']} | {r['strategy']}{mode} | {pct(r['score'])} | {num(r['kl_to_base'])} "
+            f"| {pct(r['base_answers_reproduced'])} | {count(r['trainable'])}{share} | {float(r['peak_mb']):,.0f} "
+            f"| {num(r['tokens_per_s'], 0)} | {num(r['train_time_s'], 0)} | {num(r['wall_time_s'], 0)} "
+            f"| {num(r['artefact_mb'], 1)} |"
+        )
+    total = sum(float(r["wall_time_s"]) for r in rows if r["wall_time_s"])
+    print(f"\nsum of the variants' wall times: {total / 60:.1f} min")
+    rec = json.loads((out / "recommendation.json").read_text())
+    print(json.dumps(rec, indent=1))
+    if a.plots:
+        dest = Path(a.plots)
+        dest.mkdir(parents=True, exist_ok=True)
+        for png in sorted((out / "plots").glob("*.png")):
+            shutil.copyfile(png, dest / png.name)
+
+
+if __name__ == "__main__":
+    main()
