@@ -111,3 +111,38 @@ def test_gradient_checkpointing_trains_the_same_as_without(tiny_llama, memo_data
     )
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def greedy_by_full_forwards(model, ids: torch.Tensor, n: int, eos: int) -> list[int]:
+    """Greedy decoding with a full forward per token (no KV cache): what the model itself predicts."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["prefix", "prompt", "ptuning"])
+def test_virtual_token_methods_generate_what_the_model_predicts(strategy, tiny_llama, memo_data, tmp_path):
+    # KV-cached generation drops the virtual tokens after the first step (peft + transformers 5): generation
+    # must give the tokens a step-by-step greedy loop of full forwards gives, as built and as read back
+    from tunelab.evaluate import generate_batch
+    from tunelab.models import load_tokenizer
+    from tunelab.strategies.stack import StrategyStack
+
+    tok = load_tokenizer(tiny_llama)
+    prompts = ["what is the colour of the sky ?", "classify : good movie"]
+    run = train(tiny_config(tiny_llama, memo_data, tmp_path / "run", strategy, max_steps=6, lr=5e-2)).run_dir
+    torch.manual_seed(0)
+    built = StrategyStack(load_config(run / "config.yaml").strategy).apply(load_model(tiny_llama)).eval()
+    for model in (built, load_run(run).model):
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            expected = tok.decode(
+                greedy_by_full_forwards(model, ids, 12, tok.eos_token_id), skip_special_tokens=True
+            )
+            assert generate_batch(model, tok, [(p, False)], 12, bf16=False)[0] == expected.strip(), (strategy, p)

@@ -50,30 +50,91 @@ def loss_and_perplexity(model, prepared: Prepared, pad_id: int, batch_size: int,
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
 
 
-@torch.no_grad()
+DECODE_BY_FORWARD = "tunelab_decode_by_forward"
+
+
+def decode_by_forward(model: torch.nn.Module) -> None:
+    """Mark ``model`` as one whose ``generate()`` disagrees with its own forward pass (a strategy whose
+    library generation path is wrong says so when it builds or loads the model): :func:`new_tokens` then
+    decodes it with one full forward per token instead."""
+    from tunelab.strategies.base import unwrap
+
+    setattr(unwrap(model), DECODE_BY_FORWARD, True)
+
+
+def new_tokens(
+    model,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    pad_id: int,
+    eos_id: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    pure: bool = False,
+) -> list[torch.Tensor]:
+    """The tokens generated after each prompt (1-D id tensors on the model's device), through the first
+    end-of-sequence; greedy unless ``do_sample`` (at ``temperature``, with the model's own top-k/top-p
+    settings unless ``pure``: from the whole distribution). Batched through ``generate()`` with left padding,
+    or, for a model marked by :func:`decode_by_forward`, one row at a time with a full forward per token (no
+    padding and no cache: exactly the computation the model was trained with; sampling there is pure)."""
+    from tunelab.strategies.base import unwrap
+
+    if getattr(unwrap(model), DECODE_BY_FORWARD, False):
+        return [_by_forward(model, p, max_new_tokens, eos_id, do_sample, temperature) for p in prompts]
+    device, width = prompts[0].device, max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # decoder-only: new tokens must follow the prompt directly
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    sampling = {"temperature": temperature, **({"top_k": 0, "top_p": 1.0} if pure else {})} if do_sample else {}
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        do_sample=do_sample,
+        **sampling,
+    )
+    return [_through_eos(row[width:], eos_id) for row in out]
+
+
+def _through_eos(new: torch.Tensor, eos_id: int) -> torch.Tensor:
+    ends = (new == eos_id).nonzero()
+    return new[: int(ends[0]) + 1] if len(ends) else new
+
+
+def _by_forward(model, prompt: torch.Tensor, n: int, eos_id: int, do_sample: bool, temperature: float):
+    ids, out = prompt[None], []
+    for _ in range(n):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+        if do_sample:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[0]
+        else:
+            nxt = logits.argmax()
+        out.append(nxt)
+        if int(nxt) == eos_id:
+            break
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return torch.stack(out) if out else prompt.new_zeros(0)
+
+
 def generate_batch(
-    model, tokenizer, prompts: list[tuple[str, bool]], max_new_tokens: int, bf16: bool, **gen_kwargs
+    model, tokenizer, prompts: list[tuple[str, bool]], max_new_tokens: int, bf16: bool, **sampling
 ) -> list[str]:
-    """Greedy (unless sampling args are given) generations for prompts, decoded without special tokens."""
+    """Greedy (unless ``do_sample=True, temperature=T``) generations for prompts, decoded without special
+    tokens."""
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
-    try:
-        special = prompts[0][1]
-        enc = tokenizer([p for p, _ in prompts], return_tensors="pt", padding=True, add_special_tokens=special)
-    finally:
-        tokenizer.padding_side = side
-    enc = {k: v.to(device) for k, v in enc.items()}
-    gen_kwargs.setdefault("do_sample", False)
-    with autocast(device, bf16):
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **gen_kwargs,
+    special = prompts[0][1]
+    ids = [
+        torch.tensor(tokenizer(p, add_special_tokens=special)["input_ids"], dtype=torch.long, device=device)
+        for p, _ in prompts
+    ]
+    with torch.no_grad(), autocast(device, bf16):
+        new = new_tokens(
+            model, ids, max_new_tokens, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, **sampling
         )
-    new = out[:, enc["input_ids"].shape[1] :]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 

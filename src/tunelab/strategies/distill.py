@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from tunelab.evaluate import autocast
+from tunelab.evaluate import autocast, new_tokens
 from tunelab.forgetting import divergence, label_positions
 from tunelab.strategies.base import (
     Phase,
@@ -348,35 +348,25 @@ class Distill(Regularizer):
     def _rollout(self, model, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The student's sampled completions: right-padded ``prompt + completion`` ids, their attention mask,
         and labels that mark the completion tokens (through the first end-of-sequence)."""
-        device, width = prompts[0].device, max(len(p) for p in prompts)
-        left = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
-        left_mask = torch.zeros_like(left)
-        for i, p in enumerate(prompts):
-            left[i, width - len(p) :], left_mask[i, width - len(p) :] = p, 1
+        device = prompts[0].device
         was_training = model.training
         model.eval()
         try:
             with autocast(device, self.bf16):
-                out = model.generate(
-                    input_ids=left,
-                    attention_mask=left_mask,
-                    max_new_tokens=self.config.max_new_tokens,
+                news = new_tokens(
+                    model,
+                    prompts,
+                    self.config.max_new_tokens,
+                    pad_id=self.pad_id,
+                    eos_id=self.eos_id,
                     do_sample=True,
                     temperature=self.config.sample_temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    pad_token_id=self.pad_id,
-                    eos_token_id=self.eos_id,
+                    pure=True,
                 )
         finally:
             model.train(was_training)
-        rows, comps = [], []
-        for i, p in enumerate(prompts):
-            new = out[i, width:]
-            ends = (new == self.eos_id).nonzero()
-            new = new[: int(ends[0]) + 1] if len(ends) else new
-            rows.append(torch.cat([p, new]))
-            comps.append(len(new))
+        rows = [torch.cat([p, new]) for p, new in zip(prompts, news, strict=True)]
+        comps = [len(new) for new in news]
         n = max(len(r) for r in rows)
         seqs = torch.full((len(rows), n), self.pad_id, dtype=torch.long, device=device)
         labels, mask = torch.full_like(seqs, -100), torch.zeros_like(seqs)

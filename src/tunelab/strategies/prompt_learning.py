@@ -17,11 +17,14 @@ merged into weights.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
+import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from pydantic import Field, model_validator
 
+from tunelab.evaluate import decode_by_forward
 from tunelab.strategies.base import PerTaskConfig, Phase, register_strategy
 from tunelab.strategies.peft_base import PeftStrategy
 
@@ -31,8 +34,21 @@ class PromptLearning(PeftStrategy):
     mergeable = False
     default_lr = 1e-2
 
-    def merge(self, model):
-        raise NotImplementedError(f"strategy '{self.name}' adds virtual tokens; it cannot be merged into weights")
+    # PEFT's generate() for virtual-token methods disagrees with its own forward pass with this peft and
+    # transformers 5: with the KV cache the virtual tokens are lost after the first new token (the answers
+    # read like the base model's; peft issues #1391 and #2123 describe the same kind of failure), and without
+    # it prefix tuning's later steps still differ. Generation therefore decodes by full forwards: slower, and
+    # what the trained model predicts. tests/test_strategies.py checks it against a greedy loop of forwards.
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = super().apply(model)
+        decode_by_forward(model)
+        return model
+
+    @classmethod
+    def load(cls, base_model: torch.nn.Module, out_dir: Path) -> torch.nn.Module:
+        model = super().load(base_model, out_dir)
+        decode_by_forward(model)
+        return model
 
 
 class PrefixConfig(PerTaskConfig):
