@@ -48,7 +48,8 @@ def main() -> None:
             print(f"| {r['variant']} | {r['state']}: {r['error']} |" + " |" * 9)
             continue
         mode = f" ({r['mode']}, + {r['extra_tasks']})" if r["extra_tasks"] else ""
-        share = f" ({float(r['trainable_pct']):.2g}%)" if r["trainable"] != "0" else ""
+        pct_ = float(r["trainable_pct"])
+        share = (f" ({pct_:.0f}%)" if pct_ >= 10 else f" ({pct_:.2g}%)") if r["trainable"] != "0" else ""
         print(
             f"| {r['variant']} | {r['strategy']}{mode} | {pct(r['score'])} | {num(r['kl_to_base'])} "
             f"| {pct(r['base_answers_reproduced'])} | {count(r['trainable'])}{share} | {float(r['peak_mb']):,.0f} "

@@ -157,7 +157,8 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
     done = [r for r in rows if r["state"] == "done" and r["score"] is not None]
     out: dict[str, bytes] = {}
 
-    def scatter(key: str, xlabel: str, title: str, log: bool = False, mark_front: bool = False):
+    def scatter(key: str, xlabel: str, title: str, log: float | None = None, mark_front: bool = False):
+        """``log``: a symmetric log scale, linear below this value (so that 0 stays on the axis)."""
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         pts = [r for r in done if r[key] is not None]
         for r in pts:
@@ -170,7 +171,7 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
                 ax.plot(*zip(*line, strict=True), c="tab:red", lw=1, ls="--", label="Pareto front", zorder=2)
                 ax.legend(fontsize=8)
         if log:
-            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xscale("symlog", linthresh=log)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("task score")
         ax.set_title(title, fontsize=10)
@@ -183,15 +184,16 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
 
     out["score_vs_forgetting"] = scatter(
         "kl_to_base",
-        "forgetting: KL to the base model (lower is better)",
+        "forgetting: KL to the base model (log scale; lower is better)",
         "Task score vs forgetting",
+        log=0.01,
         mark_front=True,
     )
     out["score_vs_trainable"] = scatter(
         "trainable",
         "trainable parameters (log scale; 0 = trains nothing)",
         "Task score vs trainable parameters",
-        log=True,
+        log=1,
     )
     out["score_vs_time"] = scatter("wall_time_s", "wall time of the run (s)", "Task score vs wall time")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
