@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import yaml
@@ -54,6 +55,9 @@ def test_a_comparison_end_to_end(tiny_llama, memo_data, tmp_path, capsys):
         "failed",
     ]
     assert "/nonexistent/teacher" in status["broken"]["error"]
+    # without callbacks each variant trained in a process of its own (its run marker holds that process's id)
+    pids = {n: json.loads((out / "variants" / n / ".tunelab-run").read_text())["pid"] for n in ("lora", "full")}
+    assert os.getpid() not in pids.values() and pids["lora"] != pids["full"]
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["variant"] for r in rows] == ["zero-shot", "lora", "full", "broken"]
@@ -247,3 +251,36 @@ def test_the_guide_preset_runs_every_variant_end_to_end(tiny_llama, tmp_path, ca
     argv = ["compare", "--preset", "guide", "--output-dir", str(out), "--steps", "3", "--model", str(tiny_llama)]
     assert main(argv) == 2
     assert "different base config" in capsys.readouterr().err
+
+
+def test_a_variant_whose_process_dies_is_recorded_and_the_rest_run(tiny_llama, memo_data, tmp_path, monkeypatch):
+    # the kernel's OOM killer, or a crash: the variant's process ends without a word
+    import multiprocessing
+
+    from tunelab.lab import compare as compare_module
+
+    def dies(cfg, resume, conn):
+        os._exit(137)
+
+    spawned = compare_module._run_in_child
+
+    def run(cfg, resume):
+        if cfg.strategy_names() != ["full"]:
+            return spawned(cfg, resume)
+        # this variant's child is forked, so that it runs `dies` (before it touches torch: a forked child of
+        # a process whose thread pools have run can hang)
+        with monkeypatch.context() as m:
+            fork = multiprocessing.get_context("fork")
+            m.setattr(compare_module, "_child", dies)
+            m.setattr(compare_module.multiprocessing, "get_context", lambda _: fork)
+            return spawned(cfg, resume)
+
+    monkeypatch.setattr(compare_module, "_run_in_child", run)
+    variants = [{"name": "full", "strategy": "full"}, {"name": "lora", "strategy": "lora"}]
+    out = compare(write_grid(tmp_path, tiny_llama, memo_data, variants, baseline=False))
+    status = json.loads((out / "status.json").read_text())
+    assert status["full"] == {
+        "state": "failed",
+        "error": "the variant's process died (exit code 137; out of memory?)",
+    }
+    assert status["lora"] == {"state": "done"}

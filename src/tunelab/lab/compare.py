@@ -28,11 +28,14 @@ continues only in one that holds the marker, so no file of the user's is overwri
 ``<dir>/status.json`` (each variant's state: done, failed with its error line, or not run yet). Rerunning
 the same command continues: finished variants are skipped, a variant killed mid-run resumes from its last
 checkpoint (``--resume``), a failed one is tried again. A variant that fails is recorded with its error
-and the others still run.
+and the others still run. Each variant trains in a fresh process, so that its peak memory and speed are its
+own and a crash ends only that variant (with ``callbacks``, which cannot cross a process boundary, they run
+in this process).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -52,6 +55,56 @@ def _state(run_dir: Path) -> str:
     if (run_dir / MARKER).is_file():
         return "interrupted"
     return "new"
+
+
+def _run_here(cfg, resume: bool, callbacks: list | None) -> str | None:
+    """Train one variant in this process; its error line, or None."""
+    try:
+        train(cfg, resume=resume, callbacks=callbacks)
+    except KeyboardInterrupt:  # tunelab's Interrupted is one too: the comparison stops where it stands
+        raise
+    except Exception as e:
+        return f"{type(e).__name__}: {first_line(e)}"
+    return None
+
+
+def _child(cfg, resume: bool, conn) -> None:
+    try:
+        conn.send(_run_here(cfg, resume, None))
+    except KeyboardInterrupt:
+        conn.send(INTERRUPTED)
+    finally:
+        conn.close()
+
+
+INTERRUPTED, DIED = "\0interrupted", "\0died"  # the child's other answers (an error line never starts with NUL)
+
+
+def _run_in_child(cfg, resume: bool) -> str | None:
+    """Train one variant in a fresh process (spawned: nothing inherited but the config), so that its peak
+    memory, its speed and whatever it leaves behind are its own, and a crash or the kernel's OOM killer
+    ends that variant only. The child shares the terminal (progress bars) and the process group (Ctrl-C
+    stops both). Its error line, or None."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(cfg, resume, send), name="tunelab-variant")
+    child.start()
+    send.close()
+    try:
+        message = receive.recv()  # the child's one message: its error line, None, or INTERRUPTED
+    except EOFError:  # it died without a word: a signal (kill -9, the OOM killer) or a crash
+        message = DIED
+    except KeyboardInterrupt:
+        child.join()  # it got the same Ctrl-C; let it stop where it stands (its checkpoints stay)
+        raise
+    child.join()
+    if message == INTERRUPTED:
+        raise KeyboardInterrupt
+    if message == DIED:
+        code = child.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return f"the variant's process died ({how}; out of memory?)"
+    return message
 
 
 def _same_grid(old: Grid, new: Grid, status: dict[str, dict], out: Path) -> None:
@@ -130,16 +183,18 @@ def compare(
             status[name] = {"state": "done"}
             continue
         print(f"compare: {name}: {'resuming' if state == 'interrupted' else 'running'}", flush=True)
+        resume = state == "interrupted"
         try:
-            train(cfg, resume=state == "interrupted", callbacks=callbacks)
-            status[name] = {"state": "done"}
+            error = _run_here(cfg, resume, callbacks) if callbacks else _run_in_child(cfg, resume)
         except KeyboardInterrupt:
             status[name] = {"state": "interrupted"}
             write_json_atomic(status_file, status)
             raise
-        except Exception as e:  # one variant's failure is a result, not the end of the comparison
-            status[name] = {"state": "failed", "error": f"{type(e).__name__}: {first_line(e)}"}
-            print(f"compare: {name}: failed: {status[name]['error']}", flush=True)
+        if error is None:
+            status[name] = {"state": "done"}
+        else:  # one variant's failure is a result, not the end of the comparison
+            status[name] = {"state": "failed", "error": error}
+            print(f"compare: {name}: failed: {error}", flush=True)
         write_json_atomic(status_file, status)
     write_json_atomic(status_file, status)
     write_report(out, within=grid.report.within)
