@@ -142,7 +142,7 @@ def run_demo(
     model: str = "smollm2-135m-instruct",
     overwrite: bool = True,
 ) -> dict:
-    from tunelab.run import train
+    from tunelab.modes import train
 
     out = Path(out_dir)
     print(f"tunelab demo: support-ticket triage, LoRA on {model}, {steps} steps")

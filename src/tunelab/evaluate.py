@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data import IGNORE, Collator, Prepared, batches
+from tunelab.models import unwrap
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -57,8 +58,6 @@ def decode_by_forward(model: torch.nn.Module) -> None:
     """Mark ``model`` as one whose ``generate()`` disagrees with its own forward pass (a strategy whose
     library generation path is wrong says so when it builds or loads the model): :func:`new_tokens` then
     decodes it with one full forward per token instead."""
-    from tunelab.strategies.base import unwrap
-
     setattr(unwrap(model), DECODE_BY_FORWARD, True)
 
 
@@ -78,8 +77,6 @@ def new_tokens(
     settings unless ``pure``: from the whole distribution). Batched through ``generate()`` with left padding,
     or, for a model marked by :func:`decode_by_forward`, one row at a time with a full forward per token (no
     padding and no cache: exactly the computation the model was trained with; sampling there is pure)."""
-    from tunelab.strategies.base import unwrap
-
     if getattr(unwrap(model), DECODE_BY_FORWARD, False):
         return [_by_forward(model, p, max_new_tokens, eos_id, do_sample, temperature) for p in prompts]
     device, width = prompts[0].device, max(len(p) for p in prompts)

@@ -234,3 +234,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain transformers model inside any PEFT wrappers."""
+    from peft import PeftModel
+
+    while isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model

@@ -59,6 +59,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
+from tunelab.models import unwrap  # re-exported: strategies unwrap PEFT wrappers through base
 from tunelab.schema import StrictModel
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -365,15 +366,6 @@ def build_strategies(configs: Iterable[StrategyConfig]) -> list[Strategy]:
     """Strategy objects in application order (see the module docstring)."""
     strategies = [get_strategy(c.name)(c) for c in configs]
     return sorted(strategies, key=lambda s: s.phase_of(s.config))
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain transformers model inside any PEFT wrappers."""
-    from peft import PeftModel
-
-    while isinstance(model, PeftModel):
-        model = model.get_base_model()
-    return model
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
