@@ -197,11 +197,15 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
     )
     out["score_vs_time"] = scatter("wall_time_s", "wall time of the run (s)", "Task score vs wall time")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: a comparison often has 10+ variants
     for r in rows:
         if r["curve"]:
             ax.plot(*zip(*r["curve"], strict=True), label=r["variant"], lw=1.2)
+    losses = [v for r in rows for _, v in r["curve"]]
+    if losses and min(losses) > 0:  # losses of very different scales (a distillation term beside a task loss)
+        ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (log scale)" if ax.get_yscale() == "log" else "training loss")
     ax.set_title("Training loss", fontsize=10)
     ax.grid(alpha=0.3)
     if any(r["curve"] for r in rows):
