@@ -42,15 +42,18 @@ def _score(s: dict, task: str | None = None) -> tuple[str | None, float | None]:
     if s.get("multitask"):
         m = s["multitask"]
         if task is not None:
-            h = headline(m["eval"][task])
-            return (h[0], float(h[1])) if h else (None, None)
+            return _headline(m["eval"][task])
         return m["metric"], m["mean_score"]
     if s.get("continual"):
         c = s["continual"]
         if task is not None:  # after the whole sequence
             return c["metric"], float(c["matrix"][-1][c["tasks"].index(task)])
         return f"average {c['metric']}", c["average_accuracy"]
-    h = headline(s.get("eval") or {})
+    return _headline(s.get("eval") or {})
+
+
+def _headline(scores: dict) -> tuple[str | None, float | None]:
+    h = headline(scores)
     return (h[0], float(h[1])) if h else (None, None)
 
 
