@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from tunelab.data import IGNORE, Collator, Prepared, batches
 from tunelab.models import unwrap
+from tunelab.progress import bar, track
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -31,12 +32,15 @@ def normalize(text: str) -> str:
 
 
 @torch.no_grad()
-def loss_and_perplexity(model, prepared: Prepared, pad_id: int, batch_size: int, bf16: bool) -> dict[str, float]:
+def loss_and_perplexity(
+    model, prepared: Prepared, pad_id: int, batch_size: int, bf16: bool, desc: str = "loss"
+) -> dict[str, float]:
     device = next(model.parameters()).device
     collate = Collator(pad_id)
     nll, count = 0.0, 0
     order = sorted(range(len(prepared.features)), key=lambda i: prepared.features[i]["length"])
-    for idx in batches(order, batch_size):
+    chunks = list(batches(order, batch_size))
+    for idx in track(chunks, desc, len(chunks), "batch"):
         batch = {k: v.to(device) for k, v in collate([prepared.features[i] for i in idx]).items()}
         with autocast(device, bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -136,11 +140,11 @@ def generate_batch(
 
 
 def score(
-    model, tokenizer, prepared: Prepared, eval_cfg, bf16: bool, samples: int = 3, classify=None
+    model, tokenizer, prepared: Prepared, eval_cfg, bf16: bool, samples: int = 3, classify=None, desc: str = "eval"
 ) -> dict[str, Any]:
     """All metrics for one split; ``samples`` (prompt, reference, prediction) examples are kept. With
     ``classify(input_ids, attention_mask)`` (class logits, or None where the model has no classifier),
-    classification splits also get ``head_accuracy``."""
+    classification splits also get ``head_accuracy``. ``desc`` names the phase on the progress bars."""
     was_training = model.training
     model.eval()
     try:
@@ -153,15 +157,19 @@ def score(
             prepared.format,
             prepared.labels,
         )
-        result: dict[str, Any] = loss_and_perplexity(model, sub, tokenizer.pad_token_id, eval_cfg.batch_size, bf16)
+        result: dict[str, Any] = loss_and_perplexity(
+            model, sub, tokenizer.pad_token_id, eval_cfg.batch_size, bf16, desc=f"{desc}: loss"
+        )
         result["examples"] = len(sub.features)
         scored = [
             (p, r) for p, r in zip(sub.prompts, sub.references, strict=True) if p is not None and r is not None
         ]
         if scored:
             preds: list[str] = []
-            for chunk in batches(scored, eval_cfg.batch_size):
-                preds += generate_batch(model, tokenizer, [p for p, _ in chunk], eval_cfg.max_new_tokens, bf16)
+            with bar(f"{desc}: generating", len(scored), "prompt") as b:
+                for chunk in batches(scored, eval_cfg.batch_size):
+                    preds += generate_batch(model, tokenizer, [p for p, _ in chunk], eval_cfg.max_new_tokens, bf16)
+                    b.update(len(chunk))
             hits = [normalize(p) == normalize(r) for p, (_, r) in zip(preds, scored, strict=True)]
             metric = "accuracy" if prepared.format == "classification" else "exact_match"
             result[metric] = sum(hits) / len(hits)

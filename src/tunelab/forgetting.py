@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from tunelab.data import IGNORE, Collator, DataError, Prepared, batches, prepare_rows, read_rows
 from tunelab.evaluate import autocast, generate_batch, normalize
+from tunelab.progress import bar, track
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -189,8 +190,10 @@ def build_retention_set(
         )
         answers = []
         base_model.eval()
-        for chunk in batches(probe.prompts, 16):
-            answers += generate_batch(base_model, tokenizer, chunk, fcfg.max_new_tokens, bf16)
+        with bar("forgetting: the base model's answers (cached)", len(probe.prompts), "prompt") as b:
+            for chunk in batches(probe.prompts, 16):
+                answers += generate_batch(base_model, tokenizer, chunk, fcfg.max_new_tokens, bf16)
+                b.update(len(chunk))
         cache.parent.mkdir(parents=True, exist_ok=True)
         # a per-process temp name: torchrun ranks may write the same cache entry at once
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -229,7 +232,8 @@ def measure(
     try:
         device = next(model.parameters()).device
         kl_sum, nll_sum, count = 0.0, 0.0, 0
-        for batch in retention_batches(retention, tokenizer.pad_token_id, 8, device):
+        todo = retention_batches(retention, tokenizer.pad_token_id, 8, device)
+        for batch in track(todo, "forgetting: KL to the base", len(todo), "batch"):
             with autocast(device, bf16):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             base = reference.logits(batch["input_ids"], batch["attention_mask"], bf16)
@@ -252,8 +256,10 @@ def measure(
         }
         if generate:
             preds = []
-            for chunk in batches(retention.prompts, 16):
-                preds += generate_batch(model, tokenizer, chunk, fcfg.max_new_tokens, bf16)
+            with bar("forgetting: generating", len(retention.prompts), "prompt") as b:
+                for chunk in batches(retention.prompts, 16):
+                    preds += generate_batch(model, tokenizer, chunk, fcfg.max_new_tokens, bf16)
+                    b.update(len(chunk))
             same = [normalize(p) == normalize(r) for p, r in zip(preds, retention.references, strict=True)]
             out["exact_reproduction"] = sum(same) / len(same)
         return out
