@@ -131,6 +131,35 @@ class TrainingConfig(Strict):
         description="auto: bf16 mixed precision on CUDA with bf16 and on CPUs with AVX512-BF16/AMX, else fp32.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    loss_head: Literal["auto", "full", "positions"] = Field(
+        "auto",
+        description="positions: apply the vocabulary head and the loss only where a label is (chunked; same loss "
+        "and gradients); full: at every position. auto: positions unless a strategy reads the batch's logits "
+        "(distill) or the model changes its logits after the head.",
+    )
+    frozen_weights: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Dtype of frozen linear weights. bf16: held in bf16 (autocast casts them every step "
+        "otherwise; same arithmetic, half the memory). auto: bf16 under bf16 precision unless a strategy changes "
+        "base weights.",
+    )
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field(
+        "auto", description="AdamW implementation; auto: fused."
+    )
+    threads: int | None = Field(
+        None, gt=0, description="Intra-op CPU threads; default: torch's (the physical cores)."
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention implementation; auto: flash_attention_2 on CUDA when the flash-attn package is "
+        "installed, else sdpa (PyTorch's fused attention).",
+    )
+    base_quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="Load the frozen base weights quantized (QLoRA: 4bit NF4 with double quantization and bf16 "
+        "compute; or 8bit) through bitsandbytes (pip install 'tunelab[qlora]'). CUDA only; for strategies that "
+        "add modules (LoRA, adapters, prompt learning), not for those that change base weights.",
+    )
     logging_steps: int = Field(10, gt=0, description="Log loss, learning rate and tokens/s every N steps.")
     save_steps: int = Field(200, gt=0, description="Write a resumable checkpoint every N steps.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")

@@ -5,9 +5,12 @@ accumulation, LR schedules, mixed precision on CPU and CUDA, resumable checkpoin
 scheduler, RNG and data position), DDP under ``torchrun`` (gloo on CPU), length-grouped sampling and
 TensorBoard logging. tunelab needs to change only what strategies decide (docs/design.md):
 
-- ``create_optimizer``: parameter groups (and their learning rates) come from the strategies;
+- ``create_optimizer``: parameter groups (and their learning rates) come from the strategies; AdamW in the
+  implementation ``training.optimizer_impl`` resolves to (tunelab.levers);
 - ``compute_loss``: in training, the task loss (weighted where a strategy asks) plus every strategy's extra
-  loss terms, summed without knowing them; in evaluation the task loss alone;
+  loss terms, summed without knowing them; in evaluation the task loss alone. With ``loss_head:
+  positions`` the task loss comes from the vocabulary head applied to the loss positions only
+  (tunelab.losshead), normalised exactly as the Trainer's own path;
 - callbacks: a progress bar showing loss and tokens/s, and ``metrics.jsonl`` in the run dir;
 - multi-task runs: the run mode's batch sampler (each batch from one task), and batches that carry their
   ``task``: the model is routed to that task's parts (``stack.select_task``), its loss weighted by the
@@ -51,6 +54,8 @@ from transformers.trainer_utils import rotate_checkpoints
 from tunelab.checkpoints import STAGING
 from tunelab.data import ANNOTATIONS
 from tunelab.errors import NonFiniteError, RunError, first_line
+from tunelab.levers import adamw
+from tunelab.losshead import PositionsHead
 from tunelab.strategies.base import StrategyError, load_named_tensors
 
 TRAINABLE = "trainable.safetensors"  #: every trained tensor of a PEFT-wrapped model, in each checkpoint
@@ -85,6 +90,8 @@ class TunelabTrainer(Trainer):
         sampler=None,
         tasks: list[str] | None = None,
         task_weights: list[float] | None = None,
+        positions_head: bool = False,
+        optimizer_impl: str = "fused",
         **kwargs,
     ):
         """``stack`` is the run's :class:`~tunelab.strategies.stack.StrategyStack`; ``lr`` is ``training.lr``
@@ -95,6 +102,7 @@ class TunelabTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.stack = stack
         self.lr = lr
+        self.positions_head, self.optimizer_impl = positions_head, optimizer_impl
         self.sampler, self.tasks = sampler, tasks or []
         self.task_weights = task_weights or [1.0] * len(self.tasks)
         # per task, since the last log: the sum of its batches' mean losses, and their count
@@ -215,8 +223,9 @@ class TunelabTrainer(Trainer):
                         groups.append({**opts, "params": params, "weight_decay": wd})
             if not seen:
                 raise ValueError("no parameter trains: the strategy left every parameter frozen")
-            self.optimizer = torch.optim.AdamW(
+            self.optimizer = adamw(
                 groups,
+                self.optimizer_impl,
                 lr=self.args.learning_rate,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
@@ -235,9 +244,12 @@ class TunelabTrainer(Trainer):
             if not bool((task == t).all()):
                 raise RuntimeError("a multi-task batch mixes tasks; the run mode's sampler must not")
             self.stack.select_task(model, self.tasks[t])
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        if self.positions_head and "labels" in inputs:
+            loss, outputs = self._loss_on_positions(model, inputs, num_items_in_batch)
+        else:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         if task is not None and model.training:
             labels = inputs["labels"][:, 1:]
             tokens = int((labels != -100).sum())
@@ -251,6 +263,23 @@ class TunelabTrainer(Trainer):
             loss, parts = self.stack.training_loss(model, {**inputs, **notes}, outputs, loss)
             self._last_terms = {k: float(v.detach()) for k, v in parts.items()} if len(parts) > 1 else {}
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_on_positions(self, model, inputs, num_items_in_batch):
+        """The task loss as ``Trainer.compute_loss`` takes it, with the vocabulary head applied to the positions
+        that carry loss only (tunelab.losshead); the outputs' logits are then empty."""
+        head = PositionsHead(self.accelerator.unwrap_model(model))
+        with head.capturing(inputs["labels"]):
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        if not self.model_accepts_loss_kwargs:
+            num_items_in_batch = None  # as the Trainer: the model's own mean, scaled for accumulation later
+        loss = head.loss(num_items_in_batch)
+        if (
+            self.args.average_tokens_across_devices
+            and self.model_accepts_loss_kwargs
+            and num_items_in_batch is not None
+        ):
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss, outputs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

@@ -33,6 +33,7 @@ import torch
 from tunelab.checkpoints import safetensors_problem
 from tunelab.errors import ModelError, first_line
 from tunelab.fsutil import atomic_dir
+from tunelab.progress import status
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -153,6 +154,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
 
     # A target that exists but lacks weights is an interrupted conversion: replace it. One that is complete
     # was written meanwhile by another process (e.g. a second torchrun rank): keep it.
+    status(f"converting {gguf_path.name} into a safetensors model in {target} (once; later runs load it)")
     with atomic_dir(target, keep_existing=lambda t: (t / "model.safetensors").is_file()) as tmp:
         src, fname = str(gguf_path.parent), gguf_path.name
         tok = AutoTokenizer.from_pretrained(src, gguf_file=fname, trust_remote_code=False)
@@ -187,8 +189,9 @@ def load_tokenizer(model_dir: Path):
     return tok
 
 
-def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False):
-    """Load a causal LM in fp32 master weights (mixed precision comes from autocast, not from the weights).
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False, **options):
+    """Load a causal LM in fp32 master weights (mixed precision comes from autocast, not from the weights);
+    ``options`` go to ``from_pretrained`` (attention implementation, quantization: tunelab.levers).
 
     Refuses, naming what is wrong: remote code, pickled weights without ``allow_pickle``, weights missing for
     (or unknown to) the architecture in config.json, and non-finite weights."""
@@ -201,6 +204,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pic
             trust_remote_code=False,
             use_safetensors=None if allow_pickle else True,
             output_loading_info=True,
+            **options,
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise ModelError(f"{model_dir}: the model could not be loaded ({first_line(e)})") from None

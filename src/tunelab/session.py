@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tunelab import levers
 from tunelab.checkpoints import STAGING, Checkpoint, pick_resume_checkpoint
 from tunelab.config import RunConfig
 from tunelab.context import RunContext
@@ -114,7 +115,21 @@ class Session:
 
         cfg = self.cfg
         set_seed(cfg.training.seed)
-        self.model = load_model(self.model_dir, allow_pickle=cfg.allow_pickle).to(self.device)
+        loaded, options = levers.load_options(
+            cfg.training,
+            device=self.device,
+            precision=self.precision,
+            changes_base=self.stack.changes_base_weights,
+        )
+        self.model = load_model(self.model_dir, allow_pickle=cfg.allow_pickle, **options)
+        if loaded.base_quantization == "none":
+            self.model = self.model.to(self.device)
+        else:
+            from peft import prepare_model_for_kbit_training
+
+            self.model = prepare_model_for_kbit_training(
+                self.model, use_gradient_checkpointing=cfg.training.gradient_checkpointing
+            )
         self.retention = None
         if Need.RETENTION in self.needs:
             self.retention = build_retention_set(
@@ -131,6 +146,17 @@ class Session:
         set_seed(cfg.training.seed)
         self.model = self.stack.apply(self.model).to(self.device)
         self.trainable, self.total = count_parameters(self.model)
+        self.levers = levers.resolve(
+            cfg.training,
+            self.model,
+            needs_logits=Need.LOGITS in self.needs,
+            changes_base=self.stack.changes_base_weights,
+            precision=self.precision,
+            loaded=loaded,
+        )
+        if self.levers.frozen_weights == "bf16":
+            trained = {id(p) for p in self.stack.own_parameters(self.model)}
+            levers.cast_frozen_linears(self.model, trained)
         if self.trainable == 0 and not self.stack.baseline:
             raise RunError(f"strategy {'+'.join(cfg.strategy_names())} leaves no parameter to train")
         if self.main:
@@ -156,13 +182,15 @@ class Session:
     def score_base(self, prepared: Prepared) -> dict[str, Any]:
         """Scores of the untouched model (before training): added modules switched off."""
         with self.stack.disabled(self.model):
-            return score(self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16)
+            return score(
+                self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16, desc="eval before training"
+            )
 
-    def score(self, prepared: Prepared) -> dict[str, Any]:
+    def score(self, prepared: Prepared, desc: str = "eval") -> dict[str, Any]:
         def classify(ids, mask):
             return self.stack.classify(self.model, ids.to(self.device), mask.to(self.device), self.bf16)
 
-        return score(self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16, classify=classify)
+        return score(self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16, classify=classify, desc=desc)
 
     def retention_before(self) -> dict[str, Any] | None:
         """Retention metrics of the untouched model: KL 0 and exact reproduction 1 by construction."""
@@ -235,6 +263,8 @@ class Session:
             processing_class=self.tokenizer,
             stack=self.stack,
             lr=cfg.training.lr,
+            positions_head=self.levers.loss_head == "positions",
+            optimizer_impl=self.levers.optimizer_impl,
             **multitask,
         )
         trainer.remove_callback(ProgressCallback)
@@ -293,6 +323,7 @@ class Session:
             "device": self.device,
             "precision": self.precision,
             "world_size": world_size(),
+            "levers": self.levers.as_dict(),
             "parameters": {
                 "trainable": self.trainable,
                 "total": self.total,

@@ -48,6 +48,18 @@ class TaskTrainStats(TrainStats):
     task: str
 
 
+class Levers(_Section):
+    """The speed and memory levers as resolved for the run (tunelab.levers)."""
+
+    attention: str
+    base_quantization: Literal["none", "4bit", "8bit"]
+    loss_head: Literal["full", "positions"]
+    frozen_weights: Literal["fp32", "bf16"]
+    optimizer_impl: Literal["fused", "foreach", "for_loop"]
+    threads: int
+    why: dict[str, str]  #: for each ``auto`` lever left off, the reason
+
+
 class Memory(_Section):
     peak_mb: float
     kind: Literal["cpu_peak_rss", "cuda_max_allocated"]
@@ -61,6 +73,7 @@ class Summary(_Section):
     device: str
     precision: str
     world_size: int
+    levers: Levers | None = None  #: absent for baselines that load no training session
     parameters: Parameters
     data: dict[str, Any] | None = None  #: single: format, labels, train/eval row counts
     #: single, multitask: one fit; continual: one per task; absent for a prompting baseline (nothing trains)

@@ -61,6 +61,7 @@ from pydantic import Field, model_validator
 from tunelab.evaluate import autocast, new_tokens
 from tunelab.forgetting import divergence, label_positions
 from tunelab.strategies.base import (
+    Need,
     Phase,
     Regularizer,
     StrategyConfig,
@@ -193,6 +194,10 @@ class Distill(Regularizer):
         return self.config.cuts
 
     # -- the student ----------------------------------------------------------------------------------
+    @classmethod
+    def needs(cls, config):
+        return frozenset({Need.LOGITS})  # the student's logits at the label positions, beside the teacher's
+
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         c = self.config
         self.kept: list[int] | None = None

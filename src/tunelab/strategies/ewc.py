@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tunelab.data import IGNORE, Collator
+from tunelab.evaluate import autocast
 from tunelab.strategies.base import Need, Regularizer, StrategyConfig, register_strategy
 
 
@@ -39,9 +40,16 @@ class EWCConfig(StrategyConfig):
 
 
 def estimate_fisher(
-    model, params: list[torch.Tensor], features: list[dict], pad_id: int, mode: str, seed: int = 0
+    model,
+    params: list[torch.Tensor],
+    features: list[dict],
+    pad_id: int,
+    mode: str,
+    seed: int = 0,
+    bf16: bool = False,
 ) -> list[torch.Tensor]:
-    """Diagonal Fisher of ``params`` over ``features`` (tokenized rows with labels), one example at a time."""
+    """Diagonal Fisher of ``params`` over ``features`` (tokenized rows with labels), one example at a time, in
+    the run's precision (``bf16``: under autocast, as training runs)."""
     device = params[0].device
     fisher = [torch.zeros_like(p) for p in params]
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -51,7 +59,8 @@ def estimate_fisher(
     try:
         for feat in features:
             batch = {k: v.to(device) for k, v in collate([feat]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with autocast(device, bf16):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             n = batch["labels"].shape[1]
             logp = F.log_softmax(logits[:, -n:][:, :-1].float(), -1)
             targets = batch["labels"][:, 1:]
@@ -91,7 +100,13 @@ class EWC(Regularizer):
     def prepare(self, model, ctx) -> None:
         self.params = [p for _, p in self.trained(model)]
         self.fisher = estimate_fisher(
-            model, self.params, self._features(ctx), ctx.tokenizer.pad_token_id, self.config.fisher, ctx.seed
+            model,
+            self.params,
+            self._features(ctx),
+            ctx.tokenizer.pad_token_id,
+            self.config.fisher,
+            ctx.seed,
+            ctx.bf16,
         )
         self.anchors = [p.detach().clone() for p in self.params]
 
@@ -103,6 +118,7 @@ class EWC(Regularizer):
             ctx.tokenizer.pad_token_id,
             self.config.fisher,
             ctx.seed,
+            ctx.bf16,
         )
         self.fisher = [self.config.gamma * f + n for f, n in zip(self.fisher, new, strict=True)]
         self.anchors = [p.detach().clone() for p in self.params]

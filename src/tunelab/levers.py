@@ -1,0 +1,183 @@
+"""Speed and memory levers (``training.loss_head``, ``frozen_weights``, ``optimizer_impl``, ``threads``), each
+resolved once per run from its setting, the device, the precision, the model and what the strategies need.
+``auto`` picks what measured fastest at no cost in correctness (docs/benchmarks.md); the resolved values
+are written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed off.
+
+- ``loss_head``: ``positions`` applies the vocabulary head and the loss to the positions that carry loss
+  only (tunelab.losshead); ``full`` is transformers' own path. ``auto``: positions, unless a strategy reads
+  the training batch's logits or the model changes its logits after the head.
+- ``frozen_weights``: ``bf16`` holds the frozen weights of linear layers in bf16, so autocast no longer
+  casts them from fp32 at every step (the matmuls see the same bf16 values: the arithmetic is unchanged)
+  and half their memory is freed; trained weights and the optimizer state stay fp32. ``auto``: bf16 under
+  bf16 mixed precision when no strategy changes base weights (with full or layer-wise fine-tuning the
+  saved model carries the frozen weights, which must keep their own precision).
+- ``optimizer_impl``: AdamW's ``fused`` kernel (one pass per tensor), ``foreach`` (torch's default) or
+  ``for_loop``. ``auto``: fused.
+- ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
+
+Two more decide how the base model is loaded (:func:`load_options`, before it loads):
+
+- ``attention``: ``auto`` is ``flash_attention_2`` on CUDA when the ``flash_attn`` package is installed and
+  the run is in bf16/fp16, else ``sdpa`` (PyTorch's fused attention, on CPU and CUDA);
+- ``base_quantization``: ``4bit`` (QLoRA: NF4, double quantization, bf16 compute) or ``8bit`` base weights
+  through bitsandbytes, on CUDA, for strategies that only add modules; PEFT's
+  ``prepare_model_for_kbit_training`` readies the model (norms in fp32, input gradients).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tunelab.errors import RunError
+from tunelab.losshead import supports_positions_head
+
+
+@dataclass
+class Levers:
+    attention: str = "sdpa"
+    base_quantization: str = "none"
+    loss_head: str = "full"
+    frozen_weights: str = "fp32"
+    optimizer_impl: str = "foreach"
+    threads: int = 0
+    why: dict[str, str] = field(default_factory=dict)  #: for each auto lever left off: the reason
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_options(training, *, device: str, precision: str, changes_base: bool) -> tuple[Levers, dict[str, Any]]:
+    """The loading levers (attention, base quantization) and the ``from_pretrained`` options they give; an
+    explicit setting that cannot work here is a :class:`RunError` naming it."""
+    lv = Levers()
+    half = precision in ("bf16", "fp16")
+    flash = device == "cuda" and half and importlib.util.find_spec("flash_attn") is not None
+    if training.attention == "flash_attention_2" and not flash:
+        raise RunError(
+            "training.attention: flash_attention_2 needs CUDA, the flash-attn package and training.precision "
+            f"bf16 or fp16 (here: {device}, {precision}, flash-attn "
+            f"{'installed' if importlib.util.find_spec('flash_attn') else 'not installed'}); use auto or sdpa"
+        )
+    if training.attention == "auto":
+        lv.attention = "flash_attention_2" if flash else "sdpa"
+        if not flash:
+            lv.why["attention"] = "flash_attention_2 needs CUDA, flash-attn and bf16/fp16"
+    else:
+        lv.attention = training.attention
+    options: dict[str, Any] = {"attn_implementation": lv.attention}
+    q = training.base_quantization
+    if q != "none":
+        problems = []
+        if device != "cuda":
+            problems.append("a CUDA GPU (this machine has none)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("the bitsandbytes package (pip install 'tunelab[qlora]')")
+        if changes_base:
+            problems.append(
+                "a strategy that only adds modules (this one trains base weights, which stay quantized)"
+            )
+        if problems:
+            raise RunError(f"training.base_quantization: {q} needs {' and '.join(problems)}; use none")
+        options["quantization_config"] = quantization_config(q, precision)
+        options["device_map"] = {"": torch.cuda.current_device()}
+        lv.base_quantization = q
+    return lv, options
+
+
+def quantization_config(bits: str, precision: str):
+    """bitsandbytes settings for ``4bit`` (QLoRA, Dettmers et al. 2023: NF4, double quantization, matmuls in
+    the run's half precision) or ``8bit`` (LLM.int8())."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.float16 if precision == "fp16" else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def resolve(
+    training, model: torch.nn.Module, *, needs_logits: bool, changes_base: bool, precision: str, loaded: Levers
+) -> Levers:
+    """The levers for this run, given the loading ones (``loaded``); an explicit setting that cannot work
+    here is a :class:`RunError` naming it."""
+    lv = loaded
+    lv.threads = torch.get_num_threads()
+    why = lv.why
+
+    reason = "a strategy reads the training batch's logits" if needs_logits else supports_positions_head(model)
+    if training.loss_head == "positions" and reason:
+        raise RunError(f"training.loss_head: positions cannot be used here: {reason}; use auto or full")
+    if training.loss_head == "auto" and reason:
+        why["loss_head"] = reason
+    lv.loss_head = "positions" if training.loss_head != "full" and not reason else "full"
+
+    if training.frozen_weights == "bf16":
+        if precision != "bf16":
+            raise RunError(
+                f"training.frozen_weights: bf16 needs training.precision bf16 (this run's is {precision}); "
+                "use auto or fp32"
+            )
+        if changes_base:
+            raise RunError(
+                "training.frozen_weights: bf16 cannot be used with a strategy that changes base weights (full, "
+                "layer-wise): the model it saves carries the frozen weights at their own precision; "
+                "use auto or fp32"
+            )
+    if training.frozen_weights == "auto":
+        if precision != "bf16":
+            why["frozen_weights"] = f"precision is {precision}"
+        elif changes_base:
+            why["frozen_weights"] = "a strategy changes base weights; the saved model keeps them in fp32"
+        elif lv.base_quantization != "none":
+            why["frozen_weights"] = f"the base weights are quantized ({lv.base_quantization})"
+    wanted = training.frozen_weights == "bf16" or (
+        training.frozen_weights == "auto" and "frozen_weights" not in why
+    )
+    lv.frozen_weights = "bf16" if wanted else "fp32"
+
+    lv.optimizer_impl = "fused" if training.optimizer_impl == "auto" else training.optimizer_impl
+    if training.threads:
+        torch.set_num_threads(training.threads)
+        lv.threads = training.threads
+    return lv
+
+
+def cast_frozen_linears(model: torch.nn.Module, trained: set[int], dtype: torch.dtype = torch.bfloat16) -> int:
+    """Hold the fp32 weights and biases of linear layers that do not train (not in ``trained``: the ids of
+    every parameter an optimizer group holds, including per-task parts not active now) in ``dtype``; returns
+    how many values changed dtype. A weight shared with another kind of module (an output layer tied to the
+    input embeddings, whose lookups feed the fp32 residual stream) stays as it is."""
+    shared = {
+        id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
+    }
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        for name in ("weight", "bias"):
+            p = getattr(m, name, None)
+            if p is None or p.dtype != torch.float32 or id(p) in trained or id(p) in shared or p.requires_grad:
+                continue
+            p.data = p.data.to(dtype)
+            n += p.numel()
+    return n
+
+
+def adamw(groups: list[dict], impl: str, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the chosen implementation (``fused`` where torch has it for these tensors, else foreach)."""
+    if impl == "fused":
+        params = [p for g in groups for p in g["params"]]
+        devices = {p.device.type for p in params}
+        if all(p.is_floating_point() for p in params) and devices <= {"cpu", "cuda"}:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        impl = "foreach"
+    return torch.optim.AdamW(groups, foreach=impl == "foreach", **kwargs)
