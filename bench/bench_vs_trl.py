@@ -1,0 +1,288 @@
+"""tunelab vs TRL's SFTTrainer (+ PEFT LoRA), side by side in one run: LoRA r16 on all linear layers, and full
+fine-tuning; same model, data, batch order, batch size, steps, learning rate and sequence lengths.
+
+    python bench/bench_vs_trl.py [--steps 20] [--batch-size 8] [--only lora|full]
+
+Rows: tunelab with its defaults (every ``auto`` lever), TRL with its defaults, and TRL with ``bf16=True`` and
+gradient checkpointing off (its fastest setting here). Each row runs in its own process, so its peak
+resident memory (model loading included) is its own; neither side evaluates or measures forgetting (the
+bench times training). Tokens/s = non-padding tokens the trainer consumed / the Trainer's
+``train_runtime``, measured the same way on both sides (``num_input_tokens_seen``, "non_padding").
+
+Both sides see the same batches: TRL is given tunelab's length-grouped order (same seed), so their loss
+curves must agree, the first step's (before any update) to 1e-2; the table shows first and last losses.
+
+Model FLOP utilisation (MFU) uses model FLOPs, not the work a side chose to skip: per token, 6·N for full
+fine-tuning and 4·N for LoRA (the forward and the gradient with respect to the inputs through the frozen
+base; the adapters' own FLOPs are left out), N = the weights of every matmul of the model (all linear
+layers and the vocabulary head), divided by the machine's bf16 matmul peak, measured here first (square
+matmuls, best of several sizes).
+
+Writes bench/out/vs_trl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import OUT, report, run_child
+from common import ticket_rows as rows
+
+R, ALPHA, MAX_LEN, SEED = 16, 32, 192, 42
+LR = {"lora": 1e-3, "full": 5e-5}
+LEVERS_OFF = {"loss_head": "full", "frozen_weights": "fp32", "optimizer_impl": "for_loop", "attention": "eager"}
+ROWS = {
+    "lora": ["tunelab", "trl-default", "trl-bf16-no-gc"],
+    "full": ["tunelab", "trl-default", "trl-bf16-no-gc"],
+}
+
+
+# -- the children ----------------------------------------------------------------------------------------
+def run_tunelab(method: str, model_dir: str, steps: int, bs: int, work: Path, extra: dict) -> dict:
+    from tunelab.demo import write_jsonl
+    from tunelab.run import train
+
+    data = write_jsonl(rows(steps * bs), work / "train.jsonl")
+    strategy = (
+        {"name": "lora", "r": R, "alpha": ALPHA, "dropout": 0.0, "target_modules": "all-linear"}
+        if method == "lora"
+        else "full"
+    )
+    cfg = {
+        "model": model_dir,
+        "data": {"train": str(data)},
+        "strategy": strategy,
+        "training": {
+            "max_steps": steps,
+            "batch_size": bs,
+            "lr": LR[method],
+            "max_length": MAX_LEN,
+            "save_steps": 10 * steps,
+            "logging_steps": 1,
+            "seed": SEED,
+            **extra,
+        },
+        "forgetting": {"enabled": False},
+        "output_dir": str(work / "run"),
+    }
+    result = train(cfg)
+    s = result.summary
+    losses = [
+        json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
+    return {
+        "tokens": s["train"]["tokens_seen"],
+        "train_time_s": s["train"]["train_time_s"],
+        "precision": s["precision"],
+        "gradient_checkpointing": False,
+        "levers": {k: v for k, v in s["levers"].items() if k != "why"},
+        "losses": losses,
+    }
+
+
+def run_trl(method: str, variant: str, model_dir: str, steps: int, bs: int, work: Path, order: list[int]) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    class Ordered(SFTTrainer):  # tunelab's batch order, so both sides see the same batches
+        def _get_train_sampler(self, train_dataset=None):
+            return order
+
+    data = Dataset.from_list(  # conversational prompt/completion: TRL applies the chat template as tunelab does
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in rows(steps * bs)
+        ]
+    )
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tuned = {"bf16": True, "gradient_checkpointing": False} if variant == "trl-bf16-no-gc" else {}
+    args = SFTConfig(  # TRL defaults, except what must match: steps, batch size, lr, max length, seed
+        output_dir=str(work / "trl-run"),
+        max_steps=steps,
+        per_device_train_batch_size=bs,
+        learning_rate=LR[method],
+        max_length=MAX_LEN,
+        seed=SEED,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        **tuned,
+    )
+    peft_cfg = (
+        LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        if method == "lora"
+        else None
+    )
+    trainer = Ordered(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_cfg)
+    out = trainer.train()
+    return {
+        "tokens": int(trainer.state.num_input_tokens_seen),
+        "train_time_s": out.metrics["train_runtime"],
+        "precision": "bf16" if args.bf16 else "fp32",
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "losses": [x["loss"] for x in trainer.state.log_history if "loss" in x],
+    }
+
+
+def child(a) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        if a.row == "tunelab":
+            result = run_tunelab(a.method, a.model_dir, a.steps, a.batch_size, Path(d), json.loads(a.extra))
+        else:
+            order = json.loads(Path(a.order).read_text())
+            result = run_trl(a.method, a.row, a.model_dir, a.steps, a.batch_size, Path(d), order)
+    report(result)
+
+
+# -- the parent ------------------------------------------------------------------------------------------
+def matmul_peak(seconds: float = 2.0) -> dict[str, float]:
+    """Best sustained TFLOP/s of square matmuls in bf16 and fp32 on this device (the MFU denominator)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    best = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        top = 0.0
+        for n in (1024, 2048, 4096):
+            a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+            a @ b  # warm-up
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 3:
+                a @ b
+                reps += 1
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            top = max(top, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
+        best[str(dtype).removeprefix("torch.")] = round(top, 3)
+    return best
+
+
+def matmul_weights(model_dir: str) -> int:
+    """N: the weights of every matmul (each linear layer once per use; a tied head counts as a matmul)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def tunelab_order(model_dir: str, steps: int, bs: int) -> list[int]:
+    """The batch order tunelab's sampler draws for this data and seed (epoch 0)."""
+    from tunelab.config import DataConfig
+    from tunelab.data import prepare_file
+    from tunelab.demo import write_jsonl
+    from tunelab.engine import EpochLengthGroupedSampler
+    from tunelab.models import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        path = write_jsonl(rows(steps * bs), Path(d) / "train.jsonl")
+        prepared = prepare_file(path, load_tokenizer(Path(model_dir)), DataConfig(train=str(path)), MAX_LEN)
+    return list(EpochLengthGroupedSampler([f["length"] for f in prepared.features], bs, SEED))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--only", choices=list(ROWS))
+    ap.add_argument(
+        "--tunelab", default="{}", help="extra tunelab training options (JSON), e.g. to turn a lever off"
+    )
+    ap.add_argument(
+        "--levers",
+        action="store_true",
+        help="instead of the TRL rows: tunelab with each lever at its off value, one at a time (the lever table)",
+    )
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--method", choices=list(ROWS))
+    ap.add_argument("--row")
+    ap.add_argument("--model-dir")
+    ap.add_argument("--order")
+    ap.add_argument("--extra", default="{}")
+    a = ap.parse_args()
+    if a.child:
+        child(a)
+        return
+    from tunelab.models import resolve_model
+
+    model_dir = str(resolve_model(a.model))
+    peak = matmul_peak()
+    n = matmul_weights(model_dir)
+    print(
+        f"matmul peak: bf16 {peak['bfloat16']} TFLOP/s, fp32 {peak['float32']} TFLOP/s; N = {n:,} matmul weights"
+    )
+    results: dict = {"peak_tflops": peak, "matmul_weights": n, "steps": a.steps, "batch_size": a.batch_size}
+    with tempfile.TemporaryDirectory() as d:
+        order_file = Path(d) / "order.json"
+        order_file.write_text(json.dumps(tunelab_order(model_dir, a.steps, a.batch_size)))
+        for method in [a.only] if a.only else list(ROWS):
+            results[method] = {}
+            rows_here = [(row, a.tunelab) for row in ROWS[method]]
+            if a.levers:
+                rows_here = [("tunelab", a.tunelab)] + [
+                    (f"{k}={v}", json.dumps({**json.loads(a.tunelab), k: v})) for k, v in LEVERS_OFF.items()
+                ]
+            for row, extra in rows_here:
+                print(f"running {method} / {row} ...", flush=True)
+                r = run_child(
+                    __file__,
+                    *("--child", "--method", method, "--row", "tunelab" if "=" in row else row),
+                    *("--model-dir", model_dir, "--steps", str(a.steps), "--batch-size", str(a.batch_size)),
+                    *("--order", str(order_file), "--extra", extra),
+                )
+                flops = (6 if method == "full" else 4) * n * r["tokens_per_s"]
+                r["mfu_pct"] = round(100 * flops / (peak["bfloat16"] * 1e12), 2)
+                results[method][row] = r
+    OUT.mkdir(exist_ok=True)
+    (OUT / ("levers.json" if a.levers else "vs_trl.json")).write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    for method in (m for m in ROWS if m in results):
+        rs = results[method]
+        base = rs.get("trl-default") or rs["tunelab"]
+        ref = "trl-default" if "trl-default" in rs else "tunelab"
+        print(f"\n{method}: {results['steps']} steps of batch {results['batch_size']}; ×ref: against {ref}")
+        head = (
+            "row",
+            "prec",
+            "gc",
+            "tokens",
+            "train s",
+            "tok/s",
+            "×ref",
+            "peak MB",
+            "×ref",
+            "MFU %",
+            "loss 1",
+            "loss N",
+        )
+        print("{:16}{:>6}{:>5}{:>8}{:>9}{:>8}{:>7}{:>9}{:>7}{:>7}{:>9}{:>9}".format(*head))
+        for row, r in rs.items():
+            print(
+                f"{row:16}{r['precision']:>6}{'yes' if r['gradient_checkpointing'] else 'no':>5}{r['tokens']:>8}"
+                f"{r['train_time_s']:>9.1f}{r['tokens_per_s']:>8.1f}"
+                f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}"
+                f"{r['peak_mb']:>9.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}{r['mfu_pct']:>7.2f}"
+                f"{r['losses'][0]:>9.4f}{r['losses'][-1]:>9.4f}"
+            )
+        first = [r["losses"][0] for r in rs.values()]
+        print(f"first-step losses differ by at most {max(first) - min(first):.4f}")
+
+
+if __name__ == "__main__":
+    main()
