@@ -40,7 +40,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
-	$(BIN)/python bench/bench_lora_vs_trl.py
+	$(BIN)/python bench/bench_vs_trl.py
+	$(BIN)/python bench/bench_vs_trl.py --levers --only lora
 	$(BIN)/python bench/bench_layerwise.py
 
 lint: $(STAMP)

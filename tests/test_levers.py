@@ -237,3 +237,34 @@ def test_optimizer_impl_builds_that_adamw(impl):
     p.grad = torch.ones(3)
     opt.step()
     assert torch.all(p < 1)
+
+
+def _mapped_from(path) -> list[tuple[int, int]]:
+    ranges = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(str(path)):
+            lo, hi = line.split()[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_own_storage_leaves_no_tensor_mapped_from_the_weight_file(tiny_llama):
+    """Tensors that stay views of the mapped safetensors file keep the whole file resident (counted in the
+    process's memory); after own_storage none does."""
+    from tunelab.levers import own_storage
+    from tunelab.models import load_model
+
+    model = load_model(tiny_llama)
+    weights = (tiny_llama / "model.safetensors").resolve()
+
+    def in_file():
+        ranges = _mapped_from(weights)
+        return [n for n, p in model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
+
+    assert in_file(), "precondition: transformers maps the weight file and some parameters point into it"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    own_storage(model)
+    assert in_file() == []
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied

@@ -181,3 +181,13 @@ def adamw(groups: list[dict], impl: str, **kwargs) -> torch.optim.AdamW:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
         impl = "foreach"
     return torch.optim.AdamW(groups, foreach=impl == "foreach", **kwargs)
+
+
+def own_storage(model: torch.nn.Module) -> None:
+    """Copy every parameter and buffer into memory of its own. transformers maps safetensors files and its
+    tensors can stay views of the file: the mapped pages count in the resident set (the whole file, ~540 MB
+    for the default model) for as long as one tensor still points into it, also after the frozen weights
+    were cast to bf16."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()

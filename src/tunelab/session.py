@@ -157,6 +157,8 @@ class Session:
         if self.levers.frozen_weights == "bf16":
             trained = {id(p) for p in self.stack.own_parameters(self.model)}
             levers.cast_frozen_linears(self.model, trained)
+        if loaded.base_quantization == "none":
+            levers.own_storage(self.model)  # no tensor left mapped from the weight file
         if self.trainable == 0 and not self.stack.baseline:
             raise RunError(f"strategy {'+'.join(cfg.strategy_names())} leaves no parameter to train")
         if self.main:
