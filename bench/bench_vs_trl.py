@@ -38,7 +38,7 @@ from common import ticket_rows as rows
 
 R, ALPHA, MAX_LEN, SEED = 16, 32, 192, 42
 LR = {"lora": 1e-3, "full": 5e-5}
-LEVERS_OFF = {"loss_head": "full", "frozen_weights": "fp32", "optimizer_impl": "for_loop", "attention": "eager"}
+LEVERS_OFF = {"loss_head": "full", "frozen_weights": "fp32", "optimizer_impl": "for_loop", "attention": "sdpa"}
 ROWS = {
     "lora": ["tunelab", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],
     "full": ["tunelab", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],

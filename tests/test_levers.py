@@ -3,6 +3,7 @@ gradients; frozen weights held in bf16 train the same weights as autocast over f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -195,15 +196,18 @@ def _training(**kw):
     return TrainingConfig(**kw)
 
 
-def test_attention_auto_is_sdpa_without_flash_attn_on_cuda_and_flash_explicit_is_refused_here():
+def test_attention_auto_is_eager_on_cpu_sdpa_on_cuda_without_flash_attn_and_flash_explicit_is_refused_here():
     from tunelab.levers import load_options
 
     lv, opts = load_options(_training(), device="cpu", precision="bf16", changes_base=False)
-    assert lv.attention == "sdpa" and opts == {"attn_implementation": "sdpa"} and "attention" in lv.why
+    assert lv.attention == "eager" and opts == {"attn_implementation": "eager"} and "attention" in lv.why
+    if importlib.util.find_spec("flash_attn") is None:
+        lv, opts = load_options(_training(), device="cuda", precision="bf16", changes_base=False)
+        assert lv.attention == "sdpa" and opts == {"attn_implementation": "sdpa"}
     with pytest.raises(RunError, match="flash_attention_2 needs CUDA, the flash-attn package"):
         load_options(_training(attention="flash_attention_2"), device="cpu", precision="bf16", changes_base=False)
-    lv, opts = load_options(_training(attention="eager"), device="cpu", precision="fp32", changes_base=False)
-    assert opts["attn_implementation"] == "eager"
+    lv, opts = load_options(_training(attention="sdpa"), device="cpu", precision="fp32", changes_base=False)
+    assert opts["attn_implementation"] == "sdpa"
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

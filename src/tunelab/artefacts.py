@@ -63,8 +63,14 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     stack = StrategyStack(cfg.strategy)
     tokenizer = load_tokenizer(run_dir / MODEL)
 
+    # the attention the run trained with, where it names one this machine has (else the default)
+    named = cfg.training.attention in ("eager", "sdpa")
+    attention = {"attn_implementation": cfg.training.attention} if named else {}
+
     def base() -> torch.nn.Module:
-        return load_model(resolve_model(cfg.model, allow_pickle=cfg.allow_pickle), allow_pickle=cfg.allow_pickle)
+        return load_model(
+            resolve_model(cfg.model, allow_pickle=cfg.allow_pickle), allow_pickle=cfg.allow_pickle, **attention
+        )
 
     model = stack.load(base, run_dir / MODEL)
     model.eval()

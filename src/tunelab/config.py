@@ -152,7 +152,7 @@ class TrainingConfig(Strict):
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",
         description="Attention implementation; auto: flash_attention_2 on CUDA when the flash-attn package is "
-        "installed, else sdpa (PyTorch's fused attention).",
+        "installed, else sdpa (PyTorch's fused attention) on CUDA and eager on CPU (faster there).",
     )
     base_quantization: Literal["none", "4bit", "8bit"] = Field(
         "none",

@@ -18,7 +18,9 @@ are written to ``summary.json`` under ``levers``, with why an ``auto`` lever sta
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
 
 - ``attention``: ``auto`` is ``flash_attention_2`` on CUDA when the ``flash_attn`` package is installed and
-  the run is in bf16/fp16, else ``sdpa`` (PyTorch's fused attention, on CPU and CUDA);
+  the run is in bf16/fp16, else ``sdpa`` (PyTorch's fused attention) on CUDA and ``eager`` (plain matmuls
+  and softmax) on CPU, where the fused kernel's backward is slower: LoRA on the default model trains at
+  1.17x the tokens/s with eager (docs/performance.md);
 - ``base_quantization``: ``4bit`` (QLoRA: NF4, double quantization, bf16 compute) or ``8bit`` base weights
   through bitsandbytes, on CUDA, for strategies that only add modules; PEFT's
   ``prepare_model_for_kbit_training`` readies the model (norms in fp32, input gradients).
@@ -34,6 +36,7 @@ import torch
 
 from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
+from tunelab.models import default_attention
 
 
 @dataclass
@@ -63,7 +66,8 @@ def load_options(training, *, device: str, precision: str, changes_base: bool) -
             f"{'installed' if importlib.util.find_spec('flash_attn') else 'not installed'}); use auto or sdpa"
         )
     if training.attention == "auto":
-        lv.attention = "flash_attention_2" if flash else "sdpa"
+        # on CPU, PyTorch's fused attention backward is slower than plain matmuls (docs/performance.md)
+        lv.attention = "flash_attention_2" if flash else default_attention(device)
         if not flash:
             lv.why["attention"] = "flash_attention_2 needs CUDA, flash-attn and bf16/fp16"
     else:

@@ -189,14 +189,24 @@ def load_tokenizer(model_dir: Path):
     return tok
 
 
+def default_attention(device: str | None = None) -> str:
+    """The attention implementation of every load unless a run sets another: PyTorch's fused attention on
+    CUDA, plain matmuls on CPU, where the fused kernel's backward is slower (docs/performance.md). Training,
+    evaluation, the forgetting reference and reading a run back all compute attention the same way."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "sdpa" if device == "cuda" else "eager"
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False, **options):
     """Load a causal LM in fp32 master weights (mixed precision comes from autocast, not from the weights);
-    ``options`` go to ``from_pretrained`` (attention implementation, quantization: tunelab.levers).
+    ``options`` go to ``from_pretrained`` (attention implementation, default :func:`default_attention`;
+    quantization: tunelab.levers).
 
     Refuses, naming what is wrong: remote code, pickled weights without ``allow_pickle``, weights missing for
     (or unknown to) the architecture in config.json, and non-finite weights."""
     from transformers import AutoModelForCausalLM
 
+    options.setdefault("attn_implementation", default_attention())
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             model_dir,
