@@ -139,6 +139,18 @@ def generate_batch(
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
+def generate_all(
+    model, tokenizer, prompts: list[tuple[str, bool]], max_new_tokens: int, bf16: bool, batch_size: int, desc: str
+) -> list[str]:
+    """:func:`generate_batch` over ``prompts`` in batches of ``batch_size``, with a progress bar named ``desc``."""
+    out: list[str] = []
+    with bar(desc, len(prompts), "prompt") as b:
+        for chunk in batches(prompts, batch_size):
+            out += generate_batch(model, tokenizer, chunk, max_new_tokens, bf16)
+            b.update(len(chunk))
+    return out
+
+
 def score(
     model, tokenizer, prepared: Prepared, eval_cfg, bf16: bool, samples: int = 3, classify=None, desc: str = "eval"
 ) -> dict[str, Any]:
@@ -165,11 +177,15 @@ def score(
             (p, r) for p, r in zip(sub.prompts, sub.references, strict=True) if p is not None and r is not None
         ]
         if scored:
-            preds: list[str] = []
-            with bar(f"{desc}: generating", len(scored), "prompt") as b:
-                for chunk in batches(scored, eval_cfg.batch_size):
-                    preds += generate_batch(model, tokenizer, [p for p, _ in chunk], eval_cfg.max_new_tokens, bf16)
-                    b.update(len(chunk))
+            preds = generate_all(
+                model,
+                tokenizer,
+                [p for p, _ in scored],
+                eval_cfg.max_new_tokens,
+                bf16,
+                eval_cfg.batch_size,
+                f"{desc}: generating",
+            )
             hits = [normalize(p) == normalize(r) for p, (_, r) in zip(preds, scored, strict=True)]
             metric = "accuracy" if prepared.format == "classification" else "exact_match"
             result[metric] = sum(hits) / len(hits)

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data import IGNORE, Collator, DataError, Prepared, batches, prepare_rows, read_rows
-from tunelab.evaluate import autocast, generate_batch, normalize
-from tunelab.progress import bar, track
+from tunelab.evaluate import autocast, generate_all, normalize
+from tunelab.progress import track
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -188,12 +188,16 @@ def build_retention_set(
         probe = prepare_rows(
             [{"prompt": p, "completion": "x"} for p in prompts], tokenizer, fmt_cfg, max_length, source="retention"
         )
-        answers = []
         base_model.eval()
-        with bar("forgetting: the base model's answers (cached)", len(probe.prompts), "prompt") as b:
-            for chunk in batches(probe.prompts, 16):
-                answers += generate_batch(base_model, tokenizer, chunk, fcfg.max_new_tokens, bf16)
-                b.update(len(chunk))
+        answers = generate_all(
+            base_model,
+            tokenizer,
+            probe.prompts,
+            fcfg.max_new_tokens,
+            bf16,
+            16,
+            "forgetting: the base model's answers (cached)",
+        )
         cache.parent.mkdir(parents=True, exist_ok=True)
         # a per-process temp name: torchrun ranks may write the same cache entry at once
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -255,11 +259,9 @@ def measure(
             "prompts": len(retention.features),
         }
         if generate:
-            preds = []
-            with bar("forgetting: generating", len(retention.prompts), "prompt") as b:
-                for chunk in batches(retention.prompts, 16):
-                    preds += generate_batch(model, tokenizer, chunk, fcfg.max_new_tokens, bf16)
-                    b.update(len(chunk))
+            preds = generate_all(
+                model, tokenizer, retention.prompts, fcfg.max_new_tokens, bf16, 16, "forgetting: generating"
+            )
             same = [normalize(p) == normalize(r) for p, r in zip(preds, retention.references, strict=True)]
             out["exact_reproduction"] = sum(same) / len(same)
         return out

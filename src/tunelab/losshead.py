@@ -4,14 +4,14 @@ A causal LM's forward applies its output layer (the vocabulary head: hidden size
 position and the loss then reads the positions whose next token is a label. In supervised fine-tuning most
 positions are prompt or padding, and the vocabulary is large (49,152 for SmolLM2): the head's matmul, the
 fp32 logits, their log-softmax and its gradient for every position of the batch are a large share of a
-step's time and most of its peak memory (docs/benchmarks.md).
+step's time and most of its peak memory (docs/performance.md).
 
 :class:`PositionsHead` changes what the model's own head sees, without knowing the model: for one forward
 it puts a pre-hook on the output layer (``get_output_embeddings()`` of the model inside any PEFT wrappers,
 also when a tuner wraps that layer) that keeps the hidden states at the loss positions and hands the layer
 an empty sequence, so the model's forward computes no logits. :meth:`PositionsHead.loss` then applies the
 same layer to the kept states, a chunk of positions at a time, and sums the cross-entropy in fp32: the loss
-and its gradients are those of the full head to float tolerance (tests/test_losshead.py). When there are
+and its gradients are those of the full head to float tolerance (tests/test_levers.py). When there are
 more positions than one chunk holds, each chunk is recomputed in backward (activation checkpointing), so
 the logits of at most one chunk exist at any time.
 
