@@ -187,6 +187,8 @@ def test_auto_levers_say_why_they_stayed_off(tiny_llama, memo_data, tmp_path):
         s["levers"]["frozen_weights"] == "fp32" and "changes base weights" in s["levers"]["why"]["frozen_weights"]
     )
     assert s["levers"]["loss_head"] == "positions" and s["levers"]["optimizer_impl"] == "fused"
+    # a tiny model: compiling would cost more than it saves
+    assert s["levers"]["compile"] == "off" and "compiling pays from 50,000,000" in s["levers"]["why"]["compile"]
 
 
 # -- GPU paths: their config logic, on CPU ---------------------------------------------------------------
@@ -272,3 +274,52 @@ def test_own_storage_leaves_no_tensor_mapped_from_the_weight_file(tiny_llama):
     assert in_file() == []
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+
+
+# -- compile ---------------------------------------------------------------------------------------------
+def test_compiled_blocks_train_the_same_weights_as_eager_ones(tiny_llama, memo_data, tmp_path):
+    """Without dropout, whose random stream inductor draws otherwise, compiling changes no arithmetic beyond
+    float reordering: the same losses and weights."""
+    runs = {}
+    for c in ("off", "on"):
+        runs[c] = train(tiny_config(tiny_llama, memo_data, tmp_path / c, "full", max_steps=4, compile=c))
+    assert runs["on"].summary["levers"]["compile"] == "on"
+    off = runs["off"].summary["levers"]
+    assert off["compile"] == "off" and "compile" not in off["why"]  # explicit: no reason to give
+    losses = {
+        c: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        for c, r in runs.items()
+    }
+    assert len(losses["on"]) >= 2 and losses["on"] == pytest.approx(losses["off"], rel=1e-5)
+    w1, w2 = final_weights(runs["off"].run_dir), final_weights(runs["on"].run_dir)
+    for k in w1:  # Adam scales float noise in near-zero gradients up to ~1e-3 of the learning rate
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_compiled_runs_blocks_compiled_only_while_training(tiny_llama):
+    from tunelab.levers import compiled, repeated_blocks
+    from tunelab.models import load_model
+
+    model = load_model(tiny_llama)
+    blocks = repeated_blocks(model)
+    assert len(blocks) == model.config.num_hidden_layers and model.config.use_cache
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        with compiled(model, True):
+            assert all(b._compiled_call_impl is not None for b in blocks) and not model.config.use_cache
+            inside = model(input_ids=ids).logits
+    assert all(b._compiled_call_impl is None for b in blocks) and model.config.use_cache
+    torch.testing.assert_close(inside, eager, rtol=1e-4, atol=1e-5)
+    assert set(model.state_dict()) == set(load_model(tiny_llama).state_dict())  # no wrapper in the names
+
+
+def test_compile_on_without_a_compiler_is_refused_naming_what_is_missing(
+    tiny_llama, memo_data, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name, *a, **k: None)
+    with pytest.raises(RunError, match=r"training.compile: on cannot be used here: no C\+\+ compiler found"):
+        train(tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", compile="on"))
+    s = train(tiny_config(tiny_llama, memo_data, tmp_path / "auto", "lora", max_steps=1)).summary
+    assert s["levers"]["compile"] == "off" and "no C++ compiler" in s["levers"]["why"]["compile"]

@@ -13,6 +13,12 @@ are written to ``summary.json`` under ``levers``, with why an ``auto`` lever sta
   saved model carries the frozen weights, which must keep their own precision).
 - ``optimizer_impl``: AdamW's ``fused`` kernel (one pass per tensor), ``foreach`` (torch's default) or
   ``for_loop``. ``auto``: fused.
+- ``compile``: ``on`` compiles each repeated block of the model (the classes its ``_no_split_modules``
+  names: the decoder layers) with ``torch.compile`` for the time of training (:func:`compiled`):
+  inductor fuses the element-wise work around the matmuls and its partitioner saves fewer activations for
+  backward. ``auto``: on for models of at least :data:`COMPILE_MIN_PARAMS` parameters where inductor has a
+  compiler (a C++ compiler on CPU, triton on CUDA); the compiled kernels are cached in
+  ``TUNELAB_HOME/inductor``, so only a model's first run pays the full compile.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
@@ -28,7 +34,11 @@ Two more decide how the base model is loaded (:func:`load_options`, before it lo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,7 +46,10 @@ import torch
 
 from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
-from tunelab.models import default_attention
+from tunelab.models import default_attention, tunelab_home
+
+#: below this many parameters a step is too short for compiling to pay back its compile time (auto: off)
+COMPILE_MIN_PARAMS = 50_000_000
 
 
 @dataclass
@@ -46,6 +59,7 @@ class Levers:
     loss_head: str = "full"
     frozen_weights: str = "fp32"
     optimizer_impl: str = "foreach"
+    compile: str = "off"
     threads: int = 0
     why: dict[str, str] = field(default_factory=dict)  #: for each auto lever left off: the reason
 
@@ -149,6 +163,22 @@ def resolve(
     lv.frozen_weights = "bf16" if wanted else "fp32"
 
     lv.optimizer_impl = "fused" if training.optimizer_impl == "auto" else training.optimizer_impl
+
+    blocks = repeated_blocks(model)
+    if training.compile != "off":
+        problem = (
+            "the model names no repeated block to compile (_no_split_modules)"
+            if not blocks
+            else compiler_missing(next(model.parameters()).device.type)
+        )
+        if training.compile == "on" and problem:
+            raise RunError(f"training.compile: on cannot be used here: {problem}; use auto or off")
+        total = sum(p.numel() for p in model.parameters())
+        if training.compile == "auto" and not problem and total < COMPILE_MIN_PARAMS:
+            problem = f"the model has {total:,} parameters; compiling pays from {COMPILE_MIN_PARAMS:,}"
+        if training.compile == "auto" and problem:
+            why["compile"] = problem
+        lv.compile = "off" if problem else "on"
     if training.threads:
         torch.set_num_threads(training.threads)
         lv.threads = training.threads
@@ -195,3 +225,51 @@ def own_storage(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.clone()
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of the classes the model's ``_no_split_modules`` name (its decoder layers): the same code
+    run once per layer, so one compiled graph serves them all."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compiler_missing(device_type: str) -> str:
+    """Why inductor cannot compile for this device here, or ``""``."""
+    if device_type == "cuda":
+        return "" if importlib.util.find_spec("triton") else "the triton package is not installed"
+    if device_type != "cpu":
+        return f"torch.compile is not set up for {device_type} here"
+    if os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return ""
+    return "no C++ compiler found (g++, c++ or clang++; or set CXX)"
+
+
+@contextlib.contextmanager
+def compiled(model: torch.nn.Module, on: bool) -> Iterator[None]:
+    """Each repeated block compiled (dynamic shapes: batches of other lengths reuse the same kernels) while
+    the body runs, eager again after it: generation with a KV cache and the measurements that follow
+    training run the model as loaded. The module tree, its parameters and state dict stay as they are."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tunelab_home() / "inductor"))
+    blocks = repeated_blocks(model)
+    # torch keeps a few compiled graphs per code object (every block's is nn.Module's own call) and runs
+    # eager, silently, past that: start each training from none (the kernels stay cached on disk)
+    torch._dynamo.reset()
+    # a KV cache built at every training forward (transformers does when config.use_cache) is of no use
+    # there, and its state changes each call, which would make every layer's graph recompile
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:
+        config.use_cache = False
+    for b in blocks:
+        b.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b._compiled_call_impl = None  # what nn.Module.compile sets; None is its uncompiled default
+        if use_cache:
+            config.use_cache = use_cache

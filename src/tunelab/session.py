@@ -282,7 +282,8 @@ class Session:
         ]:
             trainer.add_callback(cb)
         checkpoint, skipped = self._resume_point(out_dir) if resume else (None, [])
-        out = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+        with levers.compiled(self.model, self.levers.compile == "on"):
+            out = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
         state = trainer.state
         self.model = trainer.model
         return {
