@@ -10,6 +10,10 @@ resident memory (model loading included) is its own; neither side evaluates or m
 bench times training). Tokens/s = non-padding tokens the trainer consumed / the Trainer's
 ``train_runtime``, measured the same way on both sides (``num_input_tokens_seen``, "non_padding").
 
+Each row also gives its first step's wall time (tunelab compiles its decoder layers there: ~20 s the first
+time on 2 cores, a few seconds once the kernels are cached in TUNELAB_HOME/inductor; the start records which)
+and its steady tokens/s (steps 2..N).
+
 TRL's own rows draw batches at random (its default sampler), tunelab groups rows of similar length (its
 default): both at their defaults. The last row gives TRL tunelab's batch order, so the two loss curves must
 agree: the first step's loss (before any update) to 1e-2, the last within a few percent.
@@ -33,12 +37,18 @@ from pathlib import Path
 
 import torch
 
-from common import OUT, report, run_child
+from common import OUT, StepClock, report, run_child
 from common import ticket_rows as rows
 
 R, ALPHA, MAX_LEN, SEED = 16, 32, 192, 42
 LR = {"lora": 1e-3, "full": 5e-5}
-LEVERS_OFF = {"loss_head": "full", "frozen_weights": "fp32", "optimizer_impl": "for_loop", "attention": "sdpa"}
+LEVERS_OFF = {
+    "compile": "off",
+    "loss_head": "full",
+    "frozen_weights": "fp32",
+    "optimizer_impl": "for_loop",
+    "attention": "sdpa",
+}
 ROWS = {
     "lora": ["tunelab", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],
     "full": ["tunelab", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],
@@ -73,7 +83,8 @@ def run_tunelab(method: str, model_dir: str, steps: int, bs: int, work: Path, ex
         "forgetting": {"enabled": False},
         "output_dir": str(work / "run"),
     }
-    result = train(cfg)
+    clock = StepClock()
+    result = train(cfg, callbacks=[clock])
     s = result.summary
     losses = [
         json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
@@ -85,6 +96,7 @@ def run_tunelab(method: str, model_dir: str, steps: int, bs: int, work: Path, ex
         "gradient_checkpointing": False,
         "levers": {k: v for k, v in s["levers"].items() if k != "why"},
         "losses": losses,
+        **clock.figures(),
     }
 
 
@@ -131,7 +143,10 @@ def run_trl(method: str, variant: str, model_dir: str, steps: int, bs: int, work
         if method == "lora"
         else None
     )
-    trainer = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_cfg)
+    clock = StepClock()
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_cfg, callbacks=[clock]
+    )
     out = trainer.train()
     return {
         "tokens": int(trainer.state.num_input_tokens_seen),
@@ -139,6 +154,7 @@ def run_trl(method: str, variant: str, model_dir: str, steps: int, bs: int, work
         "precision": "bf16" if args.bf16 else "fp32",
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "losses": [x["loss"] for x in trainer.state.log_history if "loss" in x],
+        **clock.figures(),
     }
 
 
@@ -228,7 +244,18 @@ def main() -> None:
     print(
         f"matmul peak: bf16 {peak['bfloat16']} TFLOP/s, fp32 {peak['float32']} TFLOP/s; N = {n:,} matmul weights"
     )
-    results: dict = {"peak_tflops": peak, "matmul_weights": n, "steps": a.steps, "batch_size": a.batch_size}
+    from tunelab.models import tunelab_home
+
+    inductor = tunelab_home() / "inductor"
+    cache = "warm" if inductor.is_dir() and any(inductor.iterdir()) else "cold"
+    print(f"compiled kernels cache ({inductor}): {cache} at the start")
+    results: dict = {
+        "peak_tflops": peak,
+        "matmul_weights": n,
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "inductor_cache": cache,
+    }
     with tempfile.TemporaryDirectory() as d:
         order_file = Path(d) / "order.json"
         order_file.write_text(json.dumps(tunelab_order(model_dir, a.steps, a.batch_size)))
@@ -269,18 +296,22 @@ def print_table(results: dict) -> None:
             "train s",
             "tok/s",
             "×ref",
+            "1st s",
+            "steady",
+            "×ref",
             "peak MB",
             "×ref",
             "MFU %",
             "loss 1",
             "loss N",
         )
-        print("{:16}{:>6}{:>5}{:>8}{:>9}{:>8}{:>7}{:>9}{:>7}{:>7}{:>9}{:>9}".format(*head))
+        print("{:16}{:>6}{:>5}{:>8}{:>9}{:>8}{:>7}{:>7}{:>8}{:>7}{:>9}{:>7}{:>7}{:>9}{:>9}".format(*head))
         for row, r in rs.items():
             print(
                 f"{row:16}{r['precision']:>6}{'yes' if r['gradient_checkpointing'] else 'no':>5}{r['tokens']:>8}"
                 f"{r['train_time_s']:>9.1f}{r['tokens_per_s']:>8.1f}"
-                f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}"
+                f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}{r['first_step_s']:>7.1f}"
+                f"{r['steady_tokens_per_s']:>8.1f}{r['steady_tokens_per_s'] / base['steady_tokens_per_s']:>7.2f}"
                 f"{r['peak_mb']:>9.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}{r['mfu_pct']:>7.2f}"
                 f"{r['losses'][0]:>9.4f}{r['losses'][-1]:>9.4f}"
             )

@@ -8,6 +8,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,29 @@ def ticket_rows(n: int) -> list[dict]:
     from tunelab.demo import make_tickets
 
     return make_tickets(n, seed=1)
+
+
+class StepClock:
+    """A Trainer callback (duck-typed, so this module imports no transformers): wall time and tokens seen at
+    the end of each step, so the first step (compiling, warm-up) can be told from the steady state."""
+
+    def __init__(self) -> None:
+        self.t0, self.marks = 0.0, []
+
+    def __getattr__(self, name):  # every other Trainer event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
+
+    def figures(self) -> dict:
+        (t1, n1), (tn, nn) = self.marks[0], self.marks[-1]
+        return {"first_step_s": round(t1 - self.t0, 2), "steady_tokens_per_s": round((nn - n1) / (tn - t1), 1)}
 
 
 def report(result: dict) -> None:
