@@ -16,7 +16,9 @@ and its steady tokens/s (steps 2..N).
 
 TRL's own rows draw batches at random (its default sampler), tunelab groups rows of similar length (its
 default): both at their defaults. The last row gives TRL tunelab's batch order, so the two loss curves must
-agree: the first step's loss (before any update) to 1e-2, the last within a few percent.
+agree: the first step's loss (before any update) to 1e-2, the last within a few percent. Then tunelab's
+first-step loss on that batch in fp32, compiled and eager: the value both sides' bf16 approximates, and a
+check that compiling changes where bf16 rounds, not the maths.
 
 Model FLOP utilisation (MFU) uses model FLOPs, not the work a side chose to skip: per token, 6·N for full
 fine-tuning and 4·N for LoRA (the forward and the gradient with respect to the inputs through the frozen
@@ -277,9 +279,27 @@ def main() -> None:
                 flops = (6 if method == "full" else 4) * n * r["tokens_per_s"]
                 r["mfu_pct"] = round(100 * flops / (peak["bfloat16"] * 1e12), 2)
                 results[method][row] = r
+            if not a.levers:
+                results[method]["numerics"] = first_losses(method, model_dir, a, order_file)
     OUT.mkdir(exist_ok=True)
     (OUT / ("levers.json" if a.levers else "vs_trl.json")).write_text(json.dumps(results, indent=2))
     print_table(results)
+
+
+def first_losses(method: str, model_dir: str, a, order_file: Path) -> dict[str, float]:
+    """tunelab's first-step loss on the same first batch in fp32 (the value both sides' bf16 approximates),
+    with compiled and with eager blocks: compiling must not change the maths, only where bf16 rounds."""
+    out = {}
+    for mode in ("on", "off"):
+        print(f"running {method} / first-step loss in fp32, compile {mode} ...", flush=True)
+        r = run_child(
+            __file__,
+            *("--child", "--method", method, "--row", "tunelab", "--model-dir", model_dir),
+            *("--steps", str(a.steps), "--batch-size", str(a.batch_size), "--order", str(order_file)),
+            *("--extra", json.dumps({"precision": "fp32", "compile": mode, "max_steps": 2})),
+        )
+        out[f"fp32_compile_{mode}"] = r["losses"][0]
+    return out
 
 
 def print_table(results: dict) -> None:
@@ -307,6 +327,8 @@ def print_table(results: dict) -> None:
         )
         print("{:16}{:>6}{:>5}{:>8}{:>9}{:>8}{:>7}{:>7}{:>8}{:>7}{:>9}{:>7}{:>7}{:>9}{:>9}".format(*head))
         for row, r in rs.items():
+            if row == "numerics":
+                continue
             print(
                 f"{row:16}{r['precision']:>6}{'yes' if r['gradient_checkpointing'] else 'no':>5}{r['tokens']:>8}"
                 f"{r['train_time_s']:>9.1f}{r['tokens_per_s']:>8.1f}"
@@ -321,6 +343,15 @@ def print_table(results: dict) -> None:
                 f"same batches: first-step loss {a[0]:.4f} vs {b[0]:.4f} (|diff| {abs(a[0] - b[0]):.4f}); "
                 f"last {a[-1]:.4f} vs {b[-1]:.4f} ({100 * (a[-1] - b[-1]) / b[-1]:+.1f}%); "
                 f"mean over steps {sum(a) / len(a):.4f} vs {sum(b) / len(b):.4f}"
+            )
+        if "numerics" in rs:
+            x = rs["numerics"]
+            print(
+                f"first-step loss in fp32: compiled {x['fp32_compile_on']:.6f}, "
+                f"eager {x['fp32_compile_off']:.6f}; "
+                f"tunelab bf16 {rs['tunelab']['losses'][0]:.4f} and TRL bf16 {rs['trl-default']['losses'][0]:.4f} "
+                f"are {rs['tunelab']['losses'][0] - x['fp32_compile_off']:+.4f} and "
+                f"{rs['trl-default']['losses'][0] - x['fp32_compile_off']:+.4f} from it"
             )
 
 

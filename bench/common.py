@@ -49,7 +49,8 @@ class StepClock:
 
     def figures(self) -> dict:
         (t1, n1), (tn, nn) = self.marks[0], self.marks[-1]
-        return {"first_step_s": round(t1 - self.t0, 2), "steady_tokens_per_s": round((nn - n1) / (tn - t1), 1)}
+        steady = round((nn - n1) / (tn - t1), 1) if len(self.marks) > 1 else None
+        return {"first_step_s": round(t1 - self.t0, 2), "steady_tokens_per_s": steady}
 
 
 def report(result: dict) -> None:
