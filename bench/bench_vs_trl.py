@@ -3,15 +3,16 @@ fine-tuning; same model, data, batch size, steps, learning rate and sequence len
 
     python bench/bench_vs_trl.py [--steps 20] [--batch-size 8] [--only lora|full]
 
-Rows: tunelab with its defaults (every ``auto`` lever); TRL with its defaults (which include ``bf16=True``
-and gradient checkpointing); TRL with ``bf16=True`` and gradient checkpointing off (its fastest setting
-here); and TRL at its defaults on tunelab's batch order. Each row runs in its own process, so its peak
-resident memory (model loading included) is its own; neither side evaluates or measures forgetting (the
-bench times training). Tokens/s = non-padding tokens the trainer consumed / the Trainer's
+Rows: tunelab with its defaults (every ``auto`` lever; ``compile`` stays off in a run this short), tunelab
+with ``compile: on`` (what ``auto`` gives runs of 50 steps or more); TRL with its defaults (which include
+``bf16=True`` and gradient checkpointing); TRL with ``bf16=True`` and gradient checkpointing off (its
+fastest setting here); and TRL at its defaults on tunelab's batch order. Each row runs in its own process,
+so its peak resident memory (model loading included) is its own; neither side evaluates or measures
+forgetting (the bench times training). Tokens/s = non-padding tokens the trainer consumed / the Trainer's
 ``train_runtime``, measured the same way on both sides (``num_input_tokens_seen``, "non_padding").
 
 Each row also gives its first step's wall time (tunelab compiles its decoder layers there: ~20 s the first
-time on 2 cores, a few seconds once the kernels are cached in TUNELAB_HOME/inductor; the start records which)
+time on 2 cores, a few seconds once inductor has the kernels in its disk cache; the start records which)
 and its steady tokens/s (steps 2..N).
 
 TRL's own rows draw batches at random (its default sampler), tunelab groups rows of similar length (its
@@ -52,9 +53,11 @@ LEVERS_OFF = {
     "attention": "sdpa",
 }
 ROWS = {
-    "lora": ["tunelab", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],
-    "full": ["tunelab", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],
+    "lora": ["tunelab", "tunelab-compiled", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],
+    "full": ["tunelab", "tunelab-compiled", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],
 }
+#: rows that are tunelab with options on top of the bench's --tunelab ones
+TUNELAB_ROWS = {"tunelab": {}, "tunelab-compiled": {"compile": "on"}}
 
 
 # -- the children ----------------------------------------------------------------------------------------
@@ -246,10 +249,10 @@ def main() -> None:
     print(
         f"matmul peak: bf16 {peak['bfloat16']} TFLOP/s, fp32 {peak['float32']} TFLOP/s; N = {n:,} matmul weights"
     )
-    from tunelab.models import tunelab_home
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    inductor = tunelab_home() / "inductor"
-    cache = "warm" if inductor.is_dir() and any(inductor.iterdir()) else "cold"
+    inductor = Path(cache_dir())
+    cache = "warm" if any(p.name != "locks" for p in inductor.iterdir()) else "cold"
     print(f"compiled kernels cache ({inductor}): {cache} at the start")
     results: dict = {
         "peak_tflops": peak,
@@ -263,7 +266,8 @@ def main() -> None:
         order_file.write_text(json.dumps(tunelab_order(model_dir, a.steps, a.batch_size)))
         for method in [a.only] if a.only else list(ROWS):
             results[method] = {}
-            rows_here = [(row, a.tunelab) for row in ROWS[method]]
+            base = json.loads(a.tunelab)
+            rows_here = [(row, json.dumps({**base, **TUNELAB_ROWS.get(row, {})})) for row in ROWS[method]]
             if a.levers:
                 rows_here = [("tunelab", a.tunelab)] + [
                     (f"{k}={v}", json.dumps({**json.loads(a.tunelab), k: v})) for k, v in LEVERS_OFF.items()
@@ -272,7 +276,8 @@ def main() -> None:
                 print(f"running {method} / {row} ...", flush=True)
                 r = run_child(
                     __file__,
-                    *("--child", "--method", method, "--row", "tunelab" if "=" in row else row),
+                    *("--child", "--method", method),
+                    *("--row", "tunelab" if "=" in row or row in TUNELAB_ROWS else row),
                     *("--model-dir", model_dir, "--steps", str(a.steps), "--batch-size", str(a.batch_size)),
                     *("--order", str(order_file), "--extra", extra),
                 )

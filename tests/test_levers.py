@@ -323,3 +323,13 @@ def test_compile_on_without_a_compiler_is_refused_naming_what_is_missing(
         train(tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", compile="on"))
     s = train(tiny_config(tiny_llama, memo_data, tmp_path / "auto", "lora", max_steps=1)).summary
     assert s["levers"]["compile"] == "off" and "no C++ compiler" in s["levers"]["why"]["compile"]
+
+
+def test_compile_auto_stays_off_for_a_short_run_and_on_stays_on():
+    from tunelab.levers import COMPILE_MIN_STEPS, Levers, compile_pays
+
+    lv = Levers(compile="on")
+    assert compile_pays(lv, "auto", COMPILE_MIN_STEPS)
+    assert not compile_pays(lv, "auto", COMPILE_MIN_STEPS - 1)
+    assert lv.compile == "off" and f"compiling pays from {COMPILE_MIN_STEPS}" in lv.why["compile"]
+    assert compile_pays(Levers(compile="on"), "on", 1)  # asked for explicitly: compiled however short

@@ -150,8 +150,9 @@ class TrainingConfig(Strict):
         "auto",
         description="Compile each repeated block of the model (its decoder layers) with torch.compile for "
         "training: fused element-wise work, fewer saved activations. auto: on for models of at least 50M "
-        "parameters where a compiler is present (a C++ compiler on CPU, triton on CUDA). The first compile of a "
-        "model takes ~20 s on 2 cores; later runs reuse the cache in TUNELAB_HOME/inductor.",
+        "parameters trained for at least 50 steps where a compiler is present (a C++ compiler on CPU, triton "
+        "on CUDA). The first compile of a model takes ~20 s on 2 cores; later runs reuse inductor's kernel "
+        "cache (TORCHINDUCTOR_CACHE_DIR).",
     )
     threads: int | None = Field(
         None, gt=0, description="Intra-op CPU threads; default: torch's (the physical cores)."

@@ -1,7 +1,7 @@
-"""Speed and memory levers (``training.loss_head``, ``frozen_weights``, ``optimizer_impl``, ``threads``), each
-resolved once per run from its setting, the device, the precision, the model and what the strategies need.
-``auto`` picks what measured fastest at no cost in correctness (docs/performance.md); the resolved values
-are written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed off.
+"""Speed and memory levers (``training.loss_head``, ``frozen_weights``, ``optimizer_impl``, ``compile``,
+``threads``), each resolved once per run from its setting, the device, the precision, the model and what
+the strategies need. ``auto`` picks what measured fastest at no cost in correctness (docs/performance.md);
+the resolved values are written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed off.
 
 - ``loss_head``: ``positions`` applies the vocabulary head and the loss to the positions that carry loss
   only (tunelab.losshead); ``full`` is transformers' own path. ``auto``: positions, unless a strategy reads
@@ -16,9 +16,10 @@ are written to ``summary.json`` under ``levers``, with why an ``auto`` lever sta
 - ``compile``: ``on`` compiles each repeated block of the model (the classes its ``_no_split_modules``
   names: the decoder layers) with ``torch.compile`` for the time of training (:func:`compiled`):
   inductor fuses the element-wise work around the matmuls and its partitioner saves fewer activations for
-  backward. ``auto``: on for models of at least :data:`COMPILE_MIN_PARAMS` parameters where inductor has a
-  compiler (a C++ compiler on CPU, triton on CUDA); the compiled kernels are cached in
-  ``TUNELAB_HOME/inductor``, so only a model's first run pays the full compile.
+  backward. ``auto``: on for models of at least :data:`COMPILE_MIN_PARAMS` parameters trained for at least
+  :data:`COMPILE_MIN_STEPS` optimizer steps where inductor has a compiler (a C++ compiler on CPU, triton
+  on CUDA); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by default
+  ``/tmp/torchinductor_<user>``), so later runs of the same model compile in seconds.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
@@ -46,10 +47,14 @@ import torch
 
 from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
-from tunelab.models import default_attention, tunelab_home
+from tunelab.models import default_attention
+from tunelab.progress import status
 
 #: below this many parameters a step is too short for compiling to pay back its compile time (auto: off)
 COMPILE_MIN_PARAMS = 50_000_000
+#: nor in a run of fewer optimizer steps: compiling costs the first step ~6 s with inductor's cache warm
+#: (~20 s cold) on the default model, and saves ~0.2 s a step after it (docs/performance.md)
+COMPILE_MIN_STEPS = 50
 
 
 @dataclass
@@ -164,11 +169,10 @@ def resolve(
 
     lv.optimizer_impl = "fused" if training.optimizer_impl == "auto" else training.optimizer_impl
 
-    blocks = repeated_blocks(model)
     if training.compile != "off":
         problem = (
             "the model names no repeated block to compile (_no_split_modules)"
-            if not blocks
+            if not repeated_blocks(model)
             else compiler_missing(next(model.parameters()).device.type)
         )
         if training.compile == "on" and problem:
@@ -227,6 +231,15 @@ def own_storage(model: torch.nn.Module) -> None:
             t.data = t.data.clone()
 
 
+def compile_pays(lv: Levers, setting: str, steps: int) -> bool:
+    """Whether a training of ``steps`` optimizer steps compiles: ``lv.compile`` as resolved, turned off (and
+    why recorded) for a short ``auto`` run."""
+    if lv.compile == "on" and setting == "auto" and steps < COMPILE_MIN_STEPS:
+        lv.compile = "off"
+        lv.why["compile"] = f"{steps} optimizer steps; compiling pays from {COMPILE_MIN_STEPS}"
+    return lv.compile == "on"
+
+
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of the classes the model's ``_no_split_modules`` name (its decoder layers): the same code
     run once per layer, so one compiled graph serves them all."""
@@ -253,7 +266,6 @@ def compiled(model: torch.nn.Module, on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tunelab_home() / "inductor"))
     blocks = repeated_blocks(model)
     # torch keeps a few compiled graphs per code object (every block's is nn.Module's own call) and runs
     # eager, silently, past that: start each training from none (the kernels stay cached on disk)
@@ -266,6 +278,10 @@ def compiled(model: torch.nn.Module, on: bool) -> Iterator[None]:
         config.use_cache = False
     for b in blocks:
         b.compile(dynamic=True)
+    status(
+        f"compile: {len(blocks)} {type(blocks[0]).__name__} blocks compile in the first training step "
+        "(~20 s on 2 cores the first time; seconds once inductor has them cached)"
+    )
     try:
         yield
     finally:

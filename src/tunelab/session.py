@@ -282,7 +282,13 @@ class Session:
         ]:
             trainer.add_callback(cb)
         checkpoint, skipped = self._resume_point(out_dir) if resume else (None, [])
-        with levers.compiled(self.model, self.levers.compile == "on"):
+        t = cfg.training
+        planned = (
+            t.max_steps
+            or token_budget_steps(cfg, train_features)
+            or math.ceil(math.ceil(len(train_features) / (t.batch_size * world_size())) / t.grad_accum * t.epochs)
+        )
+        with levers.compiled(self.model, levers.compile_pays(self.levers, t.compile, planned)):
             out = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
         state = trainer.state
         self.model = trainer.model
