@@ -64,6 +64,33 @@ def test_merge_equals_unmerged_and_is_standalone(tiny_model, memo_data, tmp_path
         merge(result.run_dir, out)
 
 
+def test_merge_keeps_the_base_models_dtype_and_writes_readable_files(tiny_llama, memo_data, tmp_path, ids):
+    """A bf16 base merges into bf16 weights (not the fp32 copy tunelab trains in), in a directory others can
+    read: 0755 / 0644 under the usual umask, not mkdtemp's 0700."""
+    import json
+    import os
+
+    base = tmp_path / "bf16-base"
+    load_model(tiny_llama).to(torch.bfloat16).save_pretrained(base)
+    for f in tiny_llama.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name.endswith(".jinja"):
+            (base / f.name).write_bytes(f.read_bytes())
+    result = train(tiny_config(base, memo_data, tmp_path / "run", "lora", max_steps=2))
+    old = os.umask(0o022)
+    try:
+        out = merge(result.run_dir, tmp_path / "merged")
+    finally:
+        os.umask(old)
+    weights = load_file(out / "model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644}
+    run = load_run(result.run_dir)  # the fp32 merge, rounded once to bf16: the same values
+    folded = {k: v.to(torch.bfloat16) for k, v in run.stack.merge(run.model).state_dict().items()}
+    assert weights.keys() <= folded.keys() and all(torch.equal(weights[k], folded[k]) for k in weights)
+
+
 def test_merge_of_a_full_run_is_refused(tiny_llama, memo_data, tmp_path):
     result = train(tiny_config(tiny_llama, memo_data, tmp_path / "run", "full", max_steps=2))
     with pytest.raises(RunError, match="already a standalone model"):

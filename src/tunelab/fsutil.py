@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ def atomic_dir(target: Path, *, keep_existing: Callable[[Path], bool] | None = N
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield tmp
+        normal_permissions(tmp)
         if target.exists():
             if keep_existing is not None and keep_existing(target):
                 return
@@ -29,3 +31,15 @@ def atomic_dir(target: Path, *, keep_existing: Callable[[Path], bool] | None = N
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def normal_permissions(root: Path) -> None:
+    """Give ``root`` and everything under it the permissions a plain ``mkdir`` / ``open`` would have under
+    the process's umask: ``mkdtemp`` makes directories 0700 and some writers make files 0600, which would
+    leave a model that another user or a serving process cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)

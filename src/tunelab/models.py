@@ -197,6 +197,15 @@ def default_attention(device: str | None = None) -> str:
     return "sdpa" if device == "cuda" else "eager"
 
 
+def base_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype a model directory's weights are stored in, as its config.json says (``dtype``, or
+    ``torch_dtype`` before transformers 5); float32 where it says nothing."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False, **options):
     """Load a causal LM in fp32 master weights (mixed precision comes from autocast, not from the weights);
     ``options`` go to ``from_pretrained`` (attention implementation, default :func:`default_attention`;

@@ -13,7 +13,7 @@ from tunelab.data import prepare_file
 from tunelab.errors import RunError
 from tunelab.evaluate import generate_batch, score
 from tunelab.fsutil import atomic_dir
-from tunelab.models import load_model, load_tokenizer, resolve_model
+from tunelab.models import base_dtype, load_model, load_tokenizer, resolve_model
 from tunelab.rundir import CONFIG, MODEL, SUMMARY
 from tunelab.runtime import bf16_supported, device, resolve_precision
 
@@ -133,6 +133,8 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
             "modules or virtual tokens); serve the run with its base model instead"
         )
     model = loaded.stack.merge(loaded.model)
+    # the base model's own dtype (a bf16 model stays bf16), not the fp32 tunelab trains in
+    model = model.to(base_dtype(resolve_model(loaded.cfg.model, allow_pickle=loaded.cfg.allow_pickle)))
     with atomic_dir(out_dir) as tmp:  # out_dir is absent or empty (checked above)
         model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
