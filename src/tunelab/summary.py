@@ -101,4 +101,10 @@ def finish_summary(summary: dict[str, Any], device: str, run_dir: Path, t_start:
     except ValidationError as e:  # a bug in a mode, not a user error: say which key
         raise RunError(f"internal: summary.json does not fit its schema: {e.errors()[0]}") from None
     write_json_atomic(run_dir / SUMMARY, summary)
+    if (run_dir / MODEL).is_dir() and (run_dir / CONFIG).is_file():
+        import yaml
+
+        from tunelab import modelcard
+
+        modelcard.write(summary, yaml.safe_load((run_dir / CONFIG).read_text()), run_dir / MODEL)
     return summary

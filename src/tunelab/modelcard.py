@@ -1,0 +1,128 @@
+"""The model card every run writes beside its weights (``RUN/model/README.md``): YAML front matter a model
+hub reads (``base_model``, ``library_name``, ``pipeline_tag``, ``tags``) plus tunelab's own record under
+``tunelab:`` (strategy, data files, scores before and after, forgetting, training figures), then the same
+in prose and tables, and how to load it. Written from ``summary.json`` and the resolved config, so the card
+never says anything the run did not measure."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.models import KNOWN_MODELS
+
+CARD = "README.md"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def base_model_id(model: str, model_dir: Path) -> str | None:
+    """The hub id of the base model when it is known: a converted known model's source, or a local model
+    whose config names one (``_name_or_path``); None for a model known only by its path."""
+    if model in KNOWN_MODELS:
+        return KNOWN_MODELS[model].hub_id
+    import json
+
+    try:
+        name = json.loads((Path(model_dir) / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, ValueError):
+        return None
+    return name if isinstance(name, str) and _HUB_ID.match(name) and not Path(name).exists() else None
+
+
+def _scores(d: dict | None) -> dict[str, float]:
+    return {k: v for k, v in (d or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str:
+    """The card's text for a run with this summary and resolved config; ``model_dir`` is the run's model/."""
+    adapter = (model_dir / "adapter_config.json").is_file()
+    strategies = summary["strategy"]
+    data = cfg.get("data") or {}
+    files = {k: Path(v).name for k, v in data.items() if k in ("train", "eval") and isinstance(v, str)}
+    for t in cfg.get("tasks") or []:
+        files[f"train ({t.get('name')})"] = Path(t["train"]).name
+    train = summary.get("train")
+    train = train[-1] if isinstance(train, list) else train
+    record: dict[str, Any] = {
+        "strategy": strategies,
+        "mode": summary["mode"],
+        "base_model_path": summary["model"],
+        "data": files,
+        "parameters": {k: summary["parameters"][k] for k in ("trainable", "total")},
+    }
+    if summary.get("eval_before") is not None:
+        record["eval_before"] = _scores(summary["eval_before"])
+    if summary.get("eval") is not None:
+        record["eval"] = _scores(summary["eval"])
+    forgetting = {k: _scores(v) for k, v in (summary.get("forgetting") or {}).items() if isinstance(v, dict)}
+    if any(forgetting.values()):
+        record["forgetting"] = forgetting  # before / after / delta, each measure on the retention set
+    if train:
+        record["training"] = {
+            k: train[k] for k in ("steps", "epochs", "tokens_seen", "tokens_per_s", "train_time_s") if k in train
+        }
+    record["peak_memory_mb"] = summary["memory"]["peak_mb"]
+    meta: dict[str, Any] = {}
+    base = base_model_id(cfg.get("model", ""), Path(summary["model"]))
+    if base:
+        meta["base_model"] = base
+    meta |= {
+        "library_name": "peft" if adapter else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["tunelab", *strategies],
+        "tunelab": record,
+    }
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+
+    title = f"# {' + '.join(strategies)} fine-tune of {base or Path(summary['model']).name}"
+    lines = [f"---\n{front}---", "", title]
+    lines += [
+        "",
+        f"Trained with [tunelab](https://pypi.org/project/tunelab/) ({summary['mode']} mode, "
+        f"{summary['precision']}, {summary['device']}). Training data: "
+        + (", ".join(f"`{v}` ({k})" for k, v in files.items()) or "see `tunelab_config.yaml`")
+        + ".",
+    ]
+    before, after = record.get("eval_before", {}), record.get("eval", {})
+    if after:
+        lines += ["", "## Scores", "", "| metric | before | after |", "|---|---:|---:|"]
+        lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(v)} |" for k, v in after.items()]
+    if record.get("forgetting"):
+        f = record["forgetting"]
+        lines += ["", "## Forgetting (against the untouched base model, on general prompts)", ""]
+        lines += ["| measure | before | after | change |", "|---|---:|---:|---:|"]
+        was, now, change = f.get("before", {}), f.get("after", {}), f.get("delta", {})
+        measures = [k for k in now if k != "prompts"]
+        lines += [f"| {k} | {_fmt(was.get(k))} | {_fmt(now[k])} | {_fmt(change.get(k))} |" for k in measures]
+    lines += ["", "## Training", "", "| | |", "|---|---:|"]
+    p = record["parameters"]
+    lines += [f"| trainable parameters | {p['trainable']:,} of {p['total']:,} |"]
+    lines += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in record.get("training", {}).items()]
+    lines += [f"| peak memory MB | {_fmt(record['peak_memory_mb'])} |"]
+    load = (
+        "from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)"
+        if adapter
+        else "from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained(PATH)"
+    )
+    lines += ["", "## Use", "", "```python", load, "```", ""]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def write(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> None:
+    """Write the card into ``model_dir`` (a file of the run's own; replaced whole, never half-written)."""
+    tmp = model_dir / f".{CARD}.tmp"
+    tmp.write_text(render(summary, cfg, model_dir))
+    tmp.replace(model_dir / CARD)
