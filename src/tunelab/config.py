@@ -30,6 +30,25 @@ from tunelab.schema import StrictModel
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+#: transformers' reporting integrations (transformers.integrations.INTEGRATION_TO_CALLBACK)
+Tracker = Literal[
+    "tensorboard",
+    "mlflow",
+    "wandb",
+    "comet_ml",
+    "clearml",
+    "dvclive",
+    "neptune",
+    "trackio",
+    "swanlab",
+    "codecarbon",
+    "azure_ml",
+    "dagshub",
+    "flyte",
+    "kubeflow",
+]
+
+
 class ConfigError(ValueError):
     """A config that cannot be used. ``problems`` holds one human-readable line per problem."""
 
@@ -167,6 +186,13 @@ class TrainingConfig(Strict):
         description="Load the frozen base weights quantized (QLoRA: 4bit NF4 with double quantization and bf16 "
         "compute; or 8bit) through bitsandbytes (pip install 'tunelab[qlora]'). CUDA only; for strategies that "
         "add modules (LoRA, adapters, prompt learning), not for those that change base weights.",
+    )
+    report_to: list[Tracker] = Field(
+        ["tensorboard"],
+        description="Experiment trackers the Trainer reports to (transformers' integrations; each needs its "
+        "package, e.g. pip install mlflow): tensorboard (into RUN/tb), mlflow (MLFLOW_TRACKING_URI, by default "
+        "RUN/mlruns), wandb, comet_ml, clearml, dvclive, neptune, trackio, swanlab, ...; [] for none. "
+        "metrics.jsonl is written whatever this says.",
     )
     logging_steps: int = Field(10, gt=0, description="Log loss, learning rate and tokens/s every N steps.")
     save_steps: int = Field(200, gt=0, description="Write a resumable checkpoint every N steps.")

@@ -47,7 +47,20 @@ CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
 MARKER, LOCK = ".tunelab-run", ".tunelab.lock"
 #: Every top-level name a run writes. Anything else in a run dir was put there by someone else.
 OURS = frozenset(
-    {CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS, "tb", "tasks", "continual.json", "continual.png", MARKER, LOCK}
+    {
+        CONFIG,
+        SUMMARY,
+        METRICS,
+        MODEL,
+        CHECKPOINTS,
+        "tb",
+        "mlruns",
+        "tasks",
+        "continual.json",
+        "continual.png",
+        MARKER,
+        LOCK,
+    }
 )
 
 

@@ -23,10 +23,18 @@ from tunelab.errors import RunError
 from tunelab.evaluate import loss_and_perplexity, score
 from tunelab.forgetting import Reference, build_retention_set, measure, retention_prompts
 from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model, tunelab_home
+from tunelab.progress import enabled as progress_enabled
+from tunelab.progress import status
 from tunelab.rundir import CHECKPOINTS, METRICS
 from tunelab.runtime import device, resolve_precision, world_size
 from tunelab.strategies import Need
 from tunelab.strategies.stack import StrategyStack
+from tunelab.trackers import scoped_env, tracker_env
+
+
+def checkpointing_argument(arguments_class) -> str:
+    fields = getattr(arguments_class, "__dataclass_fields__", {})
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
 def training_arguments(
@@ -61,7 +69,8 @@ def training_arguments(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=t.gradient_checkpointing,
+        # the name transformers 5 keeps (gradient_checkpointing is its deprecated alias, which warns)
+        **{checkpointing_argument(TrainingArguments): t.gradient_checkpointing},
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -70,7 +79,8 @@ def training_arguments(
         eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
         eval_steps=t.eval_steps,
         prediction_loss_only=True,  # in-training eval needs the loss only; never hold all logits
-        report_to="none",
+        # tensorboard is tunelab's own callback (into RUN/tb); the others are the Trainer's (trackers())
+        report_to=[x for x in t.report_to if x != "tensorboard"] or "none",
         train_sampling_strategy="group_by_length",
         length_column_name="length",
         remove_unused_columns=False,
@@ -163,7 +173,7 @@ class Session:
             raise RunError(f"strategy {'+'.join(cfg.strategy_names())} leaves no parameter to train")
         if self.main:
             for line in self.stack.describe(self.model):
-                print(line, flush=True)
+                status(line)
         if cfg.training.gradient_checkpointing and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()  # frozen embeddings + checkpointing still need input grads
         self.ctx = RunContext(
@@ -242,6 +252,7 @@ class Session:
         from tunelab.engine import BarCallback, MetricsCallback, Throughput, TokenBudget, TunelabTrainer
 
         cfg = self.cfg
+        env = tracker_env(cfg.training.report_to, self.run_dir)
         if data_hooks:
             train_features = self.stack.training_features(train_features, self.ctx)
         # TrainingArguments needs one rate (it only seeds the optimizer's default); each group's own rate
@@ -273,9 +284,9 @@ class Session:
         tb = TensorBoardCallback()
         tb.logging_dir = str(out_dir / "tb")
         for cb in [
-            BarCallback(throughput),
+            *([BarCallback(throughput)] if progress_enabled() else []),
             MetricsCallback(out_dir / METRICS, throughput),
-            tb,
+            *([tb] if "tensorboard" in cfg.training.report_to else []),
             *self.stack.callbacks(),
             *([TokenBudget(cfg.training.max_tokens)] if cfg.training.max_tokens else []),
             *(callbacks or []),
@@ -288,7 +299,7 @@ class Session:
             or token_budget_steps(cfg, train_features)
             or math.ceil(math.ceil(len(train_features) / (t.batch_size * world_size())) / t.grad_accum * t.epochs)
         )
-        with levers.compiled(self.model, levers.compile_pays(self.levers, t.compile, planned)):
+        with levers.compiled(self.model, levers.compile_pays(self.levers, t.compile, planned)), scoped_env(env):
             out = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
         state = trainer.state
         self.model = trainer.model
