@@ -43,6 +43,7 @@ def test_cli_train_eval_generate_merge(tiny_llama, memo_data, tmp_path):
     assert s["eval"]["exact_match"] >= s["eval_before"]["exact_match"]
     # progress bar shows loss and tokens/s
     assert "tok_s=" in p.stderr and "loss=" in p.stderr
+    assert "Warning" not in p.stderr, p.stderr[-3000:]  # no library deprecation noise in a normal run
 
     p = tunelab("eval", str(run))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -109,3 +110,26 @@ def test_every_verb_comes_from_the_one_table():
     sub = next(a for a in _parser()._actions if a.dest == "verb")
     assert list(sub.choices) == list(VERBS)
     assert {"train", "validate", "eval", "generate", "merge", "strategies", "demo"} <= set(VERBS)
+
+
+def test_quiet_says_the_result_only_and_verbose_says_more(tiny_llama, memo_data, tmp_path):
+    runs = {}
+    for flags in (["-q"], [], ["--verbose"]):
+        name = "".join(flags).strip("-") or "normal"
+        cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, "lora", max_steps=2)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        # -q before the verb, --verbose after it: both places work
+        args = (
+            [*flags, "train", str(tmp_path / f"{name}.yaml")]
+            if name == "q"
+            else ["train", str(tmp_path / f"{name}.yaml"), *flags]
+        )
+        runs[name] = p = tunelab(*args)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "trained lora: 2 steps" in p.stdout  # the result, whatever the verbosity
+    quiet, normal, verbose = runs["q"], runs["normal"], runs["verbose"]
+    assert quiet.stderr.strip() == "", quiet.stderr[-2000:]  # no bar, no library progress, no warning
+    assert "it/s" in normal.stderr or "s/it" in normal.stderr  # the training bar
+    assert len(verbose.stderr) > len(normal.stderr)  # the libraries' info logs
+    p = tunelab("train", str(tmp_path / "q.yaml"), "-q", "-v")
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr

@@ -12,9 +12,16 @@ The Python API mirrors the CLI::
     tunelab.report("runs/compare", within=5)                       # tunelab report
 """
 
-from tunelab.config import ConfigError, RunConfig, load_config
-from tunelab.run import RunResult, compare, evaluate, generate, load_run, merge, report, train
-from tunelab.strategies import Strategy, StrategyConfig, register_strategy
+import warnings
+
+# Deprecation noise from libraries, about calls they make (not tunelab): peft reads transformers'
+# deprecated ``is_gradient_checkpointing`` whenever it wraps a model. Matched by message, so nothing else
+# is hidden; tunelab's own calls use the current names (tests/test_cli.py checks a run prints no warning).
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+from tunelab.config import ConfigError, RunConfig, load_config  # noqa: E402
+from tunelab.run import RunResult  # noqa: E402, compare, evaluate, generate, load_run, merge, report, train
+from tunelab.strategies import Strategy, StrategyConfig, register_strategy  # noqa: E402
 
 __all__ = [
     "ConfigError",

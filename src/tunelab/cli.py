@@ -206,12 +206,37 @@ VERBS: dict[str, Verb] = {
 }
 
 
+def _output_flags(p: argparse.ArgumentParser, default) -> None:
+    """-q / -v / --debug, before the verb or after it (a verb's copy leaves the value given before alone)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_const",
+        dest="verbosity",
+        const="quiet",
+        default=default,
+        help="no progress bars or status lines: the result and errors only",
+    )
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="store_const",
+        dest="verbosity",
+        const="verbose",
+        default=default,
+        help="also the libraries' info logs and deprecation warnings",
+    )
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error as well")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs and measure the result.")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error as well")
+    _output_flags(p, None)
     sub = p.add_subparsers(dest="verb", required=True)
     for name, verb in VERBS.items():
-        verb.arguments(sub.add_parser(name, help=verb.help))
+        _output_flags(sub.add_parser(name, help=verb.help), argparse.SUPPRESS)
+        verb.arguments(sub.choices[name])
     return p
 
 
@@ -221,6 +246,10 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.debug = bool(args.debug)
+    from tunelab.progress import set_verbosity
+
+    set_verbosity(args.verbosity or os.environ.get("TUNELAB_VERBOSITY") or "normal")
     from tunelab.config import ConfigError
     from tunelab.data import DataError
     from tunelab.errors import Interrupted, RunError

@@ -1,6 +1,6 @@
 """Progress bars for the phases outside the training loop (conversion, evaluation, forgetting), so the
 terminal is never silent for long: a tqdm bar on the main process's stderr, nothing on other ranks or when
-``TUNELAB_PROGRESS=0``."""
+``TUNELAB_PROGRESS=0``; and how much a run says (:func:`set_verbosity`: ``tunelab -q`` / ``-v``)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,37 @@ def is_main_process() -> bool:  # as tunelab.runtime's; not imported from there,
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def quiet() -> bool:
+    return os.environ.get("TUNELAB_VERBOSITY") == "quiet"
+
+
 def enabled() -> bool:
-    return is_main_process() and os.environ.get("TUNELAB_PROGRESS", "1") != "0"
+    return is_main_process() and not quiet() and os.environ.get("TUNELAB_PROGRESS", "1") != "0"
+
+
+def set_verbosity(level: str) -> None:
+    """``quiet``: no bars, no status lines, libraries only say errors (the result and errors still print);
+    ``normal``: bars and status lines, libraries' warnings; ``verbose``: libraries' info logs too, and the
+    deprecation warnings tunelab otherwise filters (tunelab/__init__.py). Kept in the environment, so child
+    processes (``tunelab compare`` runs each variant in one) say as much."""
+    import warnings
+
+    os.environ["TUNELAB_VERBOSITY"] = level
+    if level == "normal":
+        return
+    import datasets
+    import transformers
+
+    if level == "quiet":
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    elif level == "verbose":
+        transformers.logging.set_verbosity_info()
+        datasets.logging.set_verbosity_info()
+        warnings.filterwarnings("default", category=FutureWarning)
+        warnings.filterwarnings("default", category=DeprecationWarning)
 
 
 class Bar:
@@ -58,6 +87,6 @@ def track(items: Iterable[T], desc: str, total: int, unit: str = "it") -> Iterat
 
 
 def status(line: str) -> None:
-    """One line for a phase without steps to count (e.g. a one-off conversion)."""
-    if is_main_process():
+    """One line for a phase without steps to count (e.g. a one-off conversion); none under ``-q``."""
+    if is_main_process() and not quiet():
         print(line, flush=True)
