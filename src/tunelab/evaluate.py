@@ -221,6 +221,18 @@ def head_accuracy(tokenizer, scored, labels: list[str], batch_size: int, classif
     return sum(hits) / len(hits)
 
 
+def fmt(v: Any) -> str:
+    """A figure as tables show it (the comparison report, the model card): 4 significant digits, thousands
+    separated, blank for none."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
 def headline(metrics: dict[str, Any]) -> tuple[str, float] | None:
     """The task score a user reads first: accuracy, else exact match, else None."""
     for key in ("accuracy", "exact_match"):

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from tunelab.evaluate import fmt
 from tunelab.models import KNOWN_MODELS
 
 CARD = "README.md"
@@ -89,19 +90,19 @@ def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str
     before, after = record.get("eval_before", {}), record.get("eval", {})
     if after:
         lines += ["", "## Scores", "", "| metric | before | after |", "|---|---:|---:|"]
-        lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(v)} |" for k, v in after.items()]
+        lines += [f"| {k} | {fmt(before.get(k))} | {fmt(v)} |" for k, v in after.items()]
     if record.get("forgetting"):
         f = record["forgetting"]
         lines += ["", "## Forgetting (against the untouched base model, on general prompts)", ""]
         lines += ["| measure | before | after | change |", "|---|---:|---:|---:|"]
         was, now, change = f.get("before", {}), f.get("after", {}), f.get("delta", {})
         measures = [k for k in now if k != "prompts"]
-        lines += [f"| {k} | {_fmt(was.get(k))} | {_fmt(now[k])} | {_fmt(change.get(k))} |" for k in measures]
+        lines += [f"| {k} | {fmt(was.get(k))} | {fmt(now[k])} | {fmt(change.get(k))} |" for k in measures]
     lines += ["", "## Training", "", "| | |", "|---|---:|"]
     p = record["parameters"]
     lines += [f"| trainable parameters | {p['trainable']:,} of {p['total']:,} |"]
-    lines += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in record.get("training", {}).items()]
-    lines += [f"| peak memory MB | {_fmt(record['peak_memory_mb'])} |"]
+    lines += [f"| {k.replace('_', ' ')} | {fmt(v)} |" for k, v in record.get("training", {}).items()]
+    lines += [f"| peak memory MB | {fmt(record['peak_memory_mb'])} |"]
     load = (
         "from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)"
         if adapter
@@ -109,16 +110,6 @@ def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str
     )
     lines += ["", "## Use", "", "```python", load, "```", ""]
     return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
 
 
 def write(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> None:

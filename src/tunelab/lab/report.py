@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import safe_load
-from tunelab.evaluate import headline
+from tunelab.evaluate import fmt, headline
 from tunelab.lab.frontier import Point, pareto_front, recommend
 from tunelab.lab.grid import VARIANTS, comparison_task, read_grid, read_status
 from tunelab.rundir import CONFIG, METRICS, MODEL, SUMMARY
@@ -224,16 +224,6 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------- the files
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
 def recommendation_lines(recs: dict[str, str | None], within: float, front: list[str]) -> list[str]:
     lines = [f"Best task score: **{recs['best_score']}**." if recs["best_score"] else "No variant was scored."]
     for key, what in (
@@ -266,7 +256,7 @@ def write_report(out: Path, *, within: float = 5.0) -> dict[str, Path]:
     shown = [c for c in COLUMNS if c not in ("error",)]
     md = ["# Comparison", "", *[f"- {x}" for x in recs_text], "", "| " + " | ".join(shown) + " |"]
     md.append("|" + "---|" * len(shown))
-    md += ["| " + " | ".join(_fmt(r[c]) for c in shown) + " |" for r in rows]
+    md += ["| " + " | ".join(fmt(r[c]) for c in shown) + " |" for r in rows]
     failed = [r for r in rows if r["state"] == "failed"]
     if failed:
         md += ["", "Failed variants:", *[f"- {r['variant']}: {r['error']}" for r in failed]]
@@ -285,7 +275,7 @@ def _html(rows: list[dict], shown: list[str], recs_text: list[str], plots: dict[
     head = "".join(f"<th>{html.escape(c)}</th>" for c in shown)
     body = "".join(
         f'<tr class="{html.escape(r["state"] or "")}">'
-        + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in shown)
+        + "".join(f"<td>{html.escape(fmt(r[c]))}</td>" for c in shown)
         + "</tr>"
         for r in rows
     )
