@@ -109,7 +109,10 @@ def test_every_verb_comes_from_the_one_table():
 
     sub = next(a for a in _parser()._actions if a.dest == "verb")
     assert list(sub.choices) == list(VERBS)
-    assert {"train", "validate", "eval", "generate", "merge", "strategies", "demo"} <= set(VERBS)
+    assert {"train", "validate", "eval", "generate", "merge", "export", "strategies", "demo"} <= set(VERBS)
+    import tunelab
+
+    assert all(hasattr(tunelab, name) for name in tunelab.__all__)  # the API the package says it has
 
 
 def test_quiet_says_the_result_only_and_verbose_says_more(tiny_llama, memo_data, tmp_path):

@@ -8,6 +8,7 @@ The Python API mirrors the CLI::
     tunelab.evaluate(result.run_dir)                               # tunelab eval
     tunelab.generate(result.run_dir, "Hello")                      # tunelab generate
     tunelab.merge(result.run_dir, "merged/")                       # tunelab merge
+    tunelab.export(result.run_dir, "model.gguf")                   # tunelab export
     tunelab.compare("grid.yaml")                                   # tunelab compare
     tunelab.report("runs/compare", within=5)                       # tunelab report
 """
@@ -20,7 +21,17 @@ import warnings
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from tunelab.config import ConfigError, RunConfig, load_config  # noqa: E402
-from tunelab.run import RunResult  # noqa: E402, compare, evaluate, generate, load_run, merge, report, train
+from tunelab.run import (  # noqa: E402
+    RunResult,
+    compare,
+    evaluate,
+    export,
+    generate,
+    load_run,
+    merge,
+    report,
+    train,
+)
 from tunelab.strategies import Strategy, StrategyConfig, register_strategy  # noqa: E402
 
 __all__ = [
@@ -35,6 +46,7 @@ __all__ = [
     "load_config",
     "load_run",
     "merge",
+    "export",
     "register_strategy",
     "report",
     "train",

@@ -1,4 +1,5 @@
-"""``tunelab`` command line: train | validate | eval | generate | merge | compare | report | strategies | demo.
+"""``tunelab`` command line: train | validate | eval | generate | merge | export | compare | report | strategies
+| demo.
 
 Each verb is one entry of :data:`VERBS` and a thin layer over the Python API of the same name
 (``tunelab.train`` etc.). Errors a user can
@@ -105,6 +106,20 @@ def _merge(args) -> int:
     return 0
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run")
+    p.add_argument("out", help="the GGUF file to write (a new file)")
+    p.add_argument("--format", default="gguf", choices=["gguf"])
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="weight type")
+
+
+def _export(args) -> int:
+    from tunelab.run import export
+
+    print(f"GGUF written to {export(args.run, args.out, args.format, args.type)}")
+    return 0
+
+
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("grid", nargs="?", help="a grid YAML: base config + named variants (docs/compare.md)")
     p.add_argument("--preset", help="a ready-made comparison instead of a grid: guide (docs/results.md)")
@@ -199,6 +214,7 @@ VERBS: dict[str, Verb] = {
     "eval": Verb("score a run (or a bare model) on its eval file or --data", _eval_args, _eval),
     "generate": Verb("answer a prompt with a run's model (chat template applied)", _generate_args, _generate),
     "merge": Verb("fold a run's adapter into a standalone safetensors model", _merge_args, _merge),
+    "export": Verb("write a run's (merged) model as a GGUF file for llama.cpp / Ollama", _export_args, _export),
     "compare": Verb("run several strategies on the same data and budget, and report", _compare_args, _compare),
     "report": Verb("rebuild a comparison's report from its files", _report_args, _report),
     "strategies": Verb("list the strategies: phase, summary, options", _strategies_args, _strategies),

@@ -22,6 +22,7 @@ a model directory is trusted further than it must be (docs/reliability.md):
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -71,6 +72,8 @@ def resolve_model(name_or_path: str, *, allow_pickle: bool = False) -> Path:
     if name_or_path in KNOWN_MODELS:
         return _converted(name_or_path, KNOWN_MODELS[name_or_path])
     path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return _converted_file(path.resolve())
     if (path / "config.json").is_file():
         check_model_dir(path.resolve(), allow_pickle=allow_pickle)
         return path.resolve()
@@ -95,6 +98,26 @@ def _converted(name: str, known: KnownModel) -> Path:
     if not (pkg_dir / known.gguf).is_file():
         raise ModelNotFound(f"model '{name}': {pkg_dir / known.gguf} is missing; reinstall with: {known.install}")
     convert_gguf(pkg_dir / known.gguf, target)
+    return target
+
+
+def _converted_file(path: Path) -> Path:
+    """The safetensors directory of a local GGUF file, converting it on first use. The cache key holds the
+    file's path, size and modification time, so a changed file converts again."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = tunelab_home() / "models" / "gguf" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    try:
+        convert_gguf(path, target)
+    except (ValueError, KeyError, TypeError) as e:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        raise ModelError(
+            f"{path}: transformers cannot load this GGUF ({first_line(e)}); architectures it reads: "
+            f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}"
+        ) from None
     return target
 
 

@@ -140,3 +140,25 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
         loaded.tokenizer.save_pretrained(tmp)
         shutil.copy(Path(run_dir) / CONFIG, tmp / "tunelab_config.yaml")
     return out_dir
+
+
+def export(run_dir: str | Path, out: str | Path, fmt: str = "gguf", ftype: str = "f16") -> Path:
+    """A run's model as one GGUF file (llama.cpp, Ollama): its adapter merged first where it has one
+    (:func:`merge`), a full fine-tune's model as saved; ``ftype``: f32, f16, bf16 or q8_0."""
+    import tempfile
+
+    from tunelab import ggufio
+
+    out = Path(out)
+    if fmt != "gguf":
+        raise RunError(f"--format {fmt}: allowed: gguf")
+    if ftype not in ggufio.TYPES:
+        raise RunError(f"--type {ftype}: allowed: {', '.join(ggufio.TYPES)}")
+    if out.exists():
+        raise RunError(f"{out} exists; export writes a new file: choose another name")
+    loaded = load_run(run_dir)
+    if loaded.stack is not None and loaded.stack.standalone:
+        return ggufio.export(Path(run_dir) / MODEL, out, ftype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as d:
+        return ggufio.export(merge(run_dir, Path(d) / "merged"), out, ftype)
