@@ -50,3 +50,24 @@ def test_a_known_model_and_a_hub_named_one_give_their_hub_id(tmp_path):
     assert base_model_id(str(tmp_path), tmp_path) == "org/some-model"
     (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path)}))
     assert base_model_id(str(tmp_path), tmp_path) is None
+
+
+def test_push_uploads_model_dir_with_its_card_and_says_what_it_needs(tiny_llama, memo_data, tmp_path, monkeypatch):
+    """The upload itself needs the network and a token (never in tests); what it would upload, and its
+    refusals, are checked here."""
+    import huggingface_hub
+
+    from tunelab.run import RunError, push, push_files
+
+    run = train(tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=1)).run_dir
+    files = push_files(run)
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RunError, match="push needs the network, and HF_HUB_OFFLINE is set"):
+        push(run, "someone/model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # as on a machine never logged in
+    with pytest.raises(RunError, match="push needs a Hugging Face token"):
+        push(run, "someone/model")
+    with pytest.raises(RunError, match="has no model/ with a model card"):
+        push_files(tmp_path)

@@ -29,6 +29,7 @@ from tunelab.run import (  # noqa: E402
     generate,
     load_run,
     merge,
+    push,
     report,
     train,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "load_run",
     "merge",
     "export",
+    "push",
     "register_strategy",
     "report",
     "train",

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 # Quiet third-party noise before they are imported; users see tunelab's own output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
+# never download at run time; `tunelab push` is the one verb that talks to the hub, uploading what it is told
+if "push" not in [a for a in sys.argv[1:] if not a.startswith("-")][:1]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # ----------------------------------------------------------------------------- the verbs, one table
@@ -120,6 +122,19 @@ def _export(args) -> int:
     return 0
 
 
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run")
+    p.add_argument("repo_id", help="the model repository, e.g. you/ticket-triage-lora (created if absent)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+
+
+def _push(args) -> int:
+    from tunelab.run import push
+
+    print(f"uploaded to {push(args.run, args.repo_id, private=args.private)}")
+    return 0
+
+
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("grid", nargs="?", help="a grid YAML: base config + named variants (docs/compare.md)")
     p.add_argument("--preset", help="a ready-made comparison instead of a grid: guide (docs/results.md)")
@@ -215,6 +230,7 @@ VERBS: dict[str, Verb] = {
     "generate": Verb("answer a prompt with a run's model (chat template applied)", _generate_args, _generate),
     "merge": Verb("fold a run's adapter into a standalone safetensors model", _merge_args, _merge),
     "export": Verb("write a run's (merged) model as a GGUF file for llama.cpp / Ollama", _export_args, _export),
+    "push": Verb("upload a run's model/ (weights, tokenizer, model card) to a model hub", _push_args, _push),
     "compare": Verb("run several strategies on the same data and budget, and report", _compare_args, _compare),
     "report": Verb("rebuild a comparison's report from its files", _report_args, _report),
     "strategies": Verb("list the strategies: phase, summary, options", _strategies_args, _strategies),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,31 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "gguf", ftype: str =
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as d:
         return ggufio.export(merge(run_dir, Path(d) / "merged"), out, ftype)
+
+
+def push_files(run_dir: str | Path) -> list[str]:
+    """What :func:`push` uploads: every file of the run's ``model/`` (weights, tokenizer, the model card)."""
+    model_dir = Path(run_dir) / MODEL
+    if not (model_dir / "README.md").is_file():
+        raise RunError(f"{run_dir} has no {MODEL}/ with a model card: push takes a finished run's directory")
+    return sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file())
+
+
+def push(run_dir: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload the run's ``model/`` to the model hub repository ``repo_id`` (created if absent) with
+    ``huggingface_hub``; needs the network and a token (``HF_TOKEN`` or ``hf auth login``). Returns its URL."""
+    from huggingface_hub import HfApi, get_token
+
+    files = push_files(run_dir)
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise RunError("push needs the network, and HF_HUB_OFFLINE is set: unset it to upload")
+    if not get_token():
+        raise RunError("push needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=Path(run_dir) / MODEL,
+        commit_message=f"tunelab: {Path(run_dir).name} ({len(files)} files)",
+    )
+    return str(url)

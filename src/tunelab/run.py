@@ -4,7 +4,7 @@
 - ``tunelab.session`` — a loaded model with its strategy stack, and one Trainer run over it;
 - ``tunelab.rundir`` — the run directory: marker, lock, what may be replaced, how a run ends;
 - ``tunelab.artefacts`` — the final artefact: written atomically and never non-finite, read back;
-- ``tunelab.readback`` — evaluate, generate, merge, export;
+- ``tunelab.readback`` — evaluate, generate, merge, export, push;
 - ``tunelab.lab`` — compare (several variants, one comparison dir) and report (its tables and plots);
 - ``tunelab.summary`` — summary.json and its versioned schema;
 - ``tunelab.runtime`` — device, precision, rank, memory.
@@ -29,7 +29,7 @@ from tunelab.errors import RunError
 from tunelab.lab.compare import compare
 from tunelab.lab.report import write_report as report
 from tunelab.modes import RunResult, train
-from tunelab.readback import evaluate, export, generate, merge
+from tunelab.readback import evaluate, export, generate, merge, push, push_files
 
 __all__ = [
     "LoadedRun",
@@ -41,6 +41,8 @@ __all__ = [
     "load_run",
     "merge",
     "export",
+    "push",
+    "push_files",
     "report",
     "train",
 ]
