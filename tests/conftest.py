@@ -138,6 +138,16 @@ def memo_data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "memo.jsonl", MEMO_ROWS * 4)
 
 
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory) -> Path:
+    """16 rows of different lengths, so length grouping decides the order of the batches."""
+    rows = [
+        {"prompt": " ".join(WORDS[i : i + 1 + (i * 7) % 13]), "completion": " ".join(WORDS[i + 3 : i + 5])}
+        for i in range(16)
+    ]
+    return write_jsonl(tmp_path_factory.mktemp("uneven") / "uneven.jsonl", rows)
+
+
 def tiny_config(model_dir: Path, data: Path, out: Path, strategy="lora", **training) -> dict:
     t = {
         "max_steps": 8,

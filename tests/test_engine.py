@@ -201,3 +201,42 @@ def test_peak_memory_is_the_runs_own_not_an_earlier_runs_in_the_same_process(tin
     big = train(tiny_config(tiny_llama, memo_data, tmp_path / "big", "lora", max_steps=2), callbacks=[Hog()])
     small = train(tiny_config(tiny_llama, memo_data, tmp_path / "small", "lora", max_steps=2))
     assert big.summary["memory"]["peak_mb"] - small.summary["memory"]["peak_mb"] > 400
+
+
+def test_two_processes_train_as_one_process_on_the_same_global_batch(tiny_llama, tmp_path):
+    """DDP (gloo on CPU): 2 processes x batch 2 see, step by step, the rows 1 process x batch 4 sees, and
+    log the same losses and end with the same weights. (Length grouping sorts megabatches of a whole global
+    batch's multiple: grouped per process, 40 rows would fall into megabatches of 10, which straddle global
+    batches of 4 and move rows between optimizer steps.)"""
+    from conftest import WORDS, write_jsonl
+
+    rows = [
+        {"prompt": " ".join(WORDS[i % 20 : i % 20 + 1 + (i * 7) % 13]), "completion": WORDS[(i + 3) % 20]}
+        for i in range(40)
+    ]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = {"max_steps": 4, "logging_steps": 1, "lr": 1e-2}
+    single = train(tiny_config(tiny_llama, data, tmp_path / "one", "full", batch_size=4, **common))
+    cfg = tiny_config(tiny_llama, data, tmp_path / "two", "full", batch_size=2, **common)
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521"]
+        + ["-m", "tunelab.cli", "train", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+    assert len(losses(single.run_dir)) == 4
+    assert losses(tmp_path / "two") == pytest.approx(losses(single.run_dir), rel=1e-4)
+    w1, w2 = final_weights(single.run_dir), final_weights(tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)

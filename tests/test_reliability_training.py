@@ -134,18 +134,6 @@ TRAINING = {"lora with dropout, compiled": {"compile": "on"}}
 
 
 @pytest.fixture(scope="module")
-def uneven_data(tmp_path_factory) -> Path:
-    """16 rows of different lengths, so length grouping orders the batches (4 optimizer steps per epoch)."""
-    from conftest import WORDS, write_jsonl
-
-    rows = [
-        {"prompt": " ".join(WORDS[i : i + 1 + (i * 7) % 13]), "completion": " ".join(WORDS[i + 3 : i + 5])}
-        for i in range(16)
-    ]
-    return write_jsonl(tmp_path_factory.mktemp("uneven") / "uneven.jsonl", rows)
-
-
-@pytest.fixture(scope="module")
 def whole_runs(tiny_llama, uneven_data, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("whole")
     return {

@@ -117,7 +117,9 @@ class TunelabTrainer(Trainer):
             return self.sampler(ds, self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
         if self.args.train_sampling_strategy != "group_by_length" or "length" not in ds.column_names:
             return super()._get_train_sampler(train_dataset)
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        # groups of one global batch (every process's rows of one optimizer step): with N processes each
+        # takes its consecutive share of it, so the steps see the rows one process would (same losses)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return EpochLengthGroupedSampler(ds["length"], batch, self.args.data_seed or self.args.seed)
 
     # -- nothing non-finite is used or saved ----------------------------------------------------
