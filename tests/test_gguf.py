@@ -100,3 +100,19 @@ def test_a_gguf_of_an_architecture_transformers_cannot_read_is_one_clear_error(t
         ModelError, match=r"odd.gguf: transformers cannot load this GGUF .*architectures it reads: .*llama"
     ):
         resolve_model(str(tmp_path / "odd.gguf"))
+
+
+def test_the_export_verb_writes_the_file_and_refuses_in_one_line(lora_run, tmp_path):
+    import subprocess
+    import sys
+
+    def tunelab(*args):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        return subprocess.run(
+            [sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True, env=env
+        )
+
+    p = tunelab("-q", "export", str(lora_run), str(tmp_path / "m.gguf"), "--type", "q8_0")
+    assert p.returncode == 0 and (tmp_path / "m.gguf").stat().st_size > 0, p.stderr[-2000:]
+    p = tunelab("export", str(lora_run), str(tmp_path / "m.gguf"))
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "exists" in p.stderr
