@@ -6,6 +6,7 @@ never says anything the run did not measure."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,6 @@ def base_model_id(model: str, model_dir: Path) -> str | None:
     whose config names one (``_name_or_path``); None for a model known only by its path."""
     if model in KNOWN_MODELS:
         return KNOWN_MODELS[model].hub_id
-    import json
-
     try:
         name = json.loads((Path(model_dir) / "config.json").read_text()).get("_name_or_path", "")
     except (OSError, ValueError):

@@ -69,6 +69,9 @@ def _run_here(cfg, resume: bool, callbacks: list | None) -> str | None:
 
 
 def _child(cfg, resume: bool, conn) -> None:
+    from tunelab.progress import set_verbosity
+
+    set_verbosity(os.environ.get("TUNELAB_VERBOSITY", "normal"))  # as the parent's -q / -v said
     try:
         conn.send(_run_here(cfg, resume, None))
     except KeyboardInterrupt:
