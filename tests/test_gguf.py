@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from conftest import tiny_config
 from tunelab.models import ModelError, load_model, load_tokenizer, resolve_model
@@ -116,3 +117,9 @@ def test_the_export_verb_writes_the_file_and_refuses_in_one_line(lora_run, tmp_p
     assert p.returncode == 0 and (tmp_path / "m.gguf").stat().st_size > 0, p.stderr[-2000:]
     p = tunelab("export", str(lora_run), str(tmp_path / "m.gguf"))
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "exists" in p.stderr
+    # a GGUF as the model, converted on first use: under -q not even the conversion's bar is drawn
+    data = lora_run / "config.yaml"
+    p = tunelab(
+        "-q", "eval", str(tmp_path / "m.gguf"), "--data", yaml.safe_load(data.read_text())["data"]["train"]
+    )
+    assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]

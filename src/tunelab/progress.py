@@ -38,6 +38,12 @@ def set_verbosity(level: str) -> None:
     import transformers
 
     if level == "quiet":
+        import functools
+
+        import tqdm.std
+
+        # libraries that draw their own tqdm bars (transformers' GGUF conversion does): none in this process
+        tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         datasets.logging.set_verbosity_error()
