@@ -37,9 +37,15 @@ def normal_permissions(root: Path) -> None:
     """Give ``root`` and everything under it the permissions a plain ``mkdir`` / ``open`` would have under
     the process's umask: ``mkdtemp`` makes directories 0700 and some writers make files 0600, which would
     leave a model that another user or a serving process cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
+    mask = umask()
+    root.chmod(0o777 & ~mask)
     for p in root.rglob("*"):
         if not p.is_symlink():
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from tunelab.errors import RunError
+from tunelab.fsutil import umask
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
 EXPORTABLE = ("llama",)  #: model_type values export() writes
@@ -102,7 +103,7 @@ def export(model_dir: Path, out: Path, ftype: str = "f16") -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         tmp.replace(out)
     finally:
         if tmp.exists():
@@ -143,9 +144,3 @@ def _add_tokenizer(w, model_dir: Path, tj: dict, vocab_size: int) -> None:
         w.add_chat_template(template.read_text())
     elif isinstance(tc.get("chat_template"), str):
         w.add_chat_template(tc["chat_template"])
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
