@@ -120,10 +120,18 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise RunError(f"{out_dir} is a file; merge writes a model directory: choose a new directory path")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RunError(f"{out_dir} is not empty; choose a new directory for the merged model")
+    return _write_merged(_mergeable(run_dir), run_dir, out_dir)
+
+
+def _mergeable(run_dir: str | Path, *, standalone_ok: bool = False) -> LoadedRun:
+    """The run, loaded, if its model can be folded into one set of weights (or, with ``standalone_ok``,
+    already is one: a full fine-tune); a :class:`RunError` saying why not otherwise."""
     loaded = load_run(run_dir)
     if loaded.stack.baseline:
         raise RunError(f"{run_dir} is a prompting baseline: nothing was trained, so there is nothing to merge")
     if loaded.stack.standalone:
+        if standalone_ok:
+            return loaded
         raise RunError(
             f"{run_dir} used {'+'.join(loaded.cfg.strategy_names())}: its {MODEL}/ is already a "
             "standalone model, nothing to merge"
@@ -133,10 +141,15 @@ def merge(run_dir: str | Path, out_dir: str | Path) -> Path:
             f"{run_dir}: {', '.join(loaded.stack.not_mergeable)} cannot be folded into the weights (they add "
             "modules or virtual tokens); serve the run with its base model instead"
         )
+    return loaded
+
+
+def _write_merged(loaded: LoadedRun, run_dir: str | Path, out_dir: Path) -> Path:
+    """The loaded run's components folded into its base weights, saved in the base model's own dtype (a
+    bf16 model stays bf16, not the fp32 tunelab trains in) to ``out_dir``, absent or empty."""
     model = loaded.stack.merge(loaded.model)
-    # the base model's own dtype (a bf16 model stays bf16), not the fp32 tunelab trains in
     model = model.to(base_dtype(resolve_model(loaded.cfg.model, allow_pickle=loaded.cfg.allow_pickle)))
-    with atomic_dir(out_dir) as tmp:  # out_dir is absent or empty (checked above)
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         shutil.copy(Path(run_dir) / CONFIG, tmp / "tunelab_config.yaml")
@@ -157,12 +170,12 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "gguf", ftype: str =
         raise RunError(f"--type {ftype}: allowed: {', '.join(ggufio.TYPES)}")
     if out.exists():
         raise RunError(f"{out} exists; export writes a new file: choose another name")
-    loaded = load_run(run_dir)
-    if loaded.stack is not None and loaded.stack.standalone:
+    loaded = _mergeable(run_dir, standalone_ok=True)
+    if loaded.stack.standalone:
         return ggufio.export(Path(run_dir) / MODEL, out, ftype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as d:
-        return ggufio.export(merge(run_dir, Path(d) / "merged"), out, ftype)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as d:  # loaded once, merged here
+        return ggufio.export(_write_merged(loaded, run_dir, Path(d) / "merged"), out, ftype)
 
 
 def push_files(run_dir: str | Path) -> list[str]:
