@@ -26,27 +26,14 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tunelab.schema import StrictModel
+from tunelab.trackers import TRACKER_PACKAGES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-#: transformers' reporting integrations (transformers.integrations.INTEGRATION_TO_CALLBACK)
-Tracker = Literal[
-    "tensorboard",
-    "mlflow",
-    "wandb",
-    "comet_ml",
-    "clearml",
-    "dvclive",
-    "neptune",
-    "trackio",
-    "swanlab",
-    "codecarbon",
-    "azure_ml",
-    "dagshub",
-    "flyte",
-    "kubeflow",
-]
+#: transformers' reporting integrations (transformers.integrations.INTEGRATION_TO_CALLBACK), as
+#: tunelab.trackers lists them with the package each needs
+Tracker = Literal[tuple(TRACKER_PACKAGES)]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
