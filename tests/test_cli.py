@@ -132,6 +132,7 @@ def test_quiet_says_the_result_only_and_verbose_says_more(tiny_llama, memo_data,
         assert "trained lora: 2 steps" in p.stdout  # the result, whatever the verbosity
     quiet, normal, verbose = runs["q"], runs["normal"], runs["verbose"]
     assert quiet.stderr.strip() == "", quiet.stderr[-2000:]  # no bar, no library progress, no warning
+    assert "{'loss'" not in quiet.stdout and "{'loss'" not in normal.stdout  # no Trainer log dicts printed
     assert "it/s" in normal.stderr or "s/it" in normal.stderr  # the training bar
     assert len(verbose.stderr) > len(normal.stderr)  # the libraries' info logs
     p = tunelab("train", str(tmp_path / "q.yaml"), "-q", "-v")

@@ -20,6 +20,9 @@ STAGING = ".staging"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # What the Trainer writes into every checkpoint: model weights (a full model or an adapter) and its state.
 _WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
+# Sharded (FSDP, through accelerate): one folder of torch.distributed.checkpoint files each for the weights
+# and the optimizer state, every process writing its shards; the metadata file is written once all are.
+FSDP_WEIGHTS, FSDP_OPTIMIZER, DCP_METADATA = "pytorch_model_fsdp_0", "optimizer_0", ".metadata"
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Checkpoint:
     path: Path
     step: int
     problem: str | None  # None when complete
+    layout: str = "whole"  #: who wrote it: "whole" (one process's copy), or the sharded "fsdp" / "deepspeed"
 
     @property
     def complete(self) -> bool:
@@ -63,6 +67,15 @@ def _torch_file_problem(path: Path) -> str | None:
     return None
 
 
+def _deepspeed_tag(path: Path) -> str | None:
+    """The folder of a DeepSpeed checkpoint's states (named in its ``latest`` file), when it is one."""
+    try:
+        tag = (path / "latest").read_text().strip()
+    except OSError:
+        return None
+    return tag if tag and (path / tag).is_dir() else None
+
+
 def inspect(path: Path) -> Checkpoint:
     m = _NAME.match(path.name)
     step = int(m.group(1)) if m else -1
@@ -73,23 +86,35 @@ def inspect(path: Path) -> Checkpoint:
         return Checkpoint(path, step, "trainer_state.json missing or unreadable")
     if saved_step != step:
         return Checkpoint(path, step, f"trainer_state.json is for step {saved_step}")
+    fsdp = (path / FSDP_WEIGHTS / DCP_METADATA).is_file()
+    deepspeed = _deepspeed_tag(path)
     weights = [path / w for w in _WEIGHTS if (path / w).is_file()]
-    if not weights:
+    if not weights and not fsdp and deepspeed is None:
         return Checkpoint(path, step, "no model weights")
     for w in [*weights, *sorted(path.glob("*.safetensors"))]:
         if w.suffix == ".safetensors":
             problem = safetensors_problem(w)
             if problem:
                 return Checkpoint(path, step, f"{w.name} {problem}")
-    for name in ("optimizer.pt", "scheduler.pt"):
+    if fsdp and not (path / FSDP_OPTIMIZER / DCP_METADATA).is_file():
+        return Checkpoint(path, step, f"{FSDP_OPTIMIZER} (sharded optimizer state) missing or incomplete")
+    if deepspeed is not None and not list((path / deepspeed).glob("*optim_states.pt")):
+        return Checkpoint(path, step, f"{deepspeed}: DeepSpeed optimizer states missing")
+    layout = "fsdp" if fsdp else "deepspeed" if deepspeed is not None else "whole"
+    required = ["optimizer.pt", "scheduler.pt"]
+    if fsdp or deepspeed is not None:
+        required.remove("optimizer.pt")  # its state is in the shards
+    if deepspeed is not None:
+        required.remove("scheduler.pt")  # the Trainer leaves a schedule DeepSpeed wraps to DeepSpeed's states
+    for name in required:
         if not (path / name).is_file():
             return Checkpoint(path, step, f"{name} missing")
         problem = _torch_file_problem(path / name)
         if problem:
             return Checkpoint(path, step, f"{name} {problem}")
     if not list(path.glob("rng_state*.pth")):
-        return Checkpoint(path, step, "RNG state missing")
-    return Checkpoint(path, step, None)
+        return Checkpoint(path, step, "RNG state missing", layout)
+    return Checkpoint(path, step, None, layout)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Checkpoint]:

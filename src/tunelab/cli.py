@@ -298,6 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the file system said no: permissions, a full disk, a path that is a file
         where = f": {e.filename}" if e.filename else ""
         return _fail(args, f"{e.strerror or e}{where}", 2)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the process group torchrun's processes trained in (the Trainer opened it) before the
+    interpreter exits: gloo's threads, torn down by the interpreter's exit instead, can abort the process
+    (``terminate called without an active exception``), which torchrun reports as a failed run."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _fail(args, error, code: int) -> int:

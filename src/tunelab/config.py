@@ -181,6 +181,19 @@ class TrainingConfig(Strict):
         "RUN/mlruns), wandb, comet_ml, clearml, dvclive, neptune, trackio, swanlab, ...; [] for none. "
         "metrics.jsonl is written whatever this says.",
     )
+    distributed: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto",
+        description="How several processes (torchrun / accelerate launch) share the training: ddp (each holds the "
+        "whole model, the batch is split), fsdp (FSDP2: weights, gradients and optimizer state sharded per "
+        "decoder layer; CPU and CUDA), deepspeed (ZeRO, training.zero_stage; CUDA, pip install deepspeed). auto: "
+        "what an accelerate launch config says, else ddp. fsdp and deepspeed checkpoints are sharded, one file "
+        "per process (docs/distributed.md).",
+    )
+    zero_stage: Literal[2, 3] | None = Field(
+        None,
+        description="distributed: deepspeed only (default 3). 2: gradients and optimizer state sharded; 3: the "
+        "weights too.",
+    )
     logging_steps: int = Field(10, gt=0, description="Log loss, learning rate and tokens/s every N steps.")
     save_steps: int = Field(200, gt=0, description="Write a resumable checkpoint every N steps.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (oldest deleted first).")
@@ -192,6 +205,28 @@ class TrainingConfig(Strict):
     def _one_warmup(self) -> TrainingConfig:
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give either training.warmup_steps or training.warmup_ratio, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_levers(self) -> TrainingConfig:
+        """tunelab's own memory levers act on whole weights, which a sharded process does not hold."""
+        if self.zero_stage is not None and self.distributed != "deepspeed":
+            raise ValueError(f"training.zero_stage is for distributed: deepspeed (this is {self.distributed})")
+        if self.distributed not in ("fsdp", "deepspeed"):
+            return self
+        refused = [  # (key, value, why, what to use instead)
+            ("loss_head", "positions", "it applies the output layer outside the forward pass, unsharded", "auto"),
+            ("frozen_weights", "bf16", "the sharding engine holds one dtype for a layer's weights", "auto"),
+            ("compile", "on", "compiling sharded layers is not measured yet", "auto"),
+            ("base_quantization", "4bit", "quantized base weights are not sharded here", "none"),
+            ("base_quantization", "8bit", "quantized base weights are not sharded here", "none"),
+        ]
+        for key, value, why, instead in refused:
+            if getattr(self, key) == value:
+                raise ValueError(
+                    f"training.{key}: {value} cannot be used with distributed: {self.distributed} ({why}); "
+                    f"use {instead}, or distributed: ddp"
+                )
         return self
 
 
@@ -317,6 +352,21 @@ class RunConfig(Strict):
                 f"strategy {', '.join(per_task)}: per_task gives one copy per task of a multi-task run; "
                 f"this run's mode is {self.mode} (set mode: multitask with tasks, or per_task: false)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _distributable(self) -> RunConfig:
+        mode = self.training.distributed
+        if mode == "auto":
+            return self  # the launch decides; the run checks what it chose (tunelab.session)
+        if mode in ("fsdp", "deepspeed") and self.mode == "continual":
+            raise ValueError(
+                f"training.distributed: {mode} is for mode single and multitask; continual learning trains task "
+                "after task on one model: use ddp"
+            )
+        from tunelab.strategies import check_distributed
+
+        check_distributed(self.strategy, mode)
         return self
 
     @field_validator("strategy", mode="before")

@@ -53,6 +53,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from tunelab.checkpoints import STAGING
 from tunelab.data import ANNOTATIONS
+from tunelab.distributed import cpu_fsdp, held
 from tunelab.errors import NonFiniteError, RunError, first_line
 from tunelab.levers import adamw
 from tunelab.losshead import PositionsHead
@@ -110,11 +111,21 @@ class TunelabTrainer(Trainer):
         self._last_terms: dict[str, float] = {}
         self._staging = False
 
+    # -- the engine that shards (training.distributed, tunelab.distributed) ------------------------
+    def create_accelerator_and_postprocess(self):
+        sharding = bool(self.args.fsdp or self.args.deepspeed)
+        with cpu_fsdp(bool(self.args.fsdp) and self.args.use_cpu):  # FSDP2 on CPU too
+            super().create_accelerator_and_postprocess()
+        if sharding and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            mode = "fsdp" if self.args.fsdp else "deepspeed"
+            raise RunError(f"training.distributed: {mode}: accelerate did not turn it on here")
+
     # -- data order -----------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
-        if self.sampler is not None:
-            return self.sampler(ds, self.args.per_device_train_batch_size, self.args.data_seed or self.args.seed)
+        if self.sampler is not None:  # batches of one task across all processes: the rows one process would see
+            batch = self.args.per_device_train_batch_size * self.args.world_size
+            return self.sampler(ds, batch, self.args.data_seed or self.args.seed)
         if self.args.train_sampling_strategy != "group_by_length" or "length" not in ds.column_names:
             return super()._get_train_sampler(train_dataset)
         # groups of one global batch (every process's rows of one optimizer step): with N processes each
@@ -180,8 +191,8 @@ class TunelabTrainer(Trainer):
         from peft import PeftModel
         from safetensors.torch import save_file
 
-        if not isinstance(self.model, PeftModel):
-            return  # the Trainer saved the whole model
+        if not isinstance(self.model, PeftModel) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return  # the Trainer saved the whole model (sharded: every process its shards of every weight)
         names = {id(p): n for n, p in self.model.named_parameters()}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         save_file({names[id(p)]: p.detach().cpu().contiguous().clone() for p in params}, out_dir / TRAINABLE)
@@ -196,8 +207,15 @@ class TunelabTrainer(Trainer):
                 raise RunError(f"{e}; was the config changed since the checkpoint was written?") from None
 
     def _check_weights(self) -> None:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if params and not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+        """Every process checks the weights it holds (its shards, when sharded); all stop if one finds a
+        non-finite value."""
+        params = [held(p) for g in self.optimizer.param_groups for p in g["params"]]
+        params = [p for p in params if p.numel()]
+        finite = torch.stack([p.detach().isfinite().all() for p in params]).all() if params else torch.tensor(True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            finite = finite.to(device=self.args.device, dtype=torch.int32)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
             raise NonFiniteError(
                 f"training diverged at step {self.state.global_step}: the weights became non-finite"
             )

@@ -128,15 +128,26 @@ def quantization_config(bits: str, precision: str):
 
 
 def resolve(
-    training, model: torch.nn.Module, *, needs_logits: bool, changes_base: bool, precision: str, loaded: Levers
+    training,
+    model: torch.nn.Module,
+    *,
+    needs_logits: bool,
+    changes_base: bool,
+    precision: str,
+    loaded: Levers,
+    sharded: str | None = None,
 ) -> Levers:
     """The levers for this run, given the loading ones (``loaded``); an explicit setting that cannot work
-    here is a :class:`RunError` naming it."""
+    here is a :class:`RunError` naming it. ``sharded``: the engine (``fsdp``, ``deepspeed``) that holds the
+    weights in shards, where the levers that act on whole weights stay off (config validation refuses them
+    when set explicitly)."""
     lv = loaded
     lv.threads = torch.get_num_threads()
     why = lv.why
+    shards = f"distributed: {sharded} holds the weights in shards" if sharded else None
 
-    reason = "a strategy reads the training batch's logits" if needs_logits else supports_positions_head(model)
+    logits = "a strategy reads the training batch's logits" if needs_logits else None
+    reason = logits or shards or supports_positions_head(model)
     if training.loss_head == "positions" and reason:
         raise RunError(f"training.loss_head: positions cannot be used here: {reason}; use auto or full")
     if training.loss_head == "auto" and reason:
@@ -156,7 +167,9 @@ def resolve(
                 "use auto or fp32"
             )
     if training.frozen_weights == "auto":
-        if precision != "bf16":
+        if shards:
+            why["frozen_weights"] = shards
+        elif precision != "bf16":
             why["frozen_weights"] = f"precision is {precision}"
         elif changes_base:
             why["frozen_weights"] = "a strategy changes base weights; the saved model keeps them in fp32"
@@ -178,6 +191,8 @@ def resolve(
         if training.compile == "on" and problem:
             raise RunError(f"training.compile: on cannot be used here: {problem}; use auto or off")
         total = sum(p.numel() for p in model.parameters())
+        if training.compile == "auto" and not problem and shards:
+            problem = shards
         if training.compile == "auto" and not problem and total < COMPILE_MIN_PARAMS:
             problem = f"the model has {total:,} parameters; compiling pays from {COMPILE_MIN_PARAMS:,}"
         if training.compile == "auto" and problem:

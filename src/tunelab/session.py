@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tunelab import levers
+from tunelab import distributed, levers
 from tunelab.checkpoints import STAGING, Checkpoint, pick_resume_checkpoint
 from tunelab.config import RunConfig
 from tunelab.context import RunContext
@@ -32,11 +32,6 @@ from tunelab.strategies.stack import StrategyStack
 from tunelab.trackers import scoped_env, tracker_env
 
 
-def checkpointing_argument(arguments_class) -> str:
-    fields = getattr(arguments_class, "__dataclass_fields__", {})
-    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-
-
 def training_arguments(
     cfg: RunConfig,
     run_dir: Path,
@@ -45,10 +40,13 @@ def training_arguments(
     has_eval: bool,
     unused_parameters: bool = False,
     max_steps: int | None = None,
+    sharding: str = "single",
+    blocks: list[str] | None = None,
 ):
     """``unused_parameters``: some trained parameters sit out whole steps (per-task parts: only the batch's
     task's are used), which DDP must be told. ``max_steps``: the horizon, when it is not ``training.max_steps``
-    (a budget in tokens: :func:`token_budget_steps`)."""
+    (a budget in tokens: :func:`token_budget_steps`). ``sharding``: ``training.distributed`` as resolved, with
+    ``blocks`` the class names of the model's repeated layers (tunelab.distributed)."""
     from transformers import TrainingArguments
 
     t = cfg.training
@@ -69,8 +67,7 @@ def training_arguments(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        # the name transformers 5 keeps (gradient_checkpointing is its deprecated alias, which warns)
-        **{checkpointing_argument(TrainingArguments): t.gradient_checkpointing},
+        **distributed.trainer_arguments(sharding, t, blocks or []),  # FSDP or DeepSpeed, and checkpointing
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -116,6 +113,10 @@ class Session:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.data_cfg = cfg.data if cfg.data is not None else cfg.tasks[0]
         self.stack = StrategyStack(cfg.strategy)
+        self.distributed = distributed.resolve(cfg.training.distributed)
+        if cfg.training.distributed == "auto" and self.distributed != "single":
+            distributed.check_launch(cfg, self.distributed)  # as if the config had said it
+        distributed.preflight(self.distributed, self.device)
         self.needs = self.stack.needs | ({Need.RETENTION} if cfg.forgetting.enabled else set())
         self.retention_prompts = retention_prompts(cfg.forgetting) if Need.RETENTION in self.needs else None
 
@@ -131,6 +132,7 @@ class Session:
             precision=self.precision,
             changes_base=self.stack.changes_base_weights,
         )
+        self.load_options = options
         self.model = load_model(self.model_dir, allow_pickle=cfg.allow_pickle, **options)
         if loaded.base_quantization == "none":
             self.model = self.model.to(self.device)
@@ -163,6 +165,7 @@ class Session:
             changes_base=self.stack.changes_base_weights,
             precision=self.precision,
             loaded=loaded,
+            sharded=self.distributed if self.distributed in distributed.SHARDED else None,
         )
         if self.levers.frozen_weights == "bf16":
             trained = {id(p) for p in self.stack.own_parameters(self.model)}
@@ -247,7 +250,7 @@ class Session:
         to splits (each evaluated and logged as ``eval_<name>_loss``); ``multitask`` holds the engine's
         multi-task arguments (``sampler``, ``tasks``, ``task_weights``, see TunelabTrainer)."""
         from transformers.integrations import TensorBoardCallback
-        from transformers.trainer_callback import ProgressCallback
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         from tunelab.engine import BarCallback, MetricsCallback, Throughput, TokenBudget, TunelabTrainer
 
@@ -269,6 +272,8 @@ class Session:
                 eval_data is not None,
                 unused_parameters=self.stack.routes_tasks,
                 max_steps=token_budget_steps(cfg, train_features),
+                sharding=self.distributed,
+                blocks=sorted({type(b).__name__ for b in levers.repeated_blocks(self.model)}),
             ),
             data_collator=Collator(self.tokenizer.pad_token_id, annotations=True),
             train_dataset=features_dataset(train_features),
@@ -280,7 +285,10 @@ class Session:
             optimizer_impl=self.levers.optimizer_impl,
             **multitask,
         )
+        # tunelab's own bar and metrics.jsonl say what these would (the printer prints every log as a dict; the
+        # Trainer takes it instead of its bar when tqdm is off, as under -q)
         trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
         tb = TensorBoardCallback()
         tb.logging_dir = str(out_dir / "tb")
         for cb in [
@@ -302,7 +310,7 @@ class Session:
         with levers.compiled(self.model, levers.compile_pays(self.levers, t.compile, planned)), scoped_env(env):
             out = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
         state = trainer.state
-        self.model = trainer.model
+        self.model = self._unsharded(trainer) if self.distributed in distributed.SHARDED else trainer.model
         return {
             "steps": state.global_step,
             "epochs": round(state.epoch or 0.0, 4),
@@ -316,11 +324,25 @@ class Session:
             "learning_rate": trainer.learning_rates(),
         }
 
+    def _unsharded(self, trainer) -> torch.nn.Module | None:
+        """After a sharded training: the trained weights, gathered whole, in a model of the main process's own
+        (the base model with the stack applied anew), on which scoring, forgetting and the artefact run as
+        after any training; None on the other processes, whose part is done."""
+        state = distributed.full_state_dict(trainer)  # every process takes part in the gather
+        if not self.main:
+            return None
+        base = load_model(self.model_dir, allow_pickle=self.cfg.allow_pickle, **self.load_options)
+        model, self.stack = distributed.rebuilt(base, self.cfg.strategy, self.stack, state)
+        self.ctx.reference = Reference(model, self.stack, self.model_dir, allow_pickle=self.cfg.allow_pickle)
+        return model.to(self.device)
+
     def _resume_point(self, out_dir: Path) -> tuple[Checkpoint | None, list[Checkpoint]]:
         """The newest complete checkpoint (saying which newer ones are skipped, and why); the metrics the
         killed run logged after it are dropped, as they will be logged again."""
         ckpt_dir = out_dir / CHECKPOINTS
         checkpoint, skipped = pick_resume_checkpoint(ckpt_dir)
+        if checkpoint:
+            distributed.check_resume(checkpoint.layout, self.distributed, checkpoint.path.name)
         if self.main:
             shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)  # a checkpoint a kill cut short
             for c in skipped:
@@ -343,6 +365,7 @@ class Session:
             "device": self.device,
             "precision": self.precision,
             "world_size": world_size(),
+            "distributed": self.distributed,
             "levers": self.levers.as_dict(),
             "parameters": {
                 "trainable": self.trainable,

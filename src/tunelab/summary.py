@@ -74,6 +74,8 @@ class Summary(_Section):
     device: str
     precision: str
     world_size: int
+    #: how the processes shared the training (training.distributed as resolved)
+    distributed: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
     levers: Levers | None = None  #: absent for baselines that load no training session
     parameters: Parameters
     data: dict[str, Any] | None = None  #: single: format, labels, train/eval row counts

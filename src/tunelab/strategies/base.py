@@ -10,7 +10,9 @@ attributes or classmethods of its options (read before any model loads):
 - ``trains``, ``saves``, ``artefact`` ("full" or "adapter"), ``mergeable``, ``exclusive``,
   ``changes_base_weights`` — what kind of strategy it is;
 - ``provides(config)`` / ``check_stack(config, provided)`` — what it adds that another component's
-  option may act on, and which of its own options would do nothing in a given stack (refused).
+  option may act on, and which of its own options would do nothing in a given stack (refused);
+- ``distributed_problem(config, mode)`` — why it cannot train in several processes under DDP, FSDP or
+  DeepSpeed, if it cannot (refused).
 
 and it **acts** through these hooks, all called by :class:`tunelab.strategies.stack.StrategyStack` (the
 engine and the run modes talk to the stack, never to a strategy or a strategy type):
@@ -163,6 +165,14 @@ class Strategy:
     def check_stack(cls, config: StrategyConfig, provided: frozenset[str]) -> None:
         """Refuse, with a ValueError saying why, an option that would do nothing in this stack;
         ``provided`` is the union of every component's :meth:`provides`."""
+
+    @classmethod
+    def distributed_problem(cls, config: StrategyConfig, mode: str) -> str | None:
+        """Why this strategy cannot train in several processes under ``mode`` (``ddp``, ``fsdp``,
+        ``deepspeed``: ``training.distributed``), or None. DDP runs the model's forward in each process and
+        averages gradients in its backward; FSDP and DeepSpeed ZeRO-3 also replace the model's parameters
+        with shards while it trains."""
+        return None
 
     # -- 1. the model ------------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -317,6 +327,14 @@ def validate_strategy_specs(value: Any) -> list[StrategyConfig]:
     configs = [_one_spec(s) for s in specs]
     check_combination(configs)
     return configs
+
+
+def check_distributed(configs: list[StrategyConfig], mode: str) -> None:
+    """Refuse, saying why, strategies that cannot train under ``mode`` (``training.distributed``)."""
+    for c in configs:
+        why = get_strategy(c.name).distributed_problem(c, mode)
+        if why:
+            raise ValueError(f"strategy {c.name} cannot train with distributed: {mode}: {why}")
 
 
 def check_combination(configs: list[StrategyConfig]) -> None:

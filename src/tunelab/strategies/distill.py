@@ -221,6 +221,16 @@ class Distill(Regularizer):
         c = self.config
         return c.alpha < 1 or bool(c.hidden_weight) or c.on_policy > 0
 
+    @classmethod
+    def distributed_problem(cls, config, mode):
+        if config.on_policy > 0 and mode in ("fsdp", "deepspeed"):
+            # measured under FSDP2: the processes' gathers fall out of step and gloo aborts
+            return (
+                "on-policy batches are sampled from the student, and each process stops generating at its own "
+                "step, which a sharded model's gathers cannot follow (use ddp, or on_policy: 0)"
+            )
+        return None
+
     def prepare(self, model, ctx) -> None:
         c = self.config
         self.teacher = None

@@ -93,6 +93,16 @@ class Heads(Strategy):
     default_lr = 1e-3
     phase = Phase.NATIVE
 
+    @classmethod
+    def distributed_problem(cls, config, mode):
+        if mode == "ddp":
+            # measured: DDP's reducer, "Expected to mark a variable ready only once"
+            return (
+                "its loss applies the heads to hidden states after the model's forward pass, outside what DDP "
+                "synchronises (use fsdp)"
+            )
+        return None
+
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         labels = {t: ls for t, ls in self.task_labels.items() if ls}
         if not labels:

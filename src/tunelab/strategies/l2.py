@@ -37,5 +37,14 @@ class L2(Regularizer):
     summary = "Regularizer: decoupled L2 weight decay on the trained parameters."
     Config = L2Config
 
+    @classmethod
+    def distributed_problem(cls, config, mode):
+        if mode == "deepspeed":
+            return (
+                "it decays the weights the optimizer's groups hold, which DeepSpeed replaces with flat partitions "
+                "(use fsdp or ddp)"
+            )
+        return None
+
     def callbacks(self):
         return [_Decay(self.config.weight)]

@@ -146,6 +146,17 @@ class Layerwise(Strategy):
     mergeable = True
     changes_base_weights = True
 
+    @classmethod
+    def distributed_problem(cls, config, mode):
+        unfreezes = config.unfreeze_every_steps is not None or config.unfreeze_every_epoch
+        if unfreezes and mode in ("fsdp", "deepspeed"):
+            # measured under FSDP2: the losses part from one process's at the first unfreezing
+            return (
+                "gradual unfreezing turns weights trainable while training, and the sharding engine keeps to the "
+                "weights that trained at its first step (use ddp)"
+            )
+        return None
+
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         inner = unwrap(model)
         blocks = transformer_blocks(inner)

@@ -117,6 +117,17 @@ class PeftStrategy(Strategy):
             return name in module.modules_to_save
         return any(name in (getattr(module, attr, None) or {}) for attr in module.adapter_layer_names)
 
+    @classmethod
+    def distributed_problem(cls, config, mode):
+        if mode == "fsdp" and cls.phase_of(config) is Phase.PROMPT:
+            # measured (peft 0.21, accelerate 1.15): get_peft_model_state_dict runs the prompt encoder's
+            # embedding on the sharded weight, "aten.embedding.default got mixed torch.Tensor and DTensor"
+            return (
+                "accelerate writes a prompt learner's sharded checkpoint by running its prompt encoder outside "
+                "the forward pass, which fails on a sharded weight (use ddp)"
+            )
+        return None
+
     @contextmanager
     def disabled(self, model: torch.nn.Module) -> Iterator[None]:
         """A prompt learner: its wrapper's ``disable_adapter()`` (no virtual tokens); a tuner: every tuner

@@ -149,10 +149,18 @@ class StrategyStack:
     def disabled(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Every strategy's additions switched off. For a stack that changes base weights this gives the
         base model only before training; after it, use a frozen copy (tunelab.forgetting.Reference)."""
-        with ExitStack() as stack:
-            for s in self.items:
-                stack.enter_context(s.disabled(model))
-            yield model
+        trainable = [p.requires_grad for p in model.parameters()]
+        try:
+            with ExitStack() as stack:
+                for s in self.items:
+                    stack.enter_context(s.disabled(model))
+                yield model
+        finally:
+            # as found: switching PEFT's layers back on marks only the active adapter's weights trainable,
+            # which would leave the main process (that scores before training) with fewer trained weights
+            # than the others
+            for p, was in zip(model.parameters(), trainable, strict=True):
+                p.requires_grad_(was)
 
     # -- the artefact -------------------------------------------------------------------------------
     def component_dir(self, model_dir: Path, strategy: Strategy) -> Path:
