@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_vs_trl.py
 	$(BIN)/python bench/bench_vs_trl.py --levers --only lora
 	$(BIN)/python bench/bench_layerwise.py
+	$(BIN)/python bench/bench_distributed.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
