@@ -28,7 +28,8 @@ from pydantic import Field
 
 from tunelab.data import IGNORE, Collator
 from tunelab.evaluate import autocast
-from tunelab.strategies.base import Need, Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.base import Need, StrategyConfig, register_strategy
+from tunelab.strategies.l2sp import Anchored
 
 
 class EWCConfig(StrategyConfig):
@@ -84,7 +85,7 @@ def ewc_penalty(params, anchors, fisher, lam: float) -> torch.Tensor:
 
 
 @register_strategy
-class EWC(Regularizer):
+class EWC(Anchored):
     name = "ewc"
     summary = "Regularizer: EWC, a Fisher-weighted pull towards the starting values (online with gamma)."
     Config = EWCConfig
@@ -96,16 +97,6 @@ class EWC(Regularizer):
     def _features(self, ctx) -> list[dict]:
         feats = ctx.retention.features if self.config.data == "retention" else ctx.load_rows(self.config.data)
         return feats[: self.config.samples]
-
-    @classmethod
-    def distributed_problem(cls, config, mode):
-        if mode in ("fsdp", "deepspeed"):
-            # measured under FSDP2 (ewc): the penalty stays 0.0 at every step; in one process it is ~4,000
-            return (
-                "it holds the trained weights and their starting values, whole, from before training; sharding "
-                "replaces the weights with shards (use ddp)"
-            )
-        return None
 
     def prepare(self, model, ctx) -> None:
         self.params = [p for _, p in self.trained(model)]

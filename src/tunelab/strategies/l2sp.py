@@ -25,11 +25,8 @@ def l2sp_penalty(params: list[torch.Tensor], anchors: list[torch.Tensor], alpha:
     return 0.5 * alpha * total
 
 
-@register_strategy
-class L2SP(Regularizer):
-    name = "l2sp"
-    summary = "Regularizer: L2-SP, a pull of the trained parameters towards their starting values."
-    Config = L2SPConfig
+class Anchored(Regularizer):
+    """A regularizer that pulls the trained weights towards their values before training (L2-SP, EWC)."""
 
     @classmethod
     def distributed_problem(cls, config, mode):
@@ -40,6 +37,13 @@ class L2SP(Regularizer):
                 "replaces the weights with shards (use ddp)"
             )
         return None
+
+
+@register_strategy
+class L2SP(Anchored):
+    name = "l2sp"
+    summary = "Regularizer: L2-SP, a pull of the trained parameters towards their starting values."
+    Config = L2SPConfig
 
     def prepare(self, model, ctx) -> None:
         self.params = [p for _, p in self.trained(model)]
