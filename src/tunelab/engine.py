@@ -32,6 +32,9 @@ and at four more for reliability (docs/reliability.md):
   on resume (``_load_from_checkpoint``): a hybrid's native parts (bottleneck adapters, layer-wise base
   weights) resume exactly too.
 
+and at one for sharding: ``create_accelerator_and_postprocess`` lets FSDP2 run on CPU as on CUDA and stops a
+run whose FSDP or DeepSpeed accelerate did not turn on (tunelab.distributed).
+
 The engine never names a strategy.
 """
 
