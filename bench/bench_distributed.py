@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import OUT, ticket_rows
+from common import OUT, ticket_config, ticket_rows
 
 MODES = ("ddp", "fsdp")
 
@@ -48,22 +48,9 @@ def run(mode: str, steps: int, bs: int, work: Path) -> dict:
     from tunelab.models import resolve_model
 
     data = write_jsonl(ticket_rows(steps * bs * 2), work / "train.jsonl")
-    cfg = {
-        "model": str(resolve_model(DEFAULT_MODEL)),
-        "data": {"train": str(data)},
-        "strategy": "full",
-        "training": {
-            "max_steps": steps,
-            "batch_size": bs,
-            "lr": 1e-5,
-            "max_length": 192,
-            "save_steps": 10 * steps,
-            "logging_steps": 5,
-            "distributed": mode,
-        },
-        "forgetting": {"enabled": False},
-        "output_dir": str(work / mode),
-    }
+    model = str(resolve_model(DEFAULT_MODEL))
+    cfg = ticket_config(model, data, "full", work / mode, steps, bs, distributed=mode)
+    cfg["forgetting"] = {"enabled": False}
     (work / f"{mode}.json").write_text(json.dumps(cfg))
     (work / "driver.py").write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import report, run_child, table, ticket_rows
+from common import report, run_child, table, ticket_config, ticket_rows
 
 VARIANTS = {
     "full": "full",
@@ -26,20 +26,7 @@ def child(variant: str, model_dir: str, steps: int, bs: int) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         data = write_jsonl(ticket_rows(steps * bs), Path(d) / "train.jsonl")
-        cfg = {
-            "model": model_dir,
-            "data": {"train": str(data)},
-            "strategy": VARIANTS[variant],
-            "training": {
-                "max_steps": steps,
-                "batch_size": bs,
-                "lr": 1e-5,
-                "max_length": 192,
-                "save_steps": 10 * steps,
-                "logging_steps": 5,
-            },
-            "output_dir": str(Path(d) / "run"),
-        }
+        cfg = ticket_config(model_dir, data, VARIANTS[variant], Path(d) / "run", steps, bs)
         s = train(cfg).summary
     report(
         {

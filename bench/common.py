@@ -29,6 +29,20 @@ def ticket_rows(n: int) -> list[dict]:
     return make_tickets(n, seed=1)
 
 
+def ticket_config(model_dir: str, data: Path, strategy, out: Path, steps: int, bs: int, **training) -> dict:
+    """A run config over generated tickets: ``steps`` optimizer steps of ``bs`` rows, max length 192, no
+    checkpoint within the run."""
+    t = {"max_steps": steps, "batch_size": bs, "lr": 1e-5, "max_length": 192, "save_steps": 10 * steps}
+    t.update(logging_steps=5, **training)
+    return {
+        "model": model_dir,
+        "data": {"train": str(data)},
+        "strategy": strategy,
+        "training": t,
+        "output_dir": str(out),
+    }
+
+
 class StepClock:
     """A Trainer callback (duck-typed, so this module imports no transformers): wall time and tokens seen at
     the end of each step, so the first step (compiling, warm-up) can be told from the steady state."""
