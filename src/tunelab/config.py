@@ -212,7 +212,9 @@ class TrainingConfig(Strict):
         """tunelab's own memory levers act on whole weights, which a sharded process does not hold."""
         if self.zero_stage is not None and self.distributed != "deepspeed":
             raise ValueError(f"training.zero_stage is for distributed: deepspeed (this is {self.distributed})")
-        if self.distributed not in ("fsdp", "deepspeed"):
+        from tunelab.strategies import SHARDED
+
+        if self.distributed not in SHARDED:
             return self
         refused = [  # (key, value, why, what to use instead)
             ("loss_head", "positions", "it applies the output layer outside the forward pass, unsharded", "auto"),
@@ -359,13 +361,13 @@ class RunConfig(Strict):
         mode = self.training.distributed
         if mode == "auto":
             return self  # the launch decides; the run checks what it chose (tunelab.session)
-        if mode in ("fsdp", "deepspeed") and self.mode == "continual":
+        from tunelab.strategies import SHARDED, check_distributed
+
+        if mode in SHARDED and self.mode == "continual":
             raise ValueError(
                 f"training.distributed: {mode} is for mode single and multitask; continual learning trains task "
                 "after task on one model: use ddp"
             )
-        from tunelab.strategies import check_distributed
-
         check_distributed(self.strategy, mode)
         return self
 

@@ -36,8 +36,7 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.errors import RunError
 from tunelab.runtime import world_size
-
-SHARDED = ("fsdp", "deepspeed")
+from tunelab.strategies.base import SHARDED
 
 
 def resolve(setting: str) -> str:

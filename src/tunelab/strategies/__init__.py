@@ -20,6 +20,7 @@ from tunelab.strategies import (  # noqa: E402,F401
     retention,
 )
 from tunelab.strategies.base import (
+    SHARDED,
     Need,
     Phase,
     Regularizer,
@@ -37,6 +38,7 @@ from tunelab.strategies.base import (
 )
 
 __all__ = [
+    "SHARDED",
     "Need",
     "Phase",
     "Regularizer",

@@ -68,6 +68,10 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
+#: the training.distributed modes that shard the model across processes (the others hold it whole)
+SHARDED = ("fsdp", "deepspeed")
+
+
 class StrategyError(ValueError):
     """A strategy cannot be applied to this model as configured (e.g. target modules that match nothing)."""
 

@@ -61,6 +61,7 @@ from pydantic import Field, model_validator
 from tunelab.evaluate import autocast, new_tokens
 from tunelab.forgetting import divergence, label_positions
 from tunelab.strategies.base import (
+    SHARDED,
     Need,
     Phase,
     Regularizer,
@@ -223,7 +224,7 @@ class Distill(Regularizer):
 
     @classmethod
     def distributed_problem(cls, config, mode):
-        if config.on_policy > 0 and mode in ("fsdp", "deepspeed"):
+        if config.on_policy > 0 and mode in SHARDED:
             # measured under FSDP2: the processes' gathers fall out of step and gloo aborts
             return (
                 "on-policy batches are sampled from the student, and each process stops generating at its own "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tunelab.strategies.base import Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.base import SHARDED, Regularizer, StrategyConfig, register_strategy
 
 
 class L2SPConfig(StrategyConfig):
@@ -30,7 +30,7 @@ class Anchored(Regularizer):
 
     @classmethod
     def distributed_problem(cls, config, mode):
-        if mode in ("fsdp", "deepspeed"):
+        if mode in SHARDED:
             # measured under FSDP2 (ewc): the penalty stays 0.0 at every step; in one process it is ~4,000
             return (
                 "it holds the trained weights and their starting values, whole, from before training; sharding "

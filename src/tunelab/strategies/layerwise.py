@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 from tunelab.strategies.base import (
+    SHARDED,
     Strategy,
     StrategyConfig,
     StrategyError,
@@ -149,7 +150,7 @@ class Layerwise(Strategy):
     @classmethod
     def distributed_problem(cls, config, mode):
         unfreezes = config.unfreeze_every_steps is not None or config.unfreeze_every_epoch
-        if unfreezes and mode in ("fsdp", "deepspeed"):
+        if unfreezes and mode in SHARDED:
             # measured under FSDP2: the losses part from one process's at the first unfreezing
             return (
                 "gradual unfreezing turns weights trainable while training, and the sharding engine keeps to the "
