@@ -104,38 +104,34 @@ def trainer_arguments(mode: str, training, blocks: list[str]) -> dict[str, Any]:
     # deprecated alias, which warns)
     new_name = "activation_checkpointing" in getattr(TrainingArguments, "__dataclass_fields__", {})
     checkpointing = "activation_checkpointing" if new_name else "gradient_checkpointing"
+    # FSDP checkpoints activations itself (the Trainer's own would add an all-gather to every backward)
+    arguments: dict[str, Any] = {checkpointing: training.gradient_checkpointing and mode != "fsdp"}
     if mode == "fsdp":
-        return {
-            "fsdp": True,
-            "fsdp_config": {
-                "version": 2,
-                "reshard_after_forward": True,
-                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                **({"transformer_layer_cls_to_wrap": blocks} if blocks else {}),
-                "state_dict_type": "SHARDED_STATE_DICT",  # each process writes its shard: no gather per checkpoint
-                "activation_checkpointing": training.gradient_checkpointing,  # FSDP's own (no extra all-gather)
-                "cpu_ram_efficient_loading": False,
-            },
-            checkpointing: False,
+        arguments["fsdp"] = True
+        arguments["fsdp_config"] = {
+            "version": 2,
+            "reshard_after_forward": True,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            **({"transformer_layer_cls_to_wrap": blocks} if blocks else {}),
+            "state_dict_type": "SHARDED_STATE_DICT",  # each process writes its shard: no gather per checkpoint
+            "activation_checkpointing": training.gradient_checkpointing,
+            "cpu_ram_efficient_loading": False,
         }
     if mode == "deepspeed":
         stage = training.zero_stage or 3
         zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
         if stage == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True
-        return {
-            "deepspeed": {
-                "zero_optimization": zero,
-                "bf16": {"enabled": "auto"},
-                "fp16": {"enabled": "auto"},
-                "train_micro_batch_size_per_gpu": "auto",
-                "train_batch_size": "auto",
-                "gradient_accumulation_steps": "auto",
-                "gradient_clipping": "auto",
-            },
-            checkpointing: training.gradient_checkpointing,
+        arguments["deepspeed"] = {
+            "zero_optimization": zero,
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
         }
-    return {checkpointing: training.gradient_checkpointing}
+    return arguments
 
 
 @contextlib.contextmanager
