@@ -211,3 +211,55 @@ def test_every_shipped_example_config_validates(path):
 
 def test_there_are_example_configs():
     assert len(EXAMPLES) >= 2
+
+
+def _word_options() -> list[tuple[str, str]]:
+    """Every option whose allowed values are words (a Literal of strings), as (dotted key, word): the run
+    config's sections and every registered strategy's options."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from tunelab.config import RunConfig
+
+    def words(annotation) -> set[str]:
+        if typing.get_origin(annotation) is typing.Literal:
+            return {a for a in typing.get_args(annotation) if isinstance(a, str)}
+        return (
+            set().union(*(words(a) for a in typing.get_args(annotation))) if typing.get_args(annotation) else set()
+        )
+
+    out = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            out.extend((f"{prefix}{name}", w) for w in sorted(words(ann)))
+
+    walk(RunConfig, "")
+    for cls in registered().values():
+        walk(cls.Config, f"strategy.{cls.name}.")
+    return out
+
+
+def test_every_word_an_option_allows_reads_as_that_word_unquoted(tmp_path):
+    """YAML 1.1 reads on/off/yes/no/y/n as booleans: `compile: off` reached validation as False. tunelab's
+    reader keeps them strings, in files and through --set, for every option whose values are words."""
+    from tunelab.config import parse_override, safe_load
+
+    options = _word_options()
+    assert ("training.compile", "off") in options and len(options) > 30
+    for key, word in options:
+        assert safe_load(f"{key.rsplit('.', 1)[-1]}: {word}\n") == {key.rsplit(".", 1)[-1]: word}, key
+        assert parse_override(f"{key}={word}") == (key, word)
+    # end to end: the documented spelling, in a file and through --set, and True/False from another reader
+    cfg = load_config(write(tmp_path, GOOD + "  compile: off\n"))
+    assert cfg.training.compile == "off"
+    assert load_config(write(tmp_path, GOOD), ["training.compile=on"]).training.compile == "on"
+    assert load_config({"data": {"train": "t.jsonl"}, "training": {"compile": False}}).training.compile == "off"
+    # yes/no options still take the words, and true/false stay booleans
+    c = load_config(write(tmp_path, GOOD), ["forgetting.enabled=off", "allow_pickle=yes"])
+    assert c.forgetting.enabled is False and c.allow_pickle is True
+    assert safe_load("a: true\nb: False\nc: yes\nd: null\n") == {"a": True, "b": False, "c": "yes", "d": None}

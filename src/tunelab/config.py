@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -442,7 +443,20 @@ def _list_index(items: list, key: str, dotted: str, where: str) -> int | None:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML with duplicate keys refused: PyYAML keeps the last silently, so a second ``training:`` block
-    would replace the first."""
+    would replace the first. Booleans are YAML 1.2's, ``true`` and ``false`` alone: PyYAML follows YAML 1.1,
+    which also reads ``on``, ``off``, ``yes``, ``no``, ``y`` and ``n`` as booleans, so ``compile: off`` would
+    reach validation as ``False``. Those words stay strings; a yes/no option still takes them (pydantic reads
+    "on", "off", "yes" and "no" as booleans), and an option whose values are words gets the word."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:

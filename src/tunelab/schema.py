@@ -2,7 +2,9 @@
 re-validated on assignment, and a boolean is never taken for a number.
 
 pydantic's lax mode reads ``true`` as 1 for an int or float field, so ``epochs: true`` or ``r: yes``
-would train silently with a value nobody wrote. Fields that may be booleans keep them.
+would train silently with a value nobody wrote. Fields that may be booleans keep them. An option whose
+values include ``on`` and ``off`` takes a boolean as that word: tunelab's own YAML reader keeps ``off`` a
+string (tunelab.config), but a dict built by another reader may carry YAML 1.1's ``False``.
 """
 
 from __future__ import annotations
@@ -36,4 +38,15 @@ class StrictModel(BaseModel):
             kinds = _kinds(cls.model_fields[info.field_name].annotation)
             if bool not in kinds and kinds & {int, float}:
                 raise ValueError("expected a number, got a boolean (true/false)")
+            words = _words(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and {"on", "off"} <= words:
+                return "on" if value else "off"  # a YAML 1.1 reader (not tunelab's) turned `off` into False
         return value
+
+
+def _words(annotation: Any) -> set[str]:
+    """The string values a Literal annotation (or a union holding one) allows."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, typing.Annotated):
+        return set().union(*(_words(a) for a in typing.get_args(annotation)))
+    return {a for a in typing.get_args(annotation) if isinstance(a, str)} if origin is typing.Literal else set()
