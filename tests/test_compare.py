@@ -78,16 +78,22 @@ def test_a_comparison_end_to_end(tiny_llama, memo_data, tmp_path, capsys):
     rec = json.loads((out / "recommendation.json").read_text())
     assert rec["best_score"] in {"zero-shot", "lora", "full"} and rec["pareto_front"]
 
-    # a second run skips every finished variant and tries the failed one again
+    # a second run skips every finished variant and tries the failed one again; the CLI's exit code says that
+    # a variant failed, in one line naming it and where its error is
     before = (out / "variants" / "full" / "summary.json").stat().st_mtime_ns
-    compare(grid)
+    capsys.readouterr()
+    assert main(["compare", grid]) == 1
     assert (out / "variants" / "full" / "summary.json").stat().st_mtime_ns == before
-    assert "broken: failed" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "broken: failed" in said.out
+    (last,) = said.err.strip().splitlines()
+    assert last.startswith("tunelab compare: error: 1 variant(s) gave no result: broken (failed: ")
+    assert f"Errors are in {out}/status.json" in last
 
     # the report is rebuilt from the files alone
     for f in ("report.html", "report.md", "results.csv"):
         (out / f).unlink()
-    assert main(["report", str(out), "--within", "50"]) == 0
+    assert main(["report", str(out), "--within", "50"]) == 1  # rebuilt; the failed variant still counts
     assert (out / "report.html").is_file() and json.loads((out / "recommendation.json").read_text())[
         "within"
     ] == 50
@@ -284,3 +290,37 @@ def test_a_variant_whose_process_dies_is_recorded_and_the_rest_run(tiny_llama, m
         "error": "the variant's process died (exit code 137; out of memory?)",
     }
     assert status["lora"] == {"state": "done"}
+
+
+def test_report_marks_a_variant_whose_files_were_lost_as_broken_and_names_damaged_files(
+    tiny_llama, memo_data, tmp_path, capsys
+):
+    out = compare(write_grid(tmp_path, tiny_llama, memo_data, [{"name": "lora", "strategy": "lora"}]))
+    assert main(["report", str(out)]) == 0
+    summary = out / "variants" / "lora" / "summary.json"
+    kept = summary.read_bytes()
+    for harm, says in ((lambda: summary.unlink(), "missing"), (lambda: summary.write_bytes(kept[:40]), "JSON")):
+        harm()
+        capsys.readouterr()
+        assert main(["report", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "lora (broken: " in err and str(summary) in err and says in err
+        rows = {r["variant"]: r for r in csv.DictReader((out / "results.csv").open())}
+        assert rows["lora"]["state"] == "broken" and rows["lora"]["score"] == ""
+        assert rows["zero-shot"]["state"] == "done"
+        rec = json.loads((out / "recommendation.json").read_text())
+        assert "lora" in rec["unfinished"] and "lora" not in rec["pareto_front"] and rec["best_score"] != "lora"
+        assert "lora (broken)" in (out / "report.md").read_text()
+        assert '<tr class="broken">' in (out / "report.html").read_text()
+    summary.write_bytes(kept)
+    # the comparison's own files, truncated: one line naming the file, exit 2
+    for name in ("status.json", "grid.yaml"):
+        f = out / name
+        whole = f.read_bytes()
+        f.write_bytes(whole[: len(whole) // 2] + (b"{[" if name == "grid.yaml" else b""))
+        capsys.readouterr()
+        assert main(["report", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(f) in err and "Traceback" not in err, err
+        f.write_bytes(whole)
+    assert main(["report", str(out)]) == 0

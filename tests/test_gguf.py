@@ -71,8 +71,14 @@ def test_export_never_overwrites_and_refuses_what_it_cannot_write(lora_run, tiny
     with pytest.raises(RunError, match=r"--type q4: allowed: f32, f16, bf16, q8_0"):
         export(lora_run, tmp_path / "x.gguf", ftype="q4")
     gpt2 = train(tiny_config(tiny_gpt2, memo_data, tmp_path / "gpt2", "full", max_steps=1)).run_dir
-    with pytest.raises(RunError, match="writes the llama architecture; this model is 'gpt2'"):
+    with pytest.raises(
+        RunError, match=f"^{gpt2}: GGUF export writes the llama architecture; this model is 'gpt2'"
+    ):
         export(gpt2, tmp_path / "gpt2.gguf")
+    # a LoRA run is merged into a temporary directory first: the refusal still names the run
+    gpt2_lora = train(tiny_config(tiny_gpt2, memo_data, tmp_path / "gpt2-lora", "lora", max_steps=1)).run_dir
+    with pytest.raises(RunError, match=f"^{gpt2_lora}: GGUF export writes the llama architecture"):
+        export(gpt2_lora, tmp_path / "gpt2.gguf")
     assert not (tmp_path / "gpt2.gguf").exists() and not list(tmp_path.glob(".*.tmp"))
 
 

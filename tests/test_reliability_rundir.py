@@ -110,7 +110,7 @@ def test_a_second_process_is_refused_naming_the_holder(tiny_llama, memo_data, tm
     holder = _hold_lock(tmp_path / "run")
     try:
         before = snapshot(tmp_path / "run")
-        for kwargs in ({"overwrite": True}, {"resume": True}):
+        for kwargs in ({}, {"overwrite": True}, {"resume": True}):  # never "use --resume" while it runs
             with pytest.raises(RunError, match=f"in use by another tunelab process \\(PID {holder.pid} "):
                 train(cfg, **kwargs)
         assert snapshot(tmp_path / "run") == before

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from conftest import crash_at, final_weights, tiny_config
+from tunelab.checkpoints import inspect
 from tunelab.errors import NonFiniteError, RunError
 from tunelab.run import train
 
@@ -256,7 +257,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_llama,
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_4)
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=6, save_steps=2)
     with pytest.raises(
-        RunError, match=r"writing checkpoint-4 failed \(No space left on device.*kept: checkpoint-2"
+        RunError, match=r"writing checkpoint-4 failed \(no space left on device \(ENOSPC\).*kept: checkpoint-2"
     ):
         train(cfg)
     ckpts = tmp_path / "run" / "checkpoints"
@@ -294,3 +295,36 @@ def test_a_signal_stops_cleanly_and_says_how_to_resume(sig, tiny_llama, memo_dat
     assert last.endswith("with --resume")
     marker = json.loads((tmp_path / "run" / ".tunelab-run").read_text())
     assert marker["status"] == "interrupted"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MB file system (tmpfs), where this machine lets the tests mount one (root in CI)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not root'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_named_enospc(small_disk, tiny_llama, memo_data, tmp_path, capsys):
+    """torch's archive writer says `basic_ios::clear: iostream error` or `unexpected pos`, safetensors
+    `os error 28`: whichever fails first, the user reads ENOSPC, in one line, and nothing is half-written."""
+    from tunelab.cli import main
+
+    cfg = tiny_config(tiny_llama, memo_data, small_disk / "run", "full", max_steps=4, save_steps=2)
+    cfg["forgetting"] = {"enabled": False}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert err.startswith("tunelab train: error: writing ") and "no space left on device (ENOSPC)" in err, err
+    run = small_disk / "run"  # whatever did not fit, nothing of it is left half-written
+    assert not (run / "model").exists() and not list(run.glob(".model-*"))
+    assert all(inspect(c).complete for c in (run / "checkpoints").glob("checkpoint-*"))
+    assert not list((run / "checkpoints").glob(".staging/*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,11 @@ from typing import Any
 import torch
 
 from tunelab.config import RunConfig, load_config
-from tunelab.errors import NonFiniteError, RunError
+from tunelab.errors import ModelError, NonFiniteError, RunError, first_line
 from tunelab.fsutil import atomic_dir
+from tunelab.integrity import check_files, check_loaded
 from tunelab.models import load_model, load_tokenizer, resolve_model
-from tunelab.rundir import CONFIG, MODEL, complete_checkpoints
+from tunelab.rundir import CONFIG, MODEL, complete_checkpoints, is_run_dir
 from tunelab.strategies.stack import StrategyStack
 
 
@@ -44,12 +46,19 @@ class LoadedRun:
 def load_run(run_dir: str | Path) -> LoadedRun:
     """The trained model of a run: base model + its components, or the saved standalone model."""
     run_dir = Path(run_dir)
-    if (run_dir / CONFIG).is_file() and not (run_dir / MODEL).is_dir():
+    if not (run_dir / MODEL).is_dir():
         done = complete_checkpoints(run_dir)
-        if done:
+        if done and (run_dir / CONFIG).is_file():
             raise RunError(
                 f"{run_dir} has no {MODEL}/: the run did not finish (its last checkpoint is {done[0].name}); "
                 f"continue it with: tunelab train {run_dir / CONFIG} --resume"
+            )
+        if is_run_dir(run_dir):
+            raise RunError(
+                f"{run_dir} is a tunelab run that did not finish (no {MODEL}/"
+                + (f"; its last checkpoint is {done[0].name}" if done else "; no complete checkpoint")
+                + f"{'' if (run_dir / CONFIG).is_file() else f', and its {CONFIG} is missing'}): continue it with "
+                f"tunelab train CONFIG --resume, with output_dir: {run_dir}"
             )
     if not (run_dir / CONFIG).is_file() or not (run_dir / MODEL).is_dir():
         raise RunError(f"{run_dir} is not a finished tunelab run (needs {CONFIG} and {MODEL}/)")
@@ -72,6 +81,13 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             resolve_model(cfg.model, allow_pickle=cfg.allow_pickle), allow_pickle=cfg.allow_pickle, **attention
         )
 
-    model = stack.load(base, run_dir / MODEL)
+    check_files(run_dir / MODEL, allow_pickle=cfg.allow_pickle)  # before any loader opens a file of it
+    try:
+        model = stack.load(base, run_dir / MODEL)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as e:
+        if isinstance(e, RunError):
+            raise
+        raise ModelError(f"{run_dir / MODEL}: the run's model could not be loaded ({first_line(e)})") from None
+    check_loaded(model, run_dir / MODEL)
     model.eval()
     return LoadedRun(cfg, model, tokenizer, stack)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tunelab.integrity import NON_FINITE, non_finite_tensor, safetensors_problem, torch_file_problem
 
 STAGING = ".staging"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -35,36 +36,6 @@ class Checkpoint:
     @property
     def complete(self) -> bool:
         return self.problem is None
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file cannot be loaded (truncated, bad header), or None. Reads only the header."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "truncated (no header)"
-            n = int.from_bytes(head, "little")
-            if n > size - 8 or n > 100 * 2**20:
-                return "truncated or corrupt header"
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        return f"unreadable ({e.__class__.__name__})"
-    if 8 + n + end > size:
-        return f"truncated: {size} bytes, the header promises {8 + n + end}"
-    return None
-
-
-def _torch_file_problem(path: Path) -> str | None:
-    """torch.save files are zip archives whose directory sits at the end: a truncated one has none."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            z.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return "truncated or corrupt"
-    return None
 
 
 def _deepspeed_tag(path: Path) -> str | None:
@@ -109,7 +80,7 @@ def inspect(path: Path) -> Checkpoint:
     for name in required:
         if not (path / name).is_file():
             return Checkpoint(path, step, f"{name} missing")
-        problem = _torch_file_problem(path / name)
+        problem = torch_file_problem(path / name)
         if problem:
             return Checkpoint(path, step, f"{name} {problem}")
     if not list(path.glob("rng_state*.pth")):
@@ -126,10 +97,14 @@ def list_checkpoints(ckpt_dir: Path) -> list[Checkpoint]:
 
 
 def pick_resume_checkpoint(ckpt_dir: Path) -> tuple[Checkpoint | None, list[Checkpoint]]:
-    """The newest complete checkpoint, and the newer ones skipped because they are incomplete."""
+    """The newest complete checkpoint whose weights are finite, and the newer ones skipped because they are
+    incomplete or hold NaN / inf (the values are read only here, for the one checkpoint about to be used)."""
     skipped = []
     for c in list_checkpoints(ckpt_dir):
         if c.complete:
-            return c, skipped
+            bad = [(w.name, t) for w in sorted(c.path.glob("*.safetensors")) if (t := non_finite_tensor(w))]
+            if not bad:
+                return c, skipped
+            c.problem = f"{bad[0][0]}: tensor {bad[0][1]} {NON_FINITE}"
         skipped.append(c)
     return None, skipped

@@ -152,7 +152,22 @@ def _compare(args) -> int:
     out = compare(args.grid, preset=args.preset, output_dir=args.output_dir, steps=args.steps, model=args.model)
     print(f"comparison written to {out}/ (report.html, report.md, results.csv)")
     print((out / "report.md").read_text().split("\n\n|")[0].removeprefix("# Comparison\n\n"))
+    from tunelab.integrity import read_json
+
+    _unfinished(out, read_json(out / "recommendation.json").get("unfinished") or {})
     return 0
+
+
+def _unfinished(out, problems: dict[str, str]) -> None:
+    """Exit code 1, with one line naming each variant that gave no result and where its error is."""
+    if problems:
+        from tunelab.errors import Unfinished
+
+        listed = "; ".join(f"{name} ({why})" for name, why in problems.items())
+        raise Unfinished(
+            f"{len(problems)} variant(s) gave no result: {listed}. Errors are in {out}/status.json and "
+            f"{out}/report.md; `tunelab compare` on the same grid retries them"
+        )
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -173,6 +188,7 @@ def _report(args) -> int:
         raise RunError(f"--within {within}: a percentage from 0 to 100")
     files = report(out, within=within)
     print(f"report rebuilt: {files['html']}, {files['md']}, {files['csv']}")
+    _unfinished(out, files["unfinished"])
     return 0
 
 
@@ -296,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail(args, Interrupted("interrupted"), Interrupted.exit_code)
     except OSError as e:  # the file system said no: permissions, a full disk, a path that is a file
-        where = f": {e.filename}" if e.filename else ""
-        return _fail(args, f"{e.strerror or e}{where}", 2)
+        from pathlib import Path
+
+        from tunelab.fsutil import write_failure
+
+        where = Path(e.filename).parent if e.filename else Path.cwd()
+        return _fail(args, write_failure(e, where) or str(e), 2)
     finally:
         _leave_process_group()
 

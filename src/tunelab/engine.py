@@ -58,6 +58,7 @@ from tunelab.checkpoints import STAGING
 from tunelab.data import ANNOTATIONS
 from tunelab.distributed import cpu_fsdp, held
 from tunelab.errors import NonFiniteError, RunError, first_line
+from tunelab.fsutil import write_failure
 from tunelab.levers import adamw
 from tunelab.losshead import PositionsHead
 from tunelab.strategies.base import StrategyError, load_named_tensors
@@ -177,7 +178,7 @@ class TunelabTrainer(Trainer):
                 shutil.rmtree(staged, ignore_errors=True)
             kept = sorted(p.name for p in root.glob("checkpoint-*"))
             raise RunError(
-                f"writing {name} failed ({_reason(e)}); nothing was half-written, "
+                f"writing {name} failed ({_reason(e, root)}); nothing was half-written, "
                 f"{'kept: ' + ', '.join(kept) if kept else 'no earlier checkpoint exists'}"
             ) from None
         finally:
@@ -325,10 +326,8 @@ class TunelabTrainer(Trainer):
         return self.stack.learning_rates(self.model, self.lr)
 
 
-def _reason(e: Exception) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    return first_line(e)
+def _reason(e: Exception, where: Path) -> str:
+    return write_failure(e, where) or first_line(e)
 
 
 class Throughput:

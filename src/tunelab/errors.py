@@ -1,6 +1,7 @@
 """Errors a user can cause or must act on. The CLI prints each as one line and exits with ``exit_code``.
 
-Exit codes (docs/reliability.md): 2 bad input or an unusable output place; 3 training diverged (a
+Exit codes (docs/reliability.md): 1 a comparison finished with variants that failed, died or whose files
+are broken (its report is written); 2 bad input or an unusable output place; 3 training diverged (a
 non-finite loss, gradient or weight; nothing non-finite is saved); 130 interrupted (SIGINT/SIGTERM).
 """
 
@@ -11,6 +12,13 @@ class RunError(RuntimeError):
     """A run cannot start or go on as asked (occupied output dir, missing run, ...)."""
 
     exit_code = 2
+
+
+class Unfinished(RunError):
+    """A comparison whose report is written, but some of whose variants gave no result (failed, died, broken
+    files, not run): a script or CI job must not read it as a success."""
+
+    exit_code = 1
 
 
 class ModelError(RunError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -21,7 +22,15 @@ def atomic_dir(target: Path, *, keep_existing: Callable[[Path], bool] | None = N
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:  # noqa: BLE001 - writers' own error types (SafetensorError) hold a full disk too
+            reason = write_failure(e, target.parent)
+            if reason is None:
+                raise
+            from tunelab.errors import RunError
+
+            raise RunError(f"writing {target} failed: {reason}; nothing was half-written") from None
         normal_permissions(tmp)
         if target.exists():
             if keep_existing is not None and keep_existing(target):
@@ -49,3 +58,33 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# What the writers say when a write fails: torch's C++ archive writer reports a full disk as a failed stream
+# or a short position, safetensors as the OS error text.
+_WRITE_FAILED = ("iostream error", "unexpected pos", "PytorchStreamWriter failed", "file write failed")
+_NO_SPACE = ("No space left on device", "os error 28")
+#: Below this much free space a failed write is put down to a full disk.
+FULL_BELOW = 64 * 2**20
+
+
+def write_failure(e: BaseException, where: Path) -> str | None:
+    """A failed write said plainly, or None when ``e`` is not one: a full disk named as such (ENOSPC, with
+    the free space left on the file system of ``where``), whatever the writer called it."""
+    text = str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or any(x in text for x in _NO_SPACE):
+        return f"no space left on device (ENOSPC) on the file system of {where}; free some space"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    if not any(x in text for x in _WRITE_FAILED):
+        return None
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < FULL_BELOW:
+        return (
+            f"no space left on device (ENOSPC): {free / 2**20:.1f} MB free on the file system of {where}; "
+            "free some space"
+        )
+    return f"the write failed ({text.strip().splitlines()[0]})"

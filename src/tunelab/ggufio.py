@@ -30,25 +30,27 @@ def _permute(w, n_head: int, n_kv: int | None):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def export(model_dir: Path, out: Path, ftype: str = "f16") -> Path:
+def export(model_dir: Path, out: Path, ftype: str = "f16", *, source: Path | str | None = None) -> Path:
     """Write the model in ``model_dir`` (a plain HF directory with safetensors weights) to the GGUF file
-    ``out``, atomically (a temporary file beside it, renamed when complete)."""
+    ``out``, atomically (a temporary file beside it, renamed when complete). ``source``: what a refusal
+    names (the run directory, when ``model_dir`` is a temporary merge of it); ``model_dir`` by default."""
     import gguf
     import numpy as np
     from safetensors.torch import load_file
 
     if ftype not in TYPES:
         raise RunError(f"--type {ftype}: allowed: {', '.join(TYPES)}")
+    source = source or model_dir
     cfg = json.loads((model_dir / "config.json").read_text())
     if cfg.get("model_type") not in EXPORTABLE:
         raise RunError(
-            f"{model_dir}: GGUF export writes the {', '.join(EXPORTABLE)} architecture; this model is "
+            f"{source}: GGUF export writes the {', '.join(EXPORTABLE)} architecture; this model is "
             f"{cfg.get('model_type')!r}"
         )
     tok_file = model_dir / "tokenizer.json"
     tj = json.loads(tok_file.read_text()) if tok_file.is_file() else {}
     if tj.get("model", {}).get("type") != "BPE":
-        raise RunError(f"{model_dir}: GGUF export needs a byte-level BPE tokenizer.json (as Llama 3 / SmolLM2)")
+        raise RunError(f"{source}: GGUF export needs a byte-level BPE tokenizer.json (as Llama 3 / SmolLM2)")
     arch = gguf.MODEL_ARCH.LLAMA
     n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads") or n_head
@@ -86,7 +88,7 @@ def export(model_dir: Path, out: Path, ftype: str = "f16") -> Path:
         for key, tensor in weights.items():
             name = names.get_name(key.removesuffix(".weight"))
             if name is None or not key.endswith(".weight"):
-                raise RunError(f"{model_dir}: tensor {key} has no GGUF name for the llama architecture")
+                raise RunError(f"{source}: tensor {key} has no GGUF name for the llama architecture")
             a = tensor.float().numpy()
             if key.endswith("q_proj.weight"):
                 a = _permute(a, n_head, n_head)

@@ -32,6 +32,12 @@ def base_model_id(model: str, model_dir: Path) -> str | None:
     return name if isinstance(name, str) and _HUB_ID.match(name) and not Path(name).exists() else None
 
 
+def base_model_name(model: str, model_dir: Path) -> str:
+    """The base model as a published file may name it: its hub id when one is known, else its directory's
+    name alone (never the local path)."""
+    return base_model_id(model, model_dir) or Path(model_dir).name or str(model)
+
+
 def _scores(d: dict | None) -> dict[str, float]:
     return {k: v for k, v in (d or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
@@ -49,7 +55,7 @@ def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str
     record: dict[str, Any] = {
         "strategy": strategies,
         "mode": summary["mode"],
-        "base_model_path": summary["model"],
+        "base_model_name": base_model_name(cfg.get("model", ""), Path(summary["model"])),
         "data": files,
         "parameters": {k: summary["parameters"][k] for k in ("trainable", "total")},
     }
@@ -77,11 +83,11 @@ def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str
     }
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
 
-    title = f"# {' + '.join(strategies)} fine-tune of {base or Path(summary['model']).name}"
+    title = f"# {' + '.join(strategies)} fine-tune of {record['base_model_name']}"
     lines = [f"---\n{front}---", "", title]
     lines += [
         "",
-        f"Trained with [tunelab](https://pypi.org/project/tunelab/) ({summary['mode']} mode, "
+        f"Trained with tunelab ({summary['mode']} mode, "
         f"{summary['precision']}, {summary['device']}). Training data: "
         + (", ".join(f"`{v}` ({k})" for k, v in files.items()) or "see `tunelab_config.yaml`")
         + ".",

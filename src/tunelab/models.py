@@ -26,17 +26,17 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 
-from tunelab.checkpoints import safetensors_problem
 from tunelab.errors import ModelError, first_line
 from tunelab.fsutil import atomic_dir
+from tunelab.integrity import PICKLED, check_loaded, gguf_problem, safetensors_problem
 from tunelab.progress import status
 
-PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
@@ -109,6 +109,9 @@ def _converted_file(path: Path) -> Path:
     target = tunelab_home() / "models" / "gguf" / f"{path.stem}-{key}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    problem = gguf_problem(path)
+    if problem:
+        raise ModelError(f"{path}: {problem}; copy the GGUF file again")
     try:
         convert_gguf(path, target)
     except (ValueError, KeyError, TypeError) as e:
@@ -211,7 +214,27 @@ def load_tokenizer(model_dir: Path):
         raise ModelError(f"{model_dir}: the tokenizer could not be loaded ({first_line(e)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    _check_chat_template(tok, model_dir)
     return tok
+
+
+def _check_chat_template(tok, model_dir: Path) -> None:
+    """Render the chat template once on a one-turn conversation: transformers renders it in jinja's sandbox,
+    which refuses a template that reaches for Python internals (``''.__class__`` ...). Refused here, at load,
+    in one line, instead of a traceback from whichever verb first renders a prompt."""
+    if not getattr(tok, "chat_template", None):
+        return
+    from jinja2.exceptions import SecurityError
+
+    try:
+        tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
+    except SecurityError as e:
+        raise ModelError(
+            f"{model_dir}: its chat template is refused by the template sandbox ({first_line(e)}); it is not "
+            "rendered. Use the base model's own template (chat_template.jinja / tokenizer_config.json)"
+        ) from None
+    except Exception:  # noqa: BLE001 - a template that needs another conversation shape fails where it is used
+        return
 
 
 def default_attention(device: str | None = None) -> str:
@@ -250,7 +273,8 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pic
             output_loading_info=True,
             **options,
         )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        # UnpicklingError: a pickle (read under allow_pickle) that torch's weights-only reader refuses
         raise ModelError(f"{model_dir}: the model could not be loaded ({first_line(e)})") from None
     missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
     mismatched = [str(m[0]) if isinstance(m, tuple | list) else str(m) for m in info.get("mismatched_keys") or []]
@@ -265,9 +289,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, *, allow_pic
             + "; ".join(parts)
             + ". Training would start from random weights; use the weights that belong to this config"
         )
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(p.isfinite().all()):
-            raise ModelError(f"{model_dir}: weight {name} holds non-finite values (NaN or inf)")
+    check_loaded(model, model_dir)
     return model
 
 

@@ -95,6 +95,13 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("tunelab_run") == 1 else None
 
 
+def is_run_dir(path: Path) -> bool:
+    """``path`` is (or was) a tunelab run directory, finished or not: its marker, its config or its
+    checkpoints are there. Read-back verbs then treat it as a run, never as a bare model."""
+    path = Path(path)
+    return (path / MARKER).is_file() or (path / CONFIG).is_file() or (path / CHECKPOINTS).is_dir()
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """The run's complete checkpoints, newest first."""
     return [c.path for c in list_checkpoints(run_dir / CHECKPOINTS) if c.complete]
@@ -148,6 +155,7 @@ class RunDir:
                 )
             resumable = bool(complete_checkpoints(path)) or (path / MODEL).is_dir()
             if resumable and not overwrite:
+                _refuse_if_held(path / LOCK)  # a run in progress there: say so, not "use --resume"
                 raise RunError(
                     f"output_dir {path} holds a tunelab run; use --resume to continue it, --overwrite to "
                     "replace it, or choose another output_dir"
@@ -233,19 +241,40 @@ def _acquire(lock_path: Path):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        info = dict(x.split("=", 1) for x in holder.split() if "=" in x)
-        raise RunDirBusy(
-            f"output_dir {lock_path.parent} is in use by another tunelab process (PID {info.get('pid', '?')}"
-            f" on {info.get('host', '?')}); wait for it to finish or stop it first"
-        ) from None
+        _busy(f, lock_path)
     f.seek(0)
     f.truncate()
     f.write(f"pid={os.getpid()} host={socket.gethostname()} since={int(time.time())}\n")
     f.flush()
     return f
+
+
+def _busy(f, lock_path: Path):
+    """Close ``f`` (the lock file another process holds) and refuse, naming that process."""
+    f.seek(0)
+    holder = f.read().strip() or "unknown"
+    f.close()
+    info = dict(x.split("=", 1) for x in holder.split() if "=" in x)
+    raise RunDirBusy(
+        f"output_dir {lock_path.parent} is in use by another tunelab process (PID {info.get('pid', '?')}"
+        f" on {info.get('host', '?')}), which is training there now; wait for it to finish or stop it first"
+    ) from None
+
+
+def _refuse_if_held(lock_path: Path) -> None:
+    """Refuse when a live process holds ``lock_path``; take nothing (the lock is released at once)."""
+    if not lock_path.is_file():
+        return
+    try:
+        f = open(lock_path)  # noqa: SIM115 - closed below or by _busy
+    except OSError:
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _busy(f, lock_path)
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
 
 
 def _write_atomic(path: Path, text: str) -> None:

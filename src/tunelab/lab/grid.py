@@ -5,7 +5,6 @@ runs it, tunelab.lab.report reports it)."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from pydantic import Field
 
 from tunelab.config import ConfigError, RunConfig, load_config, parse_override, safe_load
 from tunelab.errors import RunError, first_line
+from tunelab.integrity import read_json
 from tunelab.schema import StrictModel
 
 FAIR = ("data", "tasks", "training.seed", "training.max_steps", "training.max_tokens", "training.epochs")
@@ -183,11 +183,27 @@ def _with_baseline(grid: Grid) -> Grid:
 
 def read_grid(out: Path) -> Grid:
     """The grid a comparison dir was run from (its copy in the dir), with the baseline row it ran."""
-    if not (Path(out) / GRID).is_file():
+    path = Path(out) / GRID
+    if not path.is_file():
         raise RunError(f"{out} is not a comparison directory (no {GRID}); run `tunelab compare GRID.yaml` first")
-    return _with_baseline(Grid.model_validate(safe_load((Path(out) / GRID).read_text(encoding="utf-8"))))
+    try:
+        raw = safe_load(path.read_text(encoding="utf-8"))
+        return _with_baseline(Grid.model_validate(raw))
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:  # ValidationError is a ValueError
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        why = getattr(e, "problem", None) or first_line(e)
+        raise RunError(
+            f"{where}: the comparison's copy of its grid is damaged ({why}); copy the grid you ran into it again"
+        ) from None
 
 
 def read_status(out: Path) -> dict[str, dict]:
-    """Each variant's state as the last ``compare`` recorded it."""
-    return json.loads((out / STATUS).read_text()) if (out / STATUS).is_file() else {}
+    """Each variant's state as the last ``compare`` recorded it ({} before the first)."""
+    path = Path(out) / STATUS
+    if not path.is_file():
+        return {}
+    status = read_json(path, what="each variant's state, as compare recorded it")
+    if not isinstance(status, dict) or not all(isinstance(v, dict) for v in status.values()):
+        raise RunError(f"{path}: not a mapping of variant -> state; the file is damaged")
+    return status

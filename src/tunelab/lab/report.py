@@ -21,8 +21,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tunelab.config import safe_load
+from tunelab.errors import RunError, first_line
 from tunelab.evaluate import fmt, headline
+from tunelab.integrity import read_json
 from tunelab.lab.frontier import Point, pareto_front, recommend
 from tunelab.lab.grid import VARIANTS, comparison_task, read_grid, read_status
 from tunelab.rundir import CONFIG, METRICS, MODEL, SUMMARY
@@ -110,34 +114,64 @@ def collect(out: Path) -> list[dict[str, Any]]:
         st = status.get(name, {"state": "not run"})
         row: dict[str, Any] = dict.fromkeys(COLUMNS)
         row.update(variant=name, state=st.get("state"), error=st.get("error"), curve=loss_curve(run_dir))
-        if (run_dir / SUMMARY).is_file():
-            s = json.loads((run_dir / SUMMARY).read_text())
-            t = _train_stats(s)
-            kl, rep, orig = _forgetting(s)
-            cfg = safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
-            task = comparison_task(grid.base, cfg or {})
-            metric, score = _score(s, task)
-            extra = [x["name"] for x in (cfg or {}).get("tasks") or [] if x["name"] != task] if task else []
-            row.update(
-                state="done",
-                strategy="+".join(s["strategy"]),
-                mode=s["mode"],
-                extra_tasks=", ".join(extra) or None,
-                score=score,
-                metric=metric,
-                kl_to_base=kl,
-                base_answers_reproduced=rep,
-                original_tasks_score=orig,
-                trainable=s["parameters"]["trainable"],
-                trainable_pct=s["parameters"]["trainable_pct"],
-                peak_mb=s["memory"]["peak_mb"],
-                tokens_per_s=t["tokens_per_s"] if t else None,
-                train_time_s=t["train_time_s"] if t else 0.0,
-                wall_time_s=s["wall_time_s"],
-                artefact_mb=_size_mb(run_dir / MODEL),
-            )
+        if st.get("state") == "done" or (run_dir / SUMMARY).is_file():
+            try:
+                row.update(_measured(run_dir, grid.base), state="done")
+            except (RunError, ValueError, yaml.YAMLError, KeyError, TypeError, IndexError, AttributeError) as e:
+                # a finished variant whose files were lost or damaged since: never shown as done
+                row.update(state=BROKEN, error=_damage(run_dir, e))
         rows.append(row)
     return rows
+
+
+BROKEN = "broken"  #: a row's state when its variant finished but its files are missing or damaged
+
+
+def _measured(run_dir: Path, base: dict) -> dict[str, Any]:
+    """A finished variant's columns, from its summary.json and config.yaml."""
+    s = read_json(run_dir / SUMMARY)
+    t = _train_stats(s)
+    kl, rep, orig = _forgetting(s)
+    cfg = safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
+    task = comparison_task(base, cfg or {})
+    metric, score = _score(s, task)
+    extra = [x["name"] for x in (cfg or {}).get("tasks") or [] if x["name"] != task] if task else []
+    return {
+        "strategy": "+".join(s["strategy"]),
+        "mode": s["mode"],
+        "extra_tasks": ", ".join(extra) or None,
+        "score": score,
+        "metric": metric,
+        "kl_to_base": kl,
+        "base_answers_reproduced": rep,
+        "original_tasks_score": orig,
+        "trainable": s["parameters"]["trainable"],
+        "trainable_pct": s["parameters"]["trainable_pct"],
+        "peak_mb": s["memory"]["peak_mb"],
+        "tokens_per_s": t["tokens_per_s"] if t else None,
+        "train_time_s": t["train_time_s"] if t else 0.0,
+        "wall_time_s": s["wall_time_s"],
+        "artefact_mb": _size_mb(run_dir / MODEL),
+    }
+
+
+def _damage(run_dir: Path, e: Exception) -> str:
+    """What is wrong with a finished variant's files, naming the file."""
+    if isinstance(e, RunError):  # read_json: names the file and says missing / truncated
+        return f"{e}; the variant finished but its record is lost: rerun it (delete {run_dir}) or restore the file"
+    if isinstance(e, yaml.YAMLError):
+        return f"{run_dir / CONFIG}: damaged ({first_line(e)})"
+    what = f"no {e}" if isinstance(e, KeyError) else first_line(e)
+    return f"{run_dir / SUMMARY}: not a summary tunelab wrote ({what})"
+
+
+def unfinished(rows: list[dict]) -> dict[str, str]:
+    """The variants that did not give a result, each with its state and error: failed, broken, not run."""
+    return {
+        r["variant"]: f"{r['state']}: {r['error']}" if r["error"] else r["state"]
+        for r in rows
+        if r["state"] != "done"
+    }
 
 
 def points(rows: list[dict]) -> list[Point]:
@@ -238,8 +272,10 @@ def recommendation_lines(recs: dict[str, str | None], within: float, front: list
     return lines
 
 
-def write_report(out: Path, *, within: float = 5.0) -> dict[str, Path]:
-    """``results.csv``, ``report.md``, ``report.html`` and ``plots/*.png`` in the comparison dir ``out``."""
+def write_report(out: Path, *, within: float = 5.0) -> dict[str, Any]:
+    """``results.csv``, ``report.md``, ``report.html`` and ``plots/*.png`` in the comparison dir ``out``.
+    Returns their paths (``csv``, ``md``, ``html``) and ``unfinished``: the variants that failed, broke
+    (their files lost or damaged since) or did not run, each with why (see :func:`unfinished`)."""
     out = Path(out)
     rows = collect(out)
     pts = points(rows)
@@ -257,14 +293,26 @@ def write_report(out: Path, *, within: float = 5.0) -> dict[str, Path]:
     md = ["# Comparison", "", *[f"- {x}" for x in recs_text], "", "| " + " | ".join(shown) + " |"]
     md.append("|" + "---|" * len(shown))
     md += ["| " + " | ".join(fmt(r[c]) for c in shown) + " |" for r in rows]
-    failed = [r for r in rows if r["state"] == "failed"]
+    failed = [r for r in rows if r["state"] in ("failed", BROKEN)]
     if failed:
-        md += ["", "Failed variants:", *[f"- {r['variant']}: {r['error']}" for r in failed]]
+        md += [
+            "",
+            "Failed or broken variants:",
+            *[f"- {r['variant']} ({r['state']}): {r['error']}" for r in failed],
+        ]
     md += ["", *[f"![{n}](plots/{n}.png)" for n in plots]]
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "report.html").write_text(_html(rows, shown, recs_text, plots))
-    write_json_atomic(out / "recommendation.json", {"within": within, "pareto_front": front, **recs})
-    return {"csv": out / "results.csv", "md": out / "report.md", "html": out / "report.html"}
+    problems = unfinished(rows)
+    write_json_atomic(
+        out / "recommendation.json", {"within": within, "pareto_front": front, **recs, "unfinished": problems}
+    )
+    return {
+        "csv": out / "results.csv",
+        "md": out / "report.md",
+        "html": out / "report.html",
+        "unfinished": problems,
+    }
 
 
 def _html(rows: list[dict], shown: list[str], recs_text: list[str], plots: dict[str, bytes]) -> str:
@@ -280,9 +328,9 @@ def _html(rows: list[dict], shown: list[str], recs_text: list[str], plots: dict[
         for r in rows
     )
     errors = "".join(
-        f"<li><b>{html.escape(r['variant'])}</b>: {html.escape(r['error'] or '')}</li>"
+        f"<li><b>{html.escape(r['variant'])}</b> ({html.escape(r['state'])}): {html.escape(r['error'] or '')}</li>"
         for r in rows
-        if r["state"] == "failed"
+        if r["state"] in ("failed", BROKEN)
     )
     figures = "".join(
         f'<figure><img id="plot-{n}" alt="{n}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
@@ -296,13 +344,13 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.85em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
-tr.failed td {{ color: #a00; }}
+tr.failed td, tr.broken td {{ color: #a00; }}
 figure {{ display: inline-block; margin: 1em 1em 0 0; }} img {{ max-width: 640px; border: 1px solid #ddd; }}
 </style></head><body>
 <h1>tunelab comparison</h1>
 <ul id="recommendation">{"".join(f"<li>{md_bold(x)}</li>" for x in recs_text)}</ul>
 <table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-{f'<h2>Failed variants</h2><ul id="failures">{errors}</ul>' if errors else ""}
+{f'<h2>Failed or broken variants</h2><ul id="failures">{errors}</ul>' if errors else ""}
 <h2>Plots</h2>
 {figures}
 </body></html>

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tunelab.config import RunConfig
+from tunelab.data import DataError, prepare_splits
 from tunelab.errors import RunError
 from tunelab.forgetting import forgetting_summary
 from tunelab.rundir import RunDir, guarded
@@ -54,6 +55,24 @@ class RunMode:
     def prepare_data(self) -> None:
         """Tokenize the mode's data with ``self.session.tokenizer`` (before any model loads)."""
         raise NotImplementedError
+
+    def prepare_tasks(self) -> list[tuple[Any, Any, Any]]:
+        """Each named task's (config, training split, eval split), for the modes that train ``tasks:``. A
+        task's bad or missing file is named as that task's; every task must have references to score."""
+        out = []
+        for t in self.cfg.tasks:
+            try:
+                tr, ev = prepare_splits(
+                    t, self.session.tokenizer, self.cfg.training.max_length, self.cfg.training.seed
+                )
+            except DataError as e:
+                raise DataError(f"task {t.name}: {e}") from None
+            if not ev.scorable:
+                raise RunError(
+                    f"task {t.name}: its eval rows have no references to score (accuracy / exact match)"
+                )
+            out.append((t, tr, ev))
+        return out
 
     def train(self) -> None:
         raise NotImplementedError

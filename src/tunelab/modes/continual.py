@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from tunelab.artefacts import save_artefact
-from tunelab.data import prepare_splits
 from tunelab.errors import RunError
 from tunelab.evaluate import headline
 from tunelab.forgetting import forgetting_summary
@@ -81,15 +80,7 @@ class ContinualRun(RunMode):
     resumable = False  # a sequence restarts from its first task
 
     def prepare_data(self) -> None:
-        cfg, tok = self.cfg, self.session.tokenizer
-        self.tasks = []
-        for t in cfg.tasks:
-            tr, ev = prepare_splits(t, tok, cfg.training.max_length, cfg.training.seed)
-            if not ev.scorable:
-                raise RunError(
-                    f"task {t.name}: its eval rows have no references to score (accuracy / exact match)"
-                )
-            self.tasks.append((t.name, tr, ev))
+        self.tasks = [(t.name, tr, ev) for t, tr, ev in self.prepare_tasks()]
         self.names = [name for name, _, _ in self.tasks]
 
     # -- routing: one adapter per task (continual.per_task_adapter) --------------------------------

@@ -34,8 +34,7 @@ from typing import Any
 import torch
 
 from tunelab.artefacts import save_artefact
-from tunelab.data import Prepared, prepare_splits
-from tunelab.errors import RunError
+from tunelab.data import Prepared
 from tunelab.evaluate import headline
 from tunelab.forgetting import forgetting_summary
 from tunelab.modes.base import RunMode
@@ -106,15 +105,8 @@ class MultitaskRun(RunMode):
     name = "multitask"
 
     def prepare_data(self) -> None:
-        cfg, s = self.cfg, self.session
-        self.tasks = []
-        for t in cfg.tasks:
-            tr, ev = prepare_splits(t, s.tokenizer, cfg.training.max_length, cfg.training.seed)
-            if not ev.scorable:
-                raise RunError(
-                    f"task {t.name}: its eval rows have no references to score (accuracy / exact match)"
-                )
-            self.tasks.append((t, tr, ev))
+        s = self.session
+        self.tasks = self.prepare_tasks()
         self.names = [t.name for t, _, _ in self.tasks]
         s.stack.set_tasks(self.names, {t.name: tr.labels for t, tr, _ in self.tasks})  # before the model loads
         self.originals = s.original_tasks()

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from tunelab.errors import RunError
 from tunelab.evaluate import autocast, new_tokens
 from tunelab.forgetting import divergence, label_positions
 from tunelab.strategies.base import (
@@ -239,14 +240,20 @@ class Distill(Regularizer):
             return
         source = c.teacher or str(ctx.reference.model_dir)
         shown = c.teacher or "(the run's model)"
-        teacher_tok = ctx.load_tokenizer(source) if c.teacher else ctx.tokenizer
+        try:
+            teacher_tok = ctx.load_tokenizer(source) if c.teacher else ctx.tokenizer
+        except (FileNotFoundError, RunError) as e:  # ModelNotFound, ModelError: the teacher's, not the run's
+            raise StrategyError(f"distill.teacher {shown}: {e}") from None
         if teacher_tok.get_vocab() != ctx.tokenizer.get_vocab():
             raise StrategyError(
                 f"distill.teacher {shown}: its tokenizer differs from the student's "
                 f"({len(teacher_tok)} vs {len(ctx.tokenizer)} tokens); distillation compares token "
                 "distributions, so both must use the same tokenizer"
             )
-        self.teacher = ctx.load_model(source)
+        try:
+            self.teacher = ctx.load_model(source)
+        except (FileNotFoundError, RunError) as e:
+            raise StrategyError(f"distill.teacher {shown}: {e}") from None
         t_vocab = self.teacher.get_output_embeddings().weight.shape[0]
         s_vocab = model.get_output_embeddings().weight.shape[0]
         if t_vocab != s_vocab:
