@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,74 @@ def test_fsdp_kill_9_then_resume_gives_bit_identical_weights(tiny_llama, rows, t
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["distributed"] == "fsdp"
+
+
+# what one process does at step 5 of 8, inside the real CLI (`tunelab train CFG`): rank 1 kills itself with
+# SIGKILL (a worker lost to the OOM killer or a crash); rank 0 sends SIGTERM to the launcher (a scheduler's
+# stop) and waits for what torchrun then does to it
+FAULTS = {
+    "kill -9 a worker": 'os.environ["RANK"] == "1" and os.kill(os.getpid(), signal.SIGKILL)',
+    "SIGTERM the launcher": (
+        'os.environ["RANK"] == "0" and (os.kill(os.getppid(), signal.SIGTERM), time.sleep(60))'
+    ),
+}
+FAULT_RUN = {**COMMON, "max_steps": 8, "save_steps": 4, "batch_size": 2, "distributed": "ddp"}
+
+
+@pytest.fixture(scope="module")
+def ddp_whole(tiny_llama, rows, tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run the faulted ones must end equal to."""
+    d = tmp_path_factory.mktemp("ddp-whole")
+    cfg = write(tiny_config(tiny_llama, rows, d / "whole", "full", **FAULT_RUN), d / "whole.yaml")
+    assert torchrun("-m", "tunelab.cli", "-q", "train", str(cfg)).returncode == 0
+    return d / "whole"
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_fault_under_torchrun_stops_every_process_in_one_line_and_resume_is_exact(
+    fault, ddp_whole, tiny_llama, rows, tmp_path
+):
+    """The processes left stop within seconds (torchrun stops them; the one whose collective fails first
+    says so), each with one line, the run records `interrupted`, and `--resume` under torchrun ends with
+    exactly the weights and losses of an uninterrupted 2-process run."""
+    cfg = write(
+        tiny_config(tiny_llama, rows, tmp_path / "faulted", "full", **FAULT_RUN), tmp_path / "faulted.yaml"
+    )
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, sys, time
+            from transformers import TrainerCallback
+            import tunelab.cli, tunelab.run
+            class Fault(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    if state.global_step == 5:
+                        {FAULTS[fault]}
+            plain = tunelab.run.train
+            tunelab.run.train = lambda *a, **kw: plain(*a, callbacks=[Fault()], **kw)
+            sys.exit(tunelab.cli.main(["-q", "train", {str(cfg)!r}]))
+            """
+        )
+    )
+    t0 = time.monotonic()
+    faulted = torchrun(str(driver))
+    assert faulted.returncode != 0 and time.monotonic() - t0 < 120
+    said = [x for x in faulted.stderr.splitlines() if x.startswith("tunelab train")]
+    # rank 0 names the checkpoint to resume from, whether its collective failed (exit 4) or torchrun's SIGTERM
+    # reached it first (130); the other survivor, if any, says it stopped too
+    first = [x for x in said if x.startswith("tunelab train: error: ")]
+    assert len(first) == 1, faulted.stderr[-3000:]
+    assert "can continue from checkpoint-4 with --resume" in first[0], first
+    assert "interrupted; " in first[0] or "another process of this run stopped (" in first[0], first
+    assert len(said) == {"kill -9 a worker": 1, "SIGTERM the launcher": 2}[fault], said
+    assert json.loads((tmp_path / "faulted" / ".tunelab-run").read_text())["status"] == "interrupted"
+    resumed = torchrun("-m", "tunelab.cli", "train", str(cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume: continuing from checkpoint-4" in resumed.stdout
+    a, b = final_weights(ddp_whole), final_weights(tmp_path / "faulted")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert losses(tmp_path / "faulted") == losses(ddp_whole)
 
 
 CLS_ROWS = [{"text": "good movie", "label": "positive"}, {"text": "bad book", "label": "negative"}]

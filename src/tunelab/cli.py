@@ -339,7 +339,9 @@ def _fail(args, error, code: int) -> int:
         import traceback
 
         traceback.print_exc()
-    print(f"tunelab {args.verb}: error: {error}", file=sys.stderr)
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+    who = f" (process {rank} of {os.environ['WORLD_SIZE']})" if rank != "0" else ""  # torchrun: one line each
+    print(f"tunelab {args.verb}{who}: error: {error}", file=sys.stderr)
     return code
 
 

@@ -57,7 +57,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from tunelab.checkpoints import STAGING
 from tunelab.data import ANNOTATIONS
 from tunelab.distributed import cpu_fsdp, held
-from tunelab.errors import NonFiniteError, RunError, first_line
+from tunelab.errors import NonFiniteError, RunError, first_line, lost_peer
 from tunelab.fsutil import write_failure
 from tunelab.levers import adamw
 from tunelab.losshead import PositionsHead
@@ -176,9 +176,11 @@ class TunelabTrainer(Trainer):
         except Exception as e:
             if writer:
                 shutil.rmtree(staged, ignore_errors=True)
+            if lost_peer(e):
+                raise  # not this write's fault: another process is gone (tunelab.rundir.guarded says so)
             kept = sorted(p.name for p in root.glob("checkpoint-*"))
             raise RunError(
-                f"writing {name} failed ({_reason(e, root)}); nothing was half-written, "
+                f"writing {name} failed ({write_failure(e, root) or first_line(e)}); nothing was half-written, "
                 f"{'kept: ' + ', '.join(kept) if kept else 'no earlier checkpoint exists'}"
             ) from None
         finally:
@@ -324,10 +326,6 @@ class TunelabTrainer(Trainer):
     def learning_rates(self) -> dict[str, float]:
         """The peak learning rate of each component, as resolved for the optimizer."""
         return self.stack.learning_rates(self.model, self.lr)
-
-
-def _reason(e: Exception, where: Path) -> str:
-    return write_failure(e, where) or first_line(e)
 
 
 class Throughput:

@@ -2,7 +2,9 @@
 
 Exit codes (docs/reliability.md): 1 a comparison finished with variants that failed, died or whose files
 are broken (its report is written); 2 bad input or an unusable output place; 3 training diverged (a
-non-finite loss, gradient or weight; nothing non-finite is saved); 130 interrupted (SIGINT/SIGTERM).
+non-finite loss, gradient or weight; nothing non-finite is saved); 4 another process of a multi-process run
+stopped (killed, crashed), so this one stopped too (resumable like an interrupt); 130 interrupted
+(SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ class NonFiniteError(RunError):
     exit_code = 3
 
 
+class PeerLost(RunError):
+    """Another process of a multi-process run (torchrun) stopped, killed or crashed, and this one's
+    communication with it failed: this process stops too, and the run resumes from its last checkpoint."""
+
+    exit_code = 4
+
+
 class Interrupted(RunError, KeyboardInterrupt):
     """SIGINT or SIGTERM stopped the run; the message says how to resume. Still a KeyboardInterrupt, so
     code that catches Ctrl-C around ``tunelab.train`` keeps working."""
@@ -43,3 +52,28 @@ def first_line(e: BaseException) -> str:
     """An exception from a library as one line for a user error message: its first line, or its type."""
     text = str(e).strip()
     return text.splitlines()[0] if text else e.__class__.__name__
+
+
+#: What gloo and NCCL say when the process at the other end of a collective is gone.
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Connection refused",
+    "NCCL communicator was aborted",
+)
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """Why ``e`` says another process of this run is gone (a failed collective), or None: only inside a
+    multi-process run, for the process group's own errors or their words."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    text = str(e)
+    said = next((x for x in _PEER_GONE if x in text), None)
+    if said is None and not isinstance(e, getattr(dist, "DistBackendError", ())):
+        return None
+    return said or first_line(e)

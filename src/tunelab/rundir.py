@@ -13,6 +13,8 @@ Promises (docs/reliability.md):
 - **One process per run dir.** ``.tunelab.lock`` is held with ``flock`` for the whole run; the kernel
   drops it when the process dies (even ``kill -9``), so a lock file left by a dead process is stale by
   construction and is simply taken over. A live holder is named by PID in the refusal.
+- **A run that stops because another of its processes died** (torchrun) records ``interrupted`` and says how
+  to resume (:class:`tunelab.errors.PeerLost`, exit code 4).
 - **A run that left nothing to resume does not block the next one.** A run dir of ours with no complete
   checkpoint and no final model (a setup or an early crash) is replaced by the next run without
   ``--overwrite``.
@@ -35,7 +37,7 @@ from typing import Any
 import yaml
 
 from tunelab.checkpoints import list_checkpoints
-from tunelab.errors import Interrupted, NonFiniteError, RunError
+from tunelab.errors import Interrupted, NonFiniteError, PeerLost, RunError, lost_peer
 
 CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
     "config.yaml",
@@ -315,6 +317,20 @@ def guarded(run: RunDir | None, save_steps: int) -> Iterator[None]:
         raise NonFiniteError(
             f"{e}; no weights were saved as {MODEL}/. {_how_to_go_on(run, save_steps, True)} after lowering "
             "training.lr (or raising regularisation)"
+        ) from None
+    except Exception as e:
+        why = lost_peer(e)
+        if why is None:
+            if run is not None:
+                run.close("failed")
+            raise
+        # torchrun: another process died mid-collective. This one stops too, resumable as after an interrupt
+        if run is None:
+            raise PeerLost(f"another process of this run stopped ({why}); this one stopped too") from None
+        run.close("interrupted")
+        raise PeerLost(
+            f"another process of this run stopped ({why}); this one stopped too. "
+            f"{_how_to_go_on(run, save_steps, True)}"
         ) from None
     except BaseException:
         if run is not None:
