@@ -132,6 +132,29 @@ def test_a_deepspeed_checkpoint_is_complete_with_its_states_folder(tmp_path):
     assert inspect(ckpt).complete, inspect(ckpt).problem
 
 
+def at_step_5(tmp_path: Path, cfg: Path, action: str) -> Path:
+    """A script for torchrun: each process runs ``tunelab -q train CFG`` (the real CLI, its error lines and
+    exit codes) and does ``action``, a Python expression, at the end of step 5."""
+    driver = tmp_path / "at_step_5.py"
+    driver.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, sys, time
+            from transformers import TrainerCallback
+            import tunelab.cli, tunelab.run
+            class AtStep5(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    if state.global_step == 5:
+                        {action}
+            plain = tunelab.run.train
+            tunelab.run.train = lambda *a, **kw: plain(*a, callbacks=[AtStep5()], **kw)
+            sys.exit(tunelab.cli.main(["-q", "train", {str(cfg)!r}]))
+            """
+        )
+    )
+    return driver
+
+
 def test_fsdp_kill_9_then_resume_gives_bit_identical_weights(tiny_llama, rows, tmp_path):
     """Rank 0 SIGKILLed after step 5 (torchrun then stops the other): --resume continues both processes from
     their shards of checkpoint-4 and ends with exactly the weights of an uninterrupted run; a resume that would
@@ -143,21 +166,7 @@ def test_fsdp_kill_9_then_resume_gives_bit_identical_weights(tiny_llama, rows, t
     killed_cfg = tiny_config(tiny_llama, rows, tmp_path / "killed", "full", batch_size=2, **opts)
     cfg = write(killed_cfg, tmp_path / "killed.yaml")
     launch = {"ACCELERATE_USE_FSDP": "true"}
-    driver = tmp_path / "killed_at_5.py"
-    driver.write_text(
-        textwrap.dedent(
-            f"""
-            import os, signal
-            from transformers import TrainerCallback
-            from tunelab import run
-            class Kill(TrainerCallback):
-                def on_step_end(self, args, state, control, **kw):
-                    if state.global_step == 5 and os.environ["RANK"] == "0":
-                        os.kill(os.getpid(), signal.SIGKILL)
-            run.train({str(cfg)!r}, callbacks=[Kill()])
-            """
-        )
-    )
+    driver = at_step_5(tmp_path, cfg, 'os.environ["RANK"] == "0" and os.kill(os.getpid(), signal.SIGKILL)')
     killed = torchrun(str(driver), env=launch)
     assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4"]
@@ -204,23 +213,7 @@ def test_a_fault_under_torchrun_stops_every_process_in_one_line_and_resume_is_ex
     cfg = write(
         tiny_config(tiny_llama, rows, tmp_path / "faulted", "full", **FAULT_RUN), tmp_path / "faulted.yaml"
     )
-    driver = tmp_path / "driver.py"
-    driver.write_text(
-        textwrap.dedent(
-            f"""
-            import os, signal, sys, time
-            from transformers import TrainerCallback
-            import tunelab.cli, tunelab.run
-            class Fault(TrainerCallback):
-                def on_step_end(self, args, state, control, **kw):
-                    if state.global_step == 5:
-                        {FAULTS[fault]}
-            plain = tunelab.run.train
-            tunelab.run.train = lambda *a, **kw: plain(*a, callbacks=[Fault()], **kw)
-            sys.exit(tunelab.cli.main(["-q", "train", {str(cfg)!r}]))
-            """
-        )
-    )
+    driver = at_step_5(tmp_path, cfg, FAULTS[fault])
     t0 = time.monotonic()
     faulted = torchrun(str(driver))
     assert faulted.returncode != 0 and time.monotonic() - t0 < 120

@@ -46,20 +46,16 @@ class LoadedRun:
 def load_run(run_dir: str | Path) -> LoadedRun:
     """The trained model of a run: base model + its components, or the saved standalone model."""
     run_dir = Path(run_dir)
-    if not (run_dir / MODEL).is_dir():
+    if not (run_dir / MODEL).is_dir() and is_run_dir(run_dir):  # whatever of it is left: never a bare model
         done = complete_checkpoints(run_dir)
-        if done and (run_dir / CONFIG).is_file():
-            raise RunError(
-                f"{run_dir} has no {MODEL}/: the run did not finish (its last checkpoint is {done[0].name}); "
-                f"continue it with: tunelab train {run_dir / CONFIG} --resume"
-            )
-        if is_run_dir(run_dir):
-            raise RunError(
-                f"{run_dir} is a tunelab run that did not finish (no {MODEL}/"
-                + (f"; its last checkpoint is {done[0].name}" if done else "; no complete checkpoint")
-                + f"{'' if (run_dir / CONFIG).is_file() else f', and its {CONFIG} is missing'}): continue it with "
-                f"tunelab train CONFIG --resume, with output_dir: {run_dir}"
-            )
+        config = run_dir / CONFIG if (run_dir / CONFIG).is_file() else f"CONFIG (with output_dir: {run_dir})"
+        how = (
+            f"continue it with: tunelab train {config} --resume"
+            if done
+            else f"run it again: tunelab train {config}"
+        )
+        last = f"its last checkpoint is {done[0].name}" if done else "it wrote no checkpoint"
+        raise RunError(f"{run_dir} has no {MODEL}/: the run did not finish ({last}); {how}")
     if not (run_dir / CONFIG).is_file() or not (run_dir / MODEL).is_dir():
         raise RunError(f"{run_dir} is not a finished tunelab run (needs {CONFIG} and {MODEL}/)")
     cfg = load_config(run_dir / CONFIG)

@@ -8,8 +8,8 @@ naming the file (docs/reliability.md, "What is read back"):
 
 - safetensors: the header must parse and promise no more bytes than the file holds, and (where the values are
   read) every floating tensor must be finite;
-- pickled weights (``.bin``, ``.pt``, ...): refused unless ``allow_pickle`` (unpickling can run code), and then
-  the archive must be whole;
+- pickled weights (``.bin``, ``.pt``, ...): refused unless ``allow_pickle`` (unpickling can run code; torch's
+  weights-only reader then refuses what is not plain tensors, in one line);
 - JSON: must parse (a truncated ``adapter_config.json`` or ``summary.json``);
 - GGUF: the header must parse and the tensor data it promises must be in the file.
 """
@@ -100,23 +100,23 @@ def gguf_problem(path: Path) -> str | None:
     return None
 
 
-def file_problem(path: Path, *, allow_pickle: bool, values: bool = True) -> str | None:
-    """Why ``path`` must not be read back, or None. ``values``: also read a safetensors file's tensors and
-    refuse non-finite ones (a run's artefact, a checkpoint); a base model's are checked once loaded."""
+PICKLE_REFUSED = (
+    "pickled weights: unpickling a file can run code from it, so tunelab refuses; convert it to safetensors, "
+    "or set allow_pickle: true if you trust the file"
+)
+
+
+def file_problem(path: Path, *, allow_pickle: bool) -> str | None:
+    """Why ``path`` must not be read back, or None. A safetensors file's tensors are read and must be finite;
+    a pickle read under ``allow_pickle`` is left to the loader (whose failure is one line too)."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         problem = safetensors_problem(path)
-        if problem is None and values:
-            bad = non_finite_tensor(path)
-            problem = f"tensor {bad} {NON_FINITE}" if bad else None
+        if problem is None and (bad := non_finite_tensor(path)):
+            problem = f"tensor {bad} {NON_FINITE}"
         return problem
     if suffix in PICKLED:
-        if not allow_pickle:
-            return (
-                "pickled weights: unpickling a file can run code from it, so tunelab refuses; convert it to "
-                "safetensors, or set allow_pickle: true if you trust the file"
-            )
-        return torch_file_problem(path) if zipfile.is_zipfile(path) or suffix != ".bin" else None
+        return None if allow_pickle else PICKLE_REFUSED
     if suffix == ".json":
         return json_problem(path)
     if suffix == ".gguf":
@@ -124,15 +124,15 @@ def file_problem(path: Path, *, allow_pickle: bool, values: bool = True) -> str 
     return None
 
 
-def check_files(root: Path, *, allow_pickle: bool = False, what: str = "") -> None:
+def check_files(root: Path, *, allow_pickle: bool = False) -> None:
     """Refuse ``root`` (a directory, searched recursively, or one file) when any file in it is damaged,
-    pickled without ``allow_pickle``, or holds a non-finite tensor: a :class:`ModelError` naming the file.
-    ``what`` says what the file is to the user (e.g. "the teacher")."""
+    pickled without ``allow_pickle``, or holds a non-finite tensor: a :class:`ModelError` naming the file."""
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     for f in files:
         problem = file_problem(f, allow_pickle=allow_pickle)
         if problem:
-            raise ModelError(f"{f}: {problem}{f' ({what})' if what else ''}; restore the file or train again")
+            hint = "" if problem == PICKLE_REFUSED else "; restore the file or train again"
+            raise ModelError(f"{f}: {problem}{hint}")
 
 
 def check_loaded(model: torch.nn.Module, where: Path | str) -> None:
