@@ -233,6 +233,11 @@ class TrainingConfig(Strict):
         return self
 
 
+MetricName = Literal[
+    "exact_match", "accuracy", "macro_f1", "chrf", "bleu", "rouge_l", "json_fields"
+]  # tunelab.metrics.NAMES
+
+
 class EvalConfig(Strict):
     before: bool = Field(
         False, description="Also score the untouched model before training (summary: before/after)."
@@ -240,6 +245,17 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(32, gt=0, description="Tokens generated per eval prompt for exact match/accuracy.")
     batch_size: int = Field(16, gt=0, description="Prompts generated at once.")
     max_examples: int | None = Field(None, gt=0, description="Score only the first N eval rows (default all).")
+    metrics: list[MetricName] | None = Field(
+        None,
+        min_length=1,
+        description="Metrics of the generated answers: exact_match, accuracy, macro_f1, chrf, bleu (sacrebleu), "
+        "rouge_l (rouge-score), json_fields (per-field accuracy of JSON answers). Default by the data's shape: "
+        "labels -> accuracy, macro_f1; JSON answers -> exact_match, json_fields; free text -> chrf, bleu, "
+        "rouge_l, exact_match; short answers -> exact_match, chrf.",
+    )
+    primary: MetricName | None = Field(
+        None, description="The metric that ranks a comparison and heads the summary (default: the first metric)."
+    )
 
 
 class ForgettingConfig(Strict):

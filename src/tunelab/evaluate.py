@@ -10,25 +10,26 @@ case folded.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from tunelab import metrics
 from tunelab.data import IGNORE, Collator, Prepared, batches
+from tunelab.metrics import normalize  # noqa: F401  (re-exported: forgetting and tests read it here)
 from tunelab.models import unwrap
 from tunelab.progress import bar, track
+from tunelab.runtime import write_text_atomic
 
 
 def autocast(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.strip().rstrip(".").split()).casefold()
 
 
 @torch.no_grad()
@@ -152,11 +153,21 @@ def generate_all(
 
 
 def score(
-    model, tokenizer, prepared: Prepared, eval_cfg, bf16: bool, samples: int = 3, classify=None, desc: str = "eval"
+    model,
+    tokenizer,
+    prepared: Prepared,
+    eval_cfg,
+    bf16: bool,
+    samples: int = 3,
+    classify=None,
+    desc: str = "eval",
+    record: Path | None = None,
 ) -> dict[str, Any]:
-    """All metrics for one split; ``samples`` (prompt, reference, prediction) examples are kept. With
-    ``classify(input_ids, attention_mask)`` (class logits, or None where the model has no classifier),
-    classification splits also get ``head_accuracy``. ``desc`` names the phase on the progress bars."""
+    """All metrics for one split (:mod:`tunelab.metrics`; ``primary`` names the one that ranks); ``samples``
+    (prompt, reference, prediction) examples are kept. With ``classify(input_ids, attention_mask)`` (class
+    logits, or None where the model has no classifier), classification splits also get ``head_accuracy``.
+    ``desc`` names the phase on the progress bars. With ``record``, every scored row's reference and answer
+    are written there (:func:`write_predictions`), for a comparison's paired intervals."""
     was_training = model.training
     model.eval()
     try:
@@ -186,9 +197,12 @@ def score(
                 eval_cfg.batch_size,
                 f"{desc}: generating",
             )
-            hits = [normalize(p) == normalize(r) for p, (_, r) in zip(preds, scored, strict=True)]
-            metric = "accuracy" if prepared.format == "classification" else "exact_match"
-            result[metric] = sum(hits) / len(hits)
+            refs = [r for _, r in scored]
+            names, result["primary"] = metrics.chosen(eval_cfg, prepared.format, refs)
+            for name in names:
+                result[name] = metrics.compute(name, preds, refs, prepared.labels)
+            if record is not None:
+                write_predictions(record, refs, preds, names, prepared.labels)
             result["samples"] = [
                 {"prompt": p[0], "reference": r, "prediction": pred}
                 for (p, r), pred in list(zip(scored, preds, strict=True))[:samples]
@@ -200,6 +214,27 @@ def score(
         return result
     finally:
         model.train(was_training)
+
+
+def write_predictions(path: Path, refs: list[str], preds: list[str], names: list[str], labels) -> None:
+    """Each scored row (its index, reference and answer), after a header line with the metrics and labels,
+    written atomically: what :func:`read_predictions` gives back to recompute any metric on any subset."""
+    head = {"metrics": names, "labels": labels, "rows": len(refs)}
+    lines = [json.dumps(head)] + [
+        json.dumps({"i": i, "reference": r, "prediction": p}, ensure_ascii=False)
+        for i, (r, p) in enumerate(zip(refs, preds, strict=True))
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def read_predictions(path: Path) -> tuple[dict, list[str], list[str]]:
+    """The header, references and answers of a file :func:`write_predictions` wrote."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    head, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:] if x.strip()]
+    if len(rows) != head["rows"]:
+        raise ValueError(f"{path}: {len(rows)} rows, the header says {head['rows']}")
+    return head, [r["reference"] for r in rows], [r["prediction"] for r in rows]
 
 
 def head_accuracy(tokenizer, scored, labels: list[str], batch_size: int, classify) -> float | None:
@@ -233,9 +268,10 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def headline(metrics: dict[str, Any]) -> tuple[str, float] | None:
-    """The task score a user reads first: accuracy, else exact match, else None."""
-    for key in ("accuracy", "exact_match"):
-        if key in metrics:
-            return key, metrics[key]
+def headline(scores: dict[str, Any]) -> tuple[str, float] | None:
+    """The task score a user reads first: the split's primary metric (summaries written before metrics were
+    chosen: accuracy, else exact match), else None."""
+    for key in (scores.get("primary"), "accuracy", "exact_match"):
+        if key is not None and key in scores:
+            return key, scores[key]
     return None

@@ -47,6 +47,7 @@ CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
     "checkpoints",
 )
 MARKER, LOCK = ".tunelab-run", ".tunelab.lock"
+PREDICTIONS = "predictions"  #: every scored eval row's answer, one JSON Lines file per split (evaluate.py)
 #: Every top-level name a run writes. Anything else in a run dir was put there by someone else.
 OURS = frozenset(
     {
@@ -60,6 +61,7 @@ OURS = frozenset(
         "tasks",
         "continual.json",
         "continual.png",
+        PREDICTIONS,
         MARKER,
         LOCK,
     }

@@ -25,7 +25,7 @@ from tunelab.forgetting import Reference, build_retention_set, measure, retentio
 from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model, tunelab_home
 from tunelab.progress import enabled as progress_enabled
 from tunelab.progress import status
-from tunelab.rundir import CHECKPOINTS, METRICS
+from tunelab.rundir import CHECKPOINTS, METRICS, PREDICTIONS
 from tunelab.runtime import device, resolve_precision, world_size
 from tunelab.strategies import Need
 from tunelab.strategies.stack import StrategyStack
@@ -201,11 +201,16 @@ class Session:
                 self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16, desc="eval before training"
             )
 
-    def score(self, prepared: Prepared, desc: str = "eval") -> dict[str, Any]:
+    def score(self, prepared: Prepared, desc: str = "eval", record: str | None = None) -> dict[str, Any]:
+        """Scores of the model as it stands; with ``record``, every scored row's answer is kept in
+        ``predictions/<record>.jsonl`` of the run dir (the rows a comparison's paired intervals resample)."""
+
         def classify(ids, mask):
             return self.stack.classify(self.model, ids.to(self.device), mask.to(self.device), self.bf16)
 
-        return score(self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16, classify=classify, desc=desc)
+        path = self.run_dir / PREDICTIONS / f"{record}.jsonl" if record else None
+        m, cfg = self.model, self.cfg.eval
+        return score(m, self.tokenizer, prepared, cfg, self.bf16, classify=classify, desc=desc, record=path)
 
     def retention_before(self) -> dict[str, Any] | None:
         """Retention metrics of the untouched model: KL 0 and exact reproduction 1 by construction."""

@@ -118,11 +118,18 @@ def _same_grid(old: Grid, new: Grid, status: dict[str, dict], out: Path) -> None
             f"{out} was run with a different base config; continuing would compare runs on different setups: "
             "restore the base, or choose a new output_dir"
         )
-    before = {v.name: v for v in old.variants}
+    if (old.seeds is None) != (new.seeds is None) and status:
+        raise RunError(
+            f"{out} was run {'without' if old.seeds is None else 'with'} seeds; runs with and without seeds are "
+            "laid out differently: keep `seeds` as it was (more seeds may be added), or choose a new output_dir"
+        )
+    before, ran = {v.name: v for v in old.variants}, new.runs()
     changed = [
         v.name
         for v in new.variants
-        if v.name in before and v.model_dump() != before[v.name].model_dump() and v.name in status
+        if v.name in before
+        and v.model_dump() != before[v.name].model_dump()
+        and any(key in status for _, key in ran[v.name])
     ]
     if changed:
         raise RunError(
@@ -178,7 +185,7 @@ def compare(
     _claim(out)
     (out / GRID).write_text(Path(path).read_text(encoding="utf-8"))
     status_file = out / STATUS
-    for name, cfg in configs.items():
+    for name, cfg in configs.items():  # name: the run's key, the variant's name or <name>/seed-<s>
         run_dir = out / VARIANTS / name
         state = _state(run_dir)
         if state == "done":

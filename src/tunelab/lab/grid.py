@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from tunelab.config import ConfigError, RunConfig, load_config, parse_override, safe_load
+from tunelab.config import ConfigError, RunConfig, TrainingConfig, load_config, parse_override, safe_load
 from tunelab.errors import RunError, first_line
 from tunelab.integrity import read_json
 from tunelab.schema import StrictModel
@@ -42,7 +42,40 @@ class Grid(StrictModel):
         "no variant is a prompt baseline.",
     )
     output_dir: str = Field("runs/compare", description="The comparison directory.")
+    seeds: int | list[int] | None = Field(
+        None,
+        description="Train every variant once per seed: N (the base's training.seed and the N-1 after it) or a "
+        "list of seeds. Each run is its own run dir (variants/<name>/seed-<s>); the report gives means with 95% "
+        "intervals and calls variants within noise of the best tied. Default: one run, at the base's seed.",
+    )
     report: ReportOptions = Field(default_factory=ReportOptions)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"seeds: {v}: give a number of seeds (1 or more) or a list of seeds")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"seeds: {v}: give a non-empty list of distinct seeds")
+        return v
+
+    def seed_list(self) -> list[int] | None:
+        """The seeds every variant runs with; None for one run at the base's seed (the plain layout)."""
+        if self.seeds is None:
+            return None
+        if isinstance(self.seeds, list):
+            return list(self.seeds)
+        first = (self.base.get("training") or {}).get("seed", TrainingConfig.model_fields["seed"].default)
+        return [int(first) + i for i in range(self.seeds)]
+
+    def runs(self) -> dict[str, list[tuple[int | None, str]]]:
+        """Each variant's runs: (seed, key), the key naming its run dir under ``variants/`` and its entry in
+        ``status.json``: the variant's name, or ``<name>/seed-<s>`` when the grid has seeds."""
+        seeds = self.seed_list()
+        return {
+            v.name: [(None, v.name)] if seeds is None else [(s, f"{v.name}/seed-{s}") for s in seeds]
+            for v in self.variants
+        }
 
 
 def _merge(into: dict, extra: dict) -> dict:
@@ -67,7 +100,8 @@ def _set_key(item: str) -> str | None:
 
 
 def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:
-    """The grid and every variant's validated run config (its output dir inside the comparison dir)."""
+    """The grid and every run's validated config (its output dir inside the comparison dir), by run key
+    (:meth:`Grid.runs`: the variant's name, or ``<name>/seed-<s>`` with seeds)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"grid file not found: {path.resolve()}"])
@@ -101,13 +135,15 @@ def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:
         cfg = _merge(grid.base, extra)
         if adds_tasks:
             cfg.pop("data")
-        cfg["output_dir"] = str(Path(grid.output_dir) / VARIANTS / v.name)
         try:
-            configs[v.name] = load_config(cfg, v.set)
+            for seed, key in grid.runs()[v.name]:
+                cfg["output_dir"] = str(Path(grid.output_dir) / VARIANTS / key)
+                seeded = [f"training.seed={seed}"] if seed is not None else []
+                configs[key] = load_config(cfg, [*v.set, *seeded])
         except ConfigError as e:
             problems += [f"{path}: variant {v.name}: {p}" for p in e.problems]
             continue
-        if adds_tasks and comparison_task(grid.base, configs[v.name]) is None:
+        if adds_tasks and comparison_task(grid.base, configs[key]) is None:
             problems.append(
                 f"{path}: variant {v.name}: tasks must include the comparison's own data (base `data`, the same "
                 "train and eval) as one of them: the row is scored on it, the other tasks are extra training"

@@ -1,14 +1,13 @@
-"""The report of a comparison directory: ``results.csv``, ``report.md`` and a self-contained ``report.html``
-(plots embedded as PNG data, no script, nothing fetched), rebuilt from the files alone by
-``tunelab report DIR``.
+"""The report of a comparison directory: ``results.csv`` (one row per run and one aggregate row per
+variant, every figure raw), ``report.md``, a self-contained ``report.html`` (plots embedded as PNG data, no
+script, nothing fetched) and ``recommendation.json``, rebuilt from the files alone by ``tunelab report DIR``
+(:mod:`tunelab.lab.results` reads them back).
 
-Per variant (a row): its state (and error), task score (the headline metric: accuracy or exact match; a
-multi-task run's mean over tasks; a continual run's average accuracy), forgetting (KL to the base model and
-base answers reproduced on the retention set; the mean of the original tasks' scores after), trainable
-parameters and their share, peak memory, tokens/s, training and wall time, the artefact's size on disk,
-and its training loss curve. Plots: score vs forgetting with the Pareto front, score vs trainable
-parameters (log scale), score vs wall time, and every loss curve on one chart. The recommendation comes
-from :mod:`tunelab.lab.frontier`.
+The table a person reads shows each variant's mean with its 95% interval, as percentages and with units,
+under plain column names; its difference to the best, and **tied** where that interval reaches 0
+(:mod:`tunelab.lab.stats`). The headline never crowns one variant of a tie. Plots: score vs forgetting with
+the Pareto front, score vs trainable parameters (log scale), score vs wall time, and every loss curve on one
+chart. The picks "within N% of the best" come from :mod:`tunelab.lab.frontier`.
 """
 
 from __future__ import annotations
@@ -17,169 +16,90 @@ import base64
 import csv
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tunelab.config import safe_load
-from tunelab.errors import RunError, first_line
-from tunelab.evaluate import fmt, headline
-from tunelab.integrity import read_json
-from tunelab.lab.frontier import Point, pareto_front, recommend
-from tunelab.lab.grid import VARIANTS, comparison_task, read_grid, read_status
-from tunelab.rundir import CONFIG, METRICS, MODEL, SUMMARY
+from tunelab.evaluate import fmt
+from tunelab.lab.frontier import pareto_front, recommend
+from tunelab.lab.results import BROKEN, COLUMNS, RUN, collect, points, unfinished
+from tunelab.lab.stats import Verdict
 from tunelab.runtime import write_json_atomic
 
-COLUMNS = [
-    "variant", "state", "strategy", "mode", "extra_tasks", "metric", "score", "kl_to_base",
-    "base_answers_reproduced", "original_tasks_score", "trainable", "trainable_pct", "peak_mb", "tokens_per_s",
-    "train_time_s", "wall_time_s", "artefact_mb", "error",
-]  # fmt: skip
+METRIC_NAMES = {
+    "exact_match": "exact match", "accuracy": "accuracy", "macro_f1": "macro-F1", "chrf": "chrF", "bleu": "BLEU",
+    "rouge_l": "ROUGE-L", "json_fields": "JSON fields right",
+}  # fmt: skip
 
 
-def _score(s: dict, task: str | None = None) -> tuple[str | None, float | None]:
-    """The row's metric and score: the headline metric; a run over several tasks is scored on ``task`` (the
-    comparison's own data, when the other tasks are extra training) or else on all of them (a multi-task
-    run's mean, a continual run's average accuracy)."""
-    if s.get("multitask"):
-        m = s["multitask"]
-        if task is not None:
-            return _headline(m["eval"][task])
-        return m["metric"], m["mean_score"]
-    if s.get("continual"):
-        c = s["continual"]
-        if task is not None:  # after the whole sequence
-            return c["metric"], float(c["matrix"][-1][c["tasks"].index(task)])
-        return f"average {c['metric']}", c["average_accuracy"]
-    return _headline(s.get("eval") or {})
+def metric_name(metric: str | None) -> str:
+    if not metric:
+        return "score"
+    avg = metric.startswith("average ")
+    name = METRIC_NAMES.get(metric.removeprefix("average "), metric.replace("_", " "))
+    return f"average {name}" if avg else name
 
 
-def _headline(scores: dict) -> tuple[str | None, float | None]:
-    h = headline(scores)
-    return (h[0], float(h[1])) if h else (None, None)
+# ----------------------------------------------------------------------------- figures as people read them
 
 
-def _train_stats(s: dict) -> dict | None:
-    """Training stats; a continual run's summed over its tasks."""
-    t = s.get("train")
-    if not isinstance(t, list):
-        return t
-    time_s, tokens = sum(x["train_time_s"] for x in t), sum(x["tokens_seen"] for x in t)
-    return {"train_time_s": round(time_s, 2), "tokens_per_s": round(tokens / time_s, 2) if time_s else None}
+def pct(v: float | None, digits: int = 1) -> str:
+    return "" if v is None else f"{100 * v:.{digits}f}%"
 
 
-def _forgetting(s: dict) -> tuple[float | None, float | None, float | None]:
-    f = s.get("forgetting") or {}
-    afters = [f["after"]] if "after" in f else [t["after"] for t in (f.get("per_task") or {}).values()]
-    kl = sum(a["kl"] for a in afters) / len(afters) if afters else None
-    rep = sum(a["exact_reproduction"] for a in afters) / len(afters) if afters else None
-    originals = [headline(o["after"]) for o in (f.get("original_tasks") or {}).values()]
-    orig = sum(v for _, v in originals if v is not None) / len(originals) if originals else None
-    return kl, rep, orig
+def _span(lo: float | None, hi: float | None, show) -> str:
+    return f" ({show(lo)} to {show(hi)})" if lo is not None and hi is not None and hi > lo else ""
 
 
-def _size_mb(path: Path) -> float:
-    return (
-        round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 2) if path.is_dir() else 0.0
-    )
+def _points(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:+.1f}".replace("-", "\u2212")
 
 
-def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """The training loss by step; a continual run's tasks one after the other (steps counted on)."""
-    paths = [run_dir / METRICS] if (run_dir / METRICS).is_file() else []
-    if not paths and (run_dir / "tasks").is_dir():  # continual: tasks/<i>-<name>/metrics.jsonl
-        paths = sorted((run_dir / "tasks").glob(f"*/{METRICS}"), key=lambda p: int(p.parent.name.split("-")[0]))
-    out: list[tuple[int, float]] = []
-    for path in paths:
-        offset = out[-1][0] if out else 0
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" in r and "step" in r:
-                out.append((offset + int(r["step"]), float(r["loss"])))
-    return out
+def _count(n: float | None) -> str:
+    if n is None:
+        return ""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f}"
 
 
-def collect(out: Path) -> list[dict[str, Any]]:
-    """One row per variant, in the grid's order, from the run dirs and ``status.json``."""
-    grid = read_grid(out)
-    names = [v.name for v in grid.variants]
-    status, rows = read_status(out), []
-    for name in names:
-        run_dir = out / VARIANTS / name
-        st = status.get(name, {"state": "not run"})
-        row: dict[str, Any] = dict.fromkeys(COLUMNS)
-        row.update(variant=name, state=st.get("state"), error=st.get("error"), curve=loss_curve(run_dir))
-        if st.get("state") == "done" or (run_dir / SUMMARY).is_file():
-            try:
-                row.update(_measured(run_dir, grid.base), state="done")
-            except (RunError, ValueError, yaml.YAMLError, KeyError, TypeError, IndexError, AttributeError) as e:
-                # a finished variant whose files were lost or damaged since: never shown as done
-                row.update(state=BROKEN, error=_damage(run_dir, e))
-        rows.append(row)
-    return rows
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return ""
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-BROKEN = "broken"  #: a row's state when its variant finished but its files are missing or damaged
-
-
-def _measured(run_dir: Path, base: dict) -> dict[str, Any]:
-    """A finished variant's columns, from its summary.json and config.yaml."""
-    s = read_json(run_dir / SUMMARY)
-    t = _train_stats(s)
-    kl, rep, orig = _forgetting(s)
-    cfg = safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
-    task = comparison_task(base, cfg or {})
-    metric, score = _score(s, task)
-    extra = [x["name"] for x in (cfg or {}).get("tasks") or [] if x["name"] != task] if task else []
+def cells(r: dict[str, Any]) -> dict[str, str]:
+    """A row's figures as the table shows them, by human column name (with units)."""
+    tied = r["tied_with_best"]
+    vs = "" if r["vs_best"] is None else _points(r["vs_best"]) + _span(r["vs_best_lo"], r["vs_best_hi"], _points)
+    if r["vs_best"] is not None and r["vs_best"] == 0 and tied:
+        vs = "best"
+    elif tied:
+        vs += " tied"
+    strategy = r["strategy"] or ""
+    if r["mode"] and r["mode"] != "single":
+        strategy += f" ({r['mode']}" + (f", + {r['extra_tasks']}" if r["extra_tasks"] else "") + ")"
+    kl = r["kl_to_base"]
+    trainable = r["trainable"]
     return {
-        "strategy": "+".join(s["strategy"]),
-        "mode": s["mode"],
-        "extra_tasks": ", ".join(extra) or None,
-        "score": score,
-        "metric": metric,
-        "kl_to_base": kl,
-        "base_answers_reproduced": rep,
-        "original_tasks_score": orig,
-        "trainable": s["parameters"]["trainable"],
-        "trainable_pct": s["parameters"]["trainable_pct"],
-        "peak_mb": s["memory"]["peak_mb"],
-        "tokens_per_s": t["tokens_per_s"] if t else None,
-        "train_time_s": t["train_time_s"] if t else 0.0,
-        "wall_time_s": s["wall_time_s"],
-        "artefact_mb": _size_mb(run_dir / MODEL),
+        "Variant": r["variant"],
+        "Strategy": strategy,
+        "Task score (95% interval)": pct(r["score"]) + _span(r["score_lo"], r["score_hi"], pct),
+        "vs best, points (95% interval)": vs,
+        "Forgetting: KL to base, nats/token": ""
+        if kl is None
+        else f"{kl:.3g}" + _span(r["kl_lo"], r["kl_hi"], fmt),
+        "Base answers kept": pct(r["base_answers_reproduced"], 0),
+        "Trainable parameters": ""
+        if trainable is None
+        else _count(trainable) + (f" ({r['trainable_pct']:.2g}%)" if trainable else ""),
+        "Peak memory": "" if r["peak_mb"] is None else f"{r['peak_mb'] / 1024:.2f} GB",
+        "Tokens/s": "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
+        "Training time": _seconds(r["train_time_s"]),
+        "Runs": str(r["runs"]) if r["row"] != RUN else f"seed {r['seed']}" if r["seed"] is not None else "",
+        "State": r["state"] or "",
     }
-
-
-def _damage(run_dir: Path, e: Exception) -> str:
-    """What is wrong with a finished variant's files, naming the file."""
-    if isinstance(e, RunError):  # read_json: names the file and says missing / truncated
-        return f"{e}; the variant finished but its record is lost: rerun it (delete {run_dir}) or restore the file"
-    if isinstance(e, yaml.YAMLError):
-        return f"{run_dir / CONFIG}: damaged ({first_line(e)})"
-    what = f"no {e}" if isinstance(e, KeyError) else first_line(e)
-    return f"{run_dir / SUMMARY}: not a summary tunelab wrote ({what})"
-
-
-def unfinished(rows: list[dict]) -> dict[str, str]:
-    """The variants that did not give a result, each with its state and error: failed, broken, not run."""
-    return {
-        r["variant"]: f"{r['state']}: {r['error']}" if r["error"] else r["state"]
-        for r in rows
-        if r["state"] != "done"
-    }
-
-
-def points(rows: list[dict]) -> list[Point]:
-    return [
-        Point(r["variant"], r["score"], r["kl_to_base"], r["trainable"], r["wall_time_s"])
-        for r in rows
-        if r["state"] == "done"
-    ]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -191,7 +111,7 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["state"] == "done" and r["score"] is not None]
+    done = [r for r in rows if r["state"] in ("done", "partial") and r["score"] is not None]
     out: dict[str, bytes] = {}
 
     def scatter(key: str, xlabel: str, title: str, log: float | None = None, mark_front: bool = False):
@@ -201,6 +121,9 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
         for r in pts:
             on = mark_front and r["variant"] in front
             ax.scatter(r[key], r["score"], s=60 if on else 36, c="tab:red" if on else "tab:blue", zorder=3)
+            if r["score_lo"] is not None and r["score_hi"] is not None:  # the 95% interval of the score
+                err = [[r["score"] - r["score_lo"]], [r["score_hi"] - r["score"]]]
+                ax.errorbar(r[key], r["score"], yerr=err, fmt="none", ecolor="grey", lw=1, zorder=2)
             ax.annotate(r["variant"], (r[key], r["score"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if mark_front:
             line = sorted((r[key], r["score"]) for r in pts if r["variant"] in front)
@@ -258,8 +181,24 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------- the files
 
 
-def recommendation_lines(recs: dict[str, str | None], within: float, front: list[str]) -> list[str]:
-    lines = [f"Best task score: **{recs['best_score']}**." if recs["best_score"] else "No variant was scored."]
+def recommendation_lines(recs: dict[str, Any], within: float, front: list[str], verdict: Verdict) -> list[str]:
+    metric = metric_name(recs.get("metric"))
+    tied = verdict.tied
+    if not tied:
+        lines = ["No variant was scored."]
+    elif len(tied) > 1:
+        names = ", ".join(f"**{t}**" for t in tied)
+        lines = [
+            f"Tied for the best task score ({metric}): {names}. The 95% interval of each one's difference to "
+            f"{tied[0]} reaches 0 ({verdict.how}): the data cannot rank them."
+        ]
+    else:
+        s = verdict.scores[tied[0]]
+        behind = "every other variant is below it beyond noise" if len(verdict.scores) > 1 else "the only one"
+        lines = [
+            f"Best task score ({metric}): **{tied[0]}**, {pct(s.mean)}{_span(s.lo, s.hi, pct)}; {behind} "
+            f"({verdict.how})."
+        ]
     for key, what in (
         ("least_forgetting", "least forgetting"),
         ("cheapest", "fewest trainable parameters"),
@@ -269,41 +208,51 @@ def recommendation_lines(recs: dict[str, str | None], within: float, front: list
             lines.append(f"Within {within:g}% of the best score, {what}: **{recs[key]}**.")
     if front:
         lines.append(f"Pareto front (score vs forgetting; no variant beats these on both): {', '.join(front)}.")
+    if tied and " 1 seed" in f" {verdict.how}" and "/" not in verdict.how:
+        lines.append("One seed per variant: the intervals cover the eval rows, not training randomness (grid "
+                     "`seeds: 3` covers both).")  # fmt: skip
     return lines
 
 
 def write_report(out: Path, *, within: float = 5.0) -> dict[str, Any]:
-    """``results.csv``, ``report.md``, ``report.html`` and ``plots/*.png`` in the comparison dir ``out``.
-    Returns their paths (``csv``, ``md``, ``html``) and ``unfinished``: the variants that failed, broke
-    (their files lost or damaged since) or did not run, each with why (see :func:`unfinished`)."""
+    """``results.csv``, ``report.md``, ``report.html``, ``recommendation.json`` and ``plots/*.png`` in the
+    comparison dir ``out``. Returns their paths (``csv``, ``md``, ``html``) and ``unfinished``: the runs that
+    failed, broke (their files lost or damaged since) or did not run, each with why."""
     out = Path(out)
-    rows = collect(out)
+    runs, rows, verdict = collect(out)
     pts = points(rows)
     front, recs = pareto_front(pts), recommend(pts, within)
+    recs.update(
+        metric=next((r["metric"] for r in rows if r["metric"]), None),
+        best_score=verdict.tied[0] if len(verdict.tied) == 1 else None,
+        tied_for_best=verdict.tied,
+        intervals=verdict.how,
+        scores={
+            v: {**verdict.scores[v].as_dict(), "vs_best": verdict.differences[v].as_dict()} for v in verdict.scores
+        },
+    )
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        for name in dict.fromkeys(r["variant"] for r in rows):
+            w.writerows([r for r in runs if r["variant"] == name] + [r for r in rows if r["variant"] == name])
     plots = _plots(rows, front)
     (out / "plots").mkdir(exist_ok=True)
     for name, png in plots.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
-    recs_text = recommendation_lines(recs, within, front)
-    shown = [c for c in COLUMNS if c not in ("error",)]
-    md = ["# Comparison", "", *[f"- {x}" for x in recs_text], "", "| " + " | ".join(shown) + " |"]
-    md.append("|" + "---|" * len(shown))
-    md += ["| " + " | ".join(fmt(r[c]) for c in shown) + " |" for r in rows]
-    failed = [r for r in rows if r["state"] in ("failed", BROKEN)]
+    recs_text = recommendation_lines(recs, within, front, verdict)
+    table = [cells(r) for r in rows]
+    seeded = [cells(r) for r in runs if r["seed"] is not None]
+    md = ["# Comparison", "", *[f"- {x}" for x in recs_text], "", *_md_table(table)]
+    if seeded:
+        md += ["", "## Every run", "", *_md_table(seeded)]
+    failed = [r for r in runs if r["state"] in ("failed", BROKEN)]
     if failed:
-        md += [
-            "",
-            "Failed or broken variants:",
-            *[f"- {r['variant']} ({r['state']}): {r['error']}" for r in failed],
-        ]
+        md += ["", "Failed or broken runs:", *[f"- {_who(r)} ({r['state']}): {r['error']}" for r in failed]]
     md += ["", *[f"![{n}](plots/{n}.png)" for n in plots]]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html(rows, shown, recs_text, plots))
-    problems = unfinished(rows)
+    (out / "report.html").write_text(_html(table, seeded, failed, recs_text, plots, rows))
+    problems = unfinished(runs)
     write_json_atomic(
         out / "recommendation.json", {"within": within, "pareto_front": front, **recs, "unfinished": problems}
     )
@@ -315,42 +264,73 @@ def write_report(out: Path, *, within: float = 5.0) -> dict[str, Any]:
     }
 
 
-def _html(rows: list[dict], shown: list[str], recs_text: list[str], plots: dict[str, bytes]) -> str:
+def _who(r: dict) -> str:
+    return r["variant"] + (f" (seed {r['seed']})" if r["seed"] is not None else "")
+
+
+def _shown(table: list[dict[str, str]]) -> list[str]:
+    """The columns with something in them (a comparison without forgetting has no KL column)."""
+    return [c for c in table[0] if any(row[c] for row in table)] if table else []
+
+
+def _md_table(table: list[dict[str, str]]) -> list[str]:
+    cols = _shown(table)
+    return [
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+        *["| " + " | ".join(row[c] for c in cols) + " |" for row in table],
+    ]
+
+
+def _html(table, seeded, failed, recs_text, plots, rows) -> str:
     def md_bold(s: str) -> str:
         parts = html.escape(s).split("**")
         return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown)
-    body = "".join(
-        f'<tr class="{html.escape(r["state"] or "")}">'
-        + "".join(f"<td>{html.escape(fmt(r[c]))}</td>" for c in shown)
-        + "</tr>"
-        for r in rows
-    )
+    def render(tid: str, tab: list[dict[str, str]], states: list[str]) -> str:
+        cols = _shown(tab)
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = "".join(
+            f'<tr class="{html.escape(st)}">' + "".join(f"<td>{html.escape(row[c])}</td>" for c in cols) + "</tr>"
+            for row, st in zip(tab, states, strict=True)
+        )
+        table = f'<table id="{tid}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        return f'<div class="scroll">{table}</div>'
+
     errors = "".join(
-        f"<li><b>{html.escape(r['variant'])}</b> ({html.escape(r['state'])}): {html.escape(r['error'] or '')}</li>"
-        for r in rows
-        if r["state"] in ("failed", BROKEN)
+        f"<li><b>{html.escape(_who(r))}</b> ({html.escape(r['state'])}): {html.escape(r['error'] or '')}</li>"
+        for r in failed
     )
     figures = "".join(
         f'<figure><img id="plot-{n}" alt="{n}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{n.replace('_', ' ')}</figcaption></figure>"
         for n, png in plots.items()
     )
+    runs_html = ""
+    if seeded:
+        runs_html = (
+            "<details><summary>Every run</summary>"
+            + render("runs", seeded, [s["State"] for s in seeded])
+            + "</details>"
+        )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tunelab comparison</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>tunelab comparison</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 100%; }}
+.scroll {{ overflow-x: auto; max-width: 100%; }}
 table {{ border-collapse: collapse; font-size: 0.85em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
-tr.failed td, tr.broken td {{ color: #a00; }}
-figure {{ display: inline-block; margin: 1em 1em 0 0; }} img {{ max-width: 640px; border: 1px solid #ddd; }}
+tr.failed td, tr.broken td {{ color: #a00; }} tr.partial td {{ color: #a60; }}
+figure {{ display: inline-block; margin: 1em 1em 0 0; max-width: 100%; }}
+img {{ max-width: min(640px, 100%); height: auto; border: 1px solid #ddd; }}
 </style></head><body>
 <h1>tunelab comparison</h1>
 <ul id="recommendation">{"".join(f"<li>{md_bold(x)}</li>" for x in recs_text)}</ul>
-<table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-{f'<h2>Failed or broken variants</h2><ul id="failures">{errors}</ul>' if errors else ""}
+{render("results", table, [r["state"] or "" for r in rows])}
+{runs_html}
+{f'<h2>Failed or broken runs</h2><ul id="failures">{errors}</ul>' if errors else ""}
 <h2>Plots</h2>
 {figures}
 </body></html>

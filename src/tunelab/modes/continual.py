@@ -92,10 +92,11 @@ class ContinualRun(RunMode):
     def _evaluate_all(self, routed_after: int | None) -> list[float]:
         """Every task's headline score; with routing, each task on its own adapter (or the initial one)."""
         s, row = self.session, []
-        for j, (_, _, ev) in enumerate(self.tasks):
+        for j, (name, _, ev) in enumerate(self.tasks):
             if routed_after is not None:
                 self._load_values(self.snapshots[j] if j < len(self.snapshots) else self.initial)
-            self.metric, value = headline(s.score(ev))
+            # the rows scored after the last task stay in predictions/<task>.jsonl (earlier ones are replaced)
+            self.metric, value = headline(s.score(ev, record=name))
             row.append(float(value))
         if routed_after is not None:
             self._load_values(self.snapshots[-1])

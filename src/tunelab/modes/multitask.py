@@ -116,7 +116,7 @@ class MultitaskRun(RunMode):
         s, out = self.session, {}
         for t, _, ev in self.tasks:
             s.stack.select_task(s.model, t.name)
-            out[t.name] = s.score_base(ev) if base else s.score(ev)
+            out[t.name] = s.score_base(ev) if base else s.score(ev, record=t.name)
         return out
 
     def train(self) -> None:
