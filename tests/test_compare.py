@@ -334,3 +334,100 @@ def test_report_marks_a_variant_whose_files_were_lost_as_broken_and_names_damage
         assert err.count("\n") == 0 and str(f) in err and "Traceback" not in err, err
         f.write_bytes(whole)
     assert main(["report", str(out)]) == 0
+
+
+def test_with_seeds_every_variant_runs_once_per_seed_and_the_report_gives_means_and_intervals(
+    tiny_llama, memo_data, tmp_path, capsys
+):
+    variants = [{"name": "lora", "strategy": {"name": "lora", "r": 8}, "set": ["training.lr=2e-2"]}]
+    grid = write_grid(tmp_path, tiny_llama, memo_data, variants, seeds=2)
+    with pytest.raises(KeyboardInterrupt):  # stopped during lora's first seed
+        compare(grid, callbacks=[crash_at(3)])
+    out = compare(grid)  # continues: the baseline's seeds skipped, lora's first seed resumed, its second run
+    said = capsys.readouterr().out
+    assert "zero-shot/seed-42: done earlier" in said and "lora/seed-42: resuming" in said
+    for run in ("zero-shot/seed-42", "zero-shot/seed-43", "lora/seed-42", "lora/seed-43"):
+        summary = json.loads((out / "variants" / run / "summary.json").read_text())
+        assert (out / "variants" / run / "predictions" / "eval.jsonl").is_file()
+        assert yaml.safe_load((out / "variants" / run / "config.yaml").read_text())["training"]["seed"] == int(
+            run[-2:]
+        )
+    assert summary["eval"]["primary"] == "exact_match"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["variant"], r["seed"], r["row"]) for r in rows] == [
+        ("zero-shot", "42", "run"), ("zero-shot", "43", "run"), ("zero-shot", "", "mean"),
+        ("lora", "42", "run"), ("lora", "43", "run"), ("lora", "", "mean"),
+    ]  # fmt: skip
+    lora = rows[-1]
+    runs = [float(r["score"]) for r in rows[3:5]]
+    assert float(lora["score"]) == pytest.approx(sum(runs) / 2) and lora["runs"] == "2/2"
+    assert float(lora["score_lo"]) <= float(lora["score"]) <= float(lora["score_hi"])
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["intervals"] == "16 eval rows × 2 seeds, paired" and set(rec["scores"]) == {"zero-shot", "lora"}
+    md = (out / "report.md").read_text()
+    assert "## Every run" in md and "Task score (95% interval)" in md
+
+    # seeds cannot be switched off for a comparison that ran with them: the run dirs are laid out by seed
+    plain = yaml.safe_load(open(grid))
+    del plain["seeds"]
+    open(grid, "w").write(yaml.safe_dump(plain))
+    assert main(["compare", grid]) == 2
+    assert "was run with seeds" in capsys.readouterr().err
+
+
+def fake_run(run_dir, hits: list[int], *, kl: float = 0.01, trainable: int = 1000) -> None:
+    """A finished run's files as tunelab writes them: its summary, config and scored answers."""
+    from tunelab.evaluate import write_predictions
+
+    run_dir.mkdir(parents=True)
+    refs = [f"answer {i}" for i in range(len(hits))]
+    preds = [r if h else "wrong" for r, h in zip(refs, hits, strict=True)]
+    write_predictions(run_dir / "predictions" / "eval.jsonl", refs, preds, ["exact_match"], None)
+    summary = {
+        "strategy": ["lora"], "mode": "single", "eval": {"exact_match": sum(hits) / len(hits)},
+        "forgetting": {"after": {"kl": kl, "exact_reproduction": 0.9}},
+        "parameters": {"trainable": trainable, "trainable_pct": 0.1}, "memory": {"peak_mb": 900.0},
+        "train": {"train_time_s": 10.0, "tokens_per_s": 500.0}, "wall_time_s": 20.0,
+    }  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"strategy": [{"name": "lora"}]}))
+
+
+@pytest.mark.parametrize("seeds", [None, 3])
+def test_the_verdict_on_result_files_whose_answer_is_known(tmp_path, seeds):
+    # 60 eval rows; "same" answers exactly as "base" does, "better" gets 18 more rows (30 points) right
+    out = tmp_path / "cmp"
+    variants = ["base", "same", "better"]
+    grid = {
+        "base": {"model": "unused", "data": {"train": "t.jsonl"}}, "baseline": False, "output_dir": str(out),
+        "variants": [{"name": n, "strategy": "lora"} for n in variants], **({"seeds": seeds} if seeds else {}),
+    }  # fmt: skip
+    out.mkdir()
+    (out / "grid.yaml").write_text(yaml.safe_dump(grid))
+    rng = __import__("random").Random(0)
+    keys = {n: [n] if seeds is None else [f"{n}/seed-{42 + i}" for i in range(seeds)] for n in variants}
+    for i in range(seeds or 1):
+        base = [int(rng.random() < 0.5) for _ in range(60)]
+        zeros = [j for j, h in enumerate(base) if not h][:18]
+        better = [1 if j in zeros else h for j, h in enumerate(base)]
+        for name, hits in (("base", base), ("same", base), ("better", better)):
+            fake_run(out / "variants" / keys[name][i], hits)
+    (out / "status.json").write_text(json.dumps({k: {"state": "done"} for ks in keys.values() for k in ks}))
+    from tunelab.lab.report import write_report
+
+    write_report(out)
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["best_score"] == "better" and rec["tied_for_best"] == ["better"]
+    assert rec["scores"]["base"]["vs_best"]["hi"] < 0 and rec["scores"]["same"]["vs_best"]["hi"] < 0
+    md = (out / "report.md").read_text()
+    assert "Best task score (exact match): **better**" in md and "below it beyond noise" in md
+
+    # without the better variant, the two identical ones are tied: neither is crowned
+    grid["variants"] = grid["variants"][:2]
+    (out / "grid.yaml").write_text(yaml.safe_dump(grid))
+    write_report(out)
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["best_score"] is None and rec["tied_for_best"] == ["base", "same"]
+    md = (out / "report.md").read_text()
+    assert "Tied for the best task score (exact match): **base**, **same**" in md
+    assert "| base | lora | 4" in md and "| best |" in md and "| +0.0 tied |" in md

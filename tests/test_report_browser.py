@@ -39,19 +39,22 @@ def browser():
         b.close()
 
 
+WIDE = "lora-r8-on-every-linear-layer-with-a-long-descriptive-name"
+
+
 def test_the_report_page_loads_and_shows_the_table_and_every_plot(browser, tiny_llama, memo_data, tmp_path):
     base = tiny_config(tiny_llama, memo_data, tmp_path / "unused", "lora", max_steps=4, max_length=128)
     del base["output_dir"], base["strategy"]
     variants = [
         {"name": "zero-shot", "strategy": {"name": "prompt-only"}},
-        {"name": "lora", "strategy": {"name": "lora", "r": 8}},
+        {"name": WIDE, "strategy": {"name": "lora", "r": 8}},
         {"name": "broken", "strategy": ["lora", {"name": "distill", "teacher": "/nonexistent/teacher"}]},
     ]
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"base": base, "variants": variants, "output_dir": str(tmp_path / "cmp")}))
     out = compare(grid)
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
     problems: list[str] = []
     page.on(
         "console",
@@ -64,7 +67,13 @@ def test_the_report_page_loads_and_shows_the_table_and_every_plot(browser, tiny_
     assert problems == []
     assert page.locator("#results tbody tr").count() == 3
     assert page.locator("#results").bounding_box()["height"] > 0
-    assert "Best task score" in page.locator("#recommendation").inner_text()
+    assert "best task score" in page.locator("#recommendation").inner_text().casefold()
+    # the page never scrolls sideways at 1280 px: a wide table scrolls inside its own box
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    box = page.locator("#results").locator("xpath=..")
+    assert box.evaluate("e => e.scrollWidth > e.clientWidth")  # the table is wider than the page: it scrolls
+    assert page.locator("#results th").first.inner_text() == "Variant"
+    assert "%" in page.locator("#results tbody tr").nth(1).inner_text()  # scores as percentages
     assert "broken" in page.locator("#failures").inner_text()
     plots = page.locator("figure img")
     assert plots.count() == 4

@@ -23,7 +23,11 @@ VARIANTS, STATUS, GRID = "variants", "status.json", "grid.yaml"
 
 class Variant(StrictModel):
     model_config = {**StrictModel.model_config, "extra": "allow"}
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", description="Names the variant's run dir and row.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$",
+        max_length=100,
+        description="Names the variant's run dir and row.",
+    )
     set: list[str] = Field(default_factory=list, description="`key=value` overrides, as `tunelab train --set`.")
 
 

@@ -19,7 +19,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-from tunelab.evaluate import fmt
 from tunelab.lab.frontier import pareto_front, recommend
 from tunelab.lab.results import BROKEN, COLUMNS, RUN, collect, points, unfinished
 from tunelab.lab.stats import Verdict
@@ -73,7 +72,7 @@ def cells(r: dict[str, Any]) -> dict[str, str]:
     """A row's figures as the table shows them, by human column name (with units)."""
     tied = r["tied_with_best"]
     vs = "" if r["vs_best"] is None else _points(r["vs_best"]) + _span(r["vs_best_lo"], r["vs_best_hi"], _points)
-    if r["vs_best"] is not None and r["vs_best"] == 0 and tied:
+    if r.get("best"):
         vs = "best"
     elif tied:
         vs += " tied"
@@ -89,7 +88,7 @@ def cells(r: dict[str, Any]) -> dict[str, str]:
         "vs best, points (95% interval)": vs,
         "Forgetting: KL to base, nats/token": ""
         if kl is None
-        else f"{kl:.3g}" + _span(r["kl_lo"], r["kl_hi"], fmt),
+        else f"{kl:.3g}" + _span(r["kl_lo"], r["kl_hi"], lambda x: f"{x:.3g}"),
         "Base answers kept": pct(r["base_answers_reproduced"], 0),
         "Trainable parameters": ""
         if trainable is None
@@ -110,6 +109,7 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     done = [r for r in rows if r["state"] in ("done", "partial") and r["score"] is not None]
     out: dict[str, bytes] = {}
@@ -133,7 +133,8 @@ def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
         if log:
             ax.set_xscale("symlog", linthresh=log)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("task score")
+        ax.set_ylabel(f"task score: {metric_name(next((r['metric'] for r in done if r['metric']), None))}")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -208,7 +209,7 @@ def recommendation_lines(recs: dict[str, Any], within: float, front: list[str], 
             lines.append(f"Within {within:g}% of the best score, {what}: **{recs[key]}**.")
     if front:
         lines.append(f"Pareto front (score vs forgetting; no variant beats these on both): {', '.join(front)}.")
-    if tied and " 1 seed" in f" {verdict.how}" and "/" not in verdict.how:
+    if tied and "× 1 seed," in verdict.how:
         lines.append("One seed per variant: the intervals cover the eval rows, not training randomness (grid "
                      "`seeds: 3` covers both).")  # fmt: skip
     return lines
@@ -320,7 +321,8 @@ def _html(table, seeded, failed, recs_text, plots, rows) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 100%; }}
 .scroll {{ overflow-x: auto; max-width: 100%; }}
 table {{ border-collapse: collapse; font-size: 0.85em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }}
+th {{ white-space: normal; min-width: 5em; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
 tr.failed td, tr.broken td {{ color: #a00; }} tr.partial td {{ color: #a60; }}
 figure {{ display: inline-block; margin: 1em 1em 0 0; max-width: 100%; }}

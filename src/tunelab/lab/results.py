@@ -241,6 +241,7 @@ def _aggregate(grid: Grid, name: str, runs: list[dict], verdict: Verdict) -> dic
     if score is not None:
         row.update(score=score.mean, score_lo=score.lo, score_hi=score.hi)
         row.update(vs_best=diff.mean, vs_best_lo=diff.lo, vs_best_hi=diff.hi, tied_with_best=name in verdict.tied)
+        row["best"] = name == verdict.best
     kls = [r["kl_to_base"] for r in done if r["kl_to_base"] is not None]
     if kls:
         kl = seed_interval(kls)

@@ -91,8 +91,9 @@ def paired_bootstrap(
     scores = {x: interval(point[x], boot[x]) for x in rows}
     diffs = {x: interval(point[x] - point[best], boot[x] - boot[best]) for x in rows}
     tied = [best] + [x for x in rows if x != best and diffs[x].hi >= 0]
-    seeds = "/".join(map(str, sorted({a.shape[0] for a in rows.values()})))
-    how = f"{n} eval rows × {seeds} seed(s), paired" if by_rows else f"{seeds} seed(s), rows not resampled"
+    counts = sorted({a.shape[0] for a in rows.values()})
+    seeds = f"{'/'.join(map(str, counts))} seed{'s' if counts != [1] else ''}"
+    how = f"{n} eval rows × {seeds}, paired" if by_rows else f"{seeds}, rows not resampled"
     return Verdict(best, scores, diffs, tied, how)
 
 
