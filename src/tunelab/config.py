@@ -58,6 +58,22 @@ class DataConfig(Strict):
     eval_split: float | None = Field(
         None, gt=0, lt=1, description="Hold out this fraction of `train` for evaluation when `eval` is not given."
     )
+    dev: str | None = Field(
+        None,
+        description="Optional dev file, same shape as `train`: what a comparison's search chooses on (learning "
+        "rate, rank, prompt, survivors), so that the eval split only gives the verdict.",
+    )
+    dev_split: float | int | Literal["auto"] | None = Field(
+        None,
+        description="Carve a dev split from `train` when `dev` is not given: a fraction (0.1), a number of rows "
+        "(200), or auto (10% of train, at least 20 rows and at most 500). The rows are left out of training. "
+        "A comparison with a search sets auto unless its base gives one.",
+    )
+    split_seed: int = Field(
+        0,
+        description="Seed of the rows eval_split and dev_split carve out; independent of training.seed, so "
+        "every seed of a comparison is scored on the same rows.",
+    )
     format: Literal["auto", "text", "prompt_completion", "messages", "classification"] = Field(
         "auto",
         description="Row shape. auto: `messages` if present, else `prompt`+`completion`, else `text`+`label` "
@@ -89,6 +105,13 @@ class DataConfig(Strict):
     def _one_eval_source(self) -> DataConfig:
         if self.eval is not None and self.eval_split is not None:
             raise ValueError("give either data.eval (a file) or data.eval_split (a fraction of train), not both")
+        if self.dev is not None and self.dev_split is not None:
+            raise ValueError("give either data.dev (a file) or data.dev_split (carved from train), not both")
+        d = self.dev_split
+        if isinstance(d, float) and not 0 < d < 1 or isinstance(d, int) and not isinstance(d, bool) and d < 1:
+            raise ValueError(
+                f"dev_split: {d}: give a fraction between 0 and 1, a number of rows (1 or more) or auto"
+            )
         return self
 
     @field_validator("columns")
@@ -245,6 +268,11 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(32, gt=0, description="Tokens generated per eval prompt for exact match/accuracy.")
     batch_size: int = Field(16, gt=0, description="Prompts generated at once.")
     max_examples: int | None = Field(None, gt=0, description="Score only the first N eval rows (default all).")
+    split: Literal["eval", "dev"] = Field(
+        "eval",
+        description="The split a run is scored on: eval (the verdict), or dev (data.dev / data.dev_split: what a "
+        "search chooses on; the eval file is then never opened).",
+    )
     metrics: list[MetricName] | None = Field(
         None,
         min_length=1,
@@ -360,6 +388,12 @@ class RunConfig(Strict):
             weighted = [t.name for t in self.tasks if t.weight != 1.0]
             if weighted and self.mode != "multitask":
                 raise ValueError(f"tasks {weighted} set a loss weight, which only mode: multitask uses")
+        if self.eval.split == "dev" and (
+            self.mode != "single" or (self.data.dev is None and not self.data.dev_split)
+        ):
+            raise ValueError(
+                "eval.split: dev scores a run on its dev split: give data.dev or data.dev_split (mode: single)"
+            )
         from tunelab.strategies import get_strategy
 
         baseline = [s.name for s in self.strategy if get_strategy(s.name).baseline]

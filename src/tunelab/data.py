@@ -425,21 +425,59 @@ def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None
     )
 
 
+DEV_AUTO = (0.1, 20, 500)  #: dev_split auto: this share of train, at least and at most these many rows
+
+
+def _carve(rows: list, lines: list[int] | None, n: int, seed: int) -> tuple[tuple, tuple]:
+    """``n`` rows drawn with ``seed`` (in file order) and the rest: ((rows, lines), (rows, lines))."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    out, keep = sorted(order[:n]), sorted(order[n:])
+
+    def pick(idx: list[int]) -> tuple:
+        return [rows[i] for i in idx], [lines[i] for i in idx] if lines else None
+
+    return pick(out), pick(keep)
+
+
+def dev_rows(data_cfg, available: int, source: str) -> int:
+    """How many rows ``data.dev_split`` carves from ``available`` training rows."""
+    d = data_cfg.dev_split
+    if d == "auto":
+        share, least, most = DEV_AUTO
+        n = min(max(round(available * share), least), most)
+    else:
+        n = max(1, round(available * d)) if isinstance(d, float) else int(d)
+    if n >= available:
+        raise DataError(
+            f"{source}: data.dev_split {d} takes {n} of its {available} training rows, leaving none to train on; "
+            "give a smaller dev_split or a dev file (data.dev)"
+        )
+    return n
+
+
 def prepare_splits(
-    data_cfg, tokenizer, max_length: int, seed: int, shots: int = 0
+    data_cfg, tokenizer, max_length: int, seed: int, shots: int = 0, score_on: str = "eval"
 ) -> tuple[Prepared, Prepared | None]:
-    """The training split and the eval split (a file, a held-out fraction, or none). With ``shots`` k,
-    k training rows drawn with ``seed`` are shown as solved examples before every eval prompt."""
+    """The training split and the split the run is scored on: the eval split (a file, a held-out fraction, or
+    none), or with ``score_on="dev"`` the dev split (``data.dev``, or rows ``data.dev_split`` carves from
+    train; the eval file is then never opened). Dev rows never train, whichever split is scored. Carving uses
+    ``data.split_seed``, never the training seed, so every seed of a comparison sees the same splits. With
+    ``shots`` k, k training rows drawn with ``seed`` are shown as solved examples before every prompt scored."""
     train_path = Path(data_cfg.train)
     rows, lines = read_rows_with_lines(train_path)
     eval_rows = eval_lines = None
+    split_seed = getattr(data_cfg, "split_seed", 0)
     if data_cfg.eval_split:
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(rows), generator=g).tolist()
         n_eval = max(1, round(len(rows) * data_cfg.eval_split))
-        ev, tr = sorted(order[:n_eval]), sorted(order[n_eval:])
-        eval_rows, eval_lines = [rows[i] for i in ev], [lines[i] for i in ev] if lines else None
-        rows, lines = [rows[i] for i in tr], [lines[i] for i in tr] if lines else None
+        (eval_rows, eval_lines), (rows, lines) = _carve(rows, lines, n_eval, split_seed)
+    dev = None
+    if getattr(data_cfg, "dev", None):
+        dev = (*read_rows_with_lines(data_cfg.dev), data_cfg.dev)
+    elif getattr(data_cfg, "dev_split", None):
+        (dev_r, dev_l), (rows, lines) = _carve(
+            rows, lines, dev_rows(data_cfg, len(rows), str(train_path)), split_seed + 1
+        )
+        dev = (dev_r, dev_l, str(train_path))
     train = prepare_rows(rows, tokenizer, data_cfg, max_length, source=str(train_path), lines=lines)
     examples = []
     if shots:
@@ -447,24 +485,21 @@ def prepare_splits(
         drawn = torch.randperm(len(rows), generator=g).tolist()[:shots]
         formatter = Formatter(tokenizer, data_cfg, train.format, train.labels)
         examples = [formatter.pair(r) for r in _apply_columns([rows[i] for i in drawn], data_cfg.columns)]
-    evaluation = None
+
+    def scored(rows_, lines_, source) -> Prepared:
+        return prepare_rows(
+            rows_, tokenizer, data_cfg, max_length, source=str(source), lines=lines_, fmt=train.format,
+            labels=train.labels, shots=examples,
+        )  # fmt: skip
+
+    if score_on == "dev":
+        if dev is None:
+            raise DataError("eval.split: dev needs a dev split: give data.dev or data.dev_split")
+        return train, scored(*dev)
     if data_cfg.eval:
-        evaluation = prepare_file(
-            data_cfg.eval, tokenizer, data_cfg, max_length, fmt=train.format, labels=train.labels, shots=examples
-        )
-    elif eval_rows:
-        evaluation = prepare_rows(
-            eval_rows,
-            tokenizer,
-            data_cfg,
-            max_length,
-            source=str(train_path),
-            lines=eval_lines,
-            fmt=train.format,
-            labels=train.labels,
-            shots=examples,
-        )
-    return train, evaluation
+        rows_, lines_ = read_rows_with_lines(data_cfg.eval)
+        return train, scored(rows_, lines_, data_cfg.eval)
+    return train, scored(eval_rows, eval_lines, train_path) if eval_rows else None
 
 
 # ----------------------------------------------------------------------------- batching

@@ -20,7 +20,12 @@ class SingleRun(RunMode):
     def prepare_data(self) -> None:
         cfg, s = self.cfg, self.session
         self.train_data, self.eval_data = prepare_splits(
-            cfg.data, s.tokenizer, cfg.training.max_length, cfg.training.seed, shots=s.stack.prompt_examples
+            cfg.data,
+            s.tokenizer,
+            cfg.training.max_length,
+            cfg.training.seed,
+            shots=s.stack.prompt_examples,
+            score_on=cfg.eval.split,
         )
         self.originals = s.original_tasks()
 
