@@ -40,8 +40,21 @@ import os
 from pathlib import Path
 
 from tunelab.errors import RunError, first_line
-from tunelab.lab.grid import GRID, STATUS, VARIANTS, Grid, load_grid, read_grid, read_status
+from tunelab.lab.grid import (
+    GRID,
+    STATUS,
+    VARIANTS,
+    Grid,
+    build,
+    candidate_config,
+    load_grid,
+    read_grid,
+    read_status,
+    trains,
+    variant_dict,
+)
 from tunelab.lab.report import write_report
+from tunelab.lab.search import candidates, dev_size, search_variant, stop_at
 from tunelab.modes import train
 from tunelab.rundir import MARKER, SUMMARY
 from tunelab.runtime import write_json_atomic
@@ -57,10 +70,15 @@ def _state(run_dir: Path) -> str:
     return "new"
 
 
-def _run_here(cfg, resume: bool, callbacks: list | None) -> str | None:
-    """Train one variant in this process; its error line, or None."""
+def _run_here(cfg, resume: bool, callbacks: list | None, stop: int | None = None, overwrite: bool = False):
+    """Train one variant in this process (cut after step ``stop``, for a search); its error line, or None."""
     try:
-        train(cfg, resume=resume, callbacks=callbacks)
+        train(
+            cfg,
+            resume=resume,
+            overwrite=overwrite,
+            callbacks=[*(callbacks or []), *([stop_at(stop)] if stop else [])],
+        )
     except KeyboardInterrupt:  # tunelab's Interrupted is one too: the comparison stops where it stands
         raise
     except Exception as e:
@@ -68,12 +86,12 @@ def _run_here(cfg, resume: bool, callbacks: list | None) -> str | None:
     return None
 
 
-def _child(cfg, resume: bool, conn) -> None:
+def _child(cfg, resume: bool, conn, stop: int | None = None, overwrite: bool = False) -> None:
     from tunelab.progress import set_verbosity
 
     set_verbosity(os.environ.get("TUNELAB_VERBOSITY", "normal"))  # as the parent's -q / -v said
     try:
-        conn.send(_run_here(cfg, resume, None))
+        conn.send(_run_here(cfg, resume, None, stop, overwrite))
     except KeyboardInterrupt:
         conn.send(INTERRUPTED)
     finally:
@@ -83,14 +101,14 @@ def _child(cfg, resume: bool, conn) -> None:
 INTERRUPTED, DIED = "\0interrupted", "\0died"  # the child's other answers (an error line never starts with NUL)
 
 
-def _run_in_child(cfg, resume: bool) -> str | None:
+def _run_in_child(cfg, resume: bool, stop: int | None = None, overwrite: bool = False) -> str | None:
     """Train one variant in a fresh process (spawned: nothing inherited but the config), so that its peak
     memory, its speed and whatever it leaves behind are its own, and a crash or the kernel's OOM killer
     ends that variant only. The child shares the terminal (progress bars) and the process group (Ctrl-C
     stops both). Its error line, or None."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(cfg, resume, send), name="tunelab-variant")
+    child = ctx.Process(target=_child, args=(cfg, resume, send, stop, overwrite), name="tunelab-variant")
     child.start()
     send.close()
     try:
@@ -108,6 +126,29 @@ def _run_in_child(cfg, resume: bool) -> str | None:
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return f"the variant's process died ({how}; out of memory?)"
     return message
+
+
+def _searched(out: Path, grid: Grid, v, configs: dict, status: dict, callbacks: list | None) -> dict:
+    """Search variant ``v``'s knobs (or read the search back once its runs are done): its runs' configs with
+    the chosen knobs."""
+    keys = grid.runs()[v.name]
+    first = configs[keys[0][1]]
+    cands = candidates(v.search, grid.search, first)
+    learns = trains(first)
+    budget = first.training.max_steps if learns else dev_size(first)
+
+    def runner(cfg, resume: bool, stop: int | None, overwrite: bool) -> str | None:
+        if callbacks:
+            return _run_here(cfg, resume, callbacks, stop, overwrite)
+        return _run_in_child(cfg, resume, stop, overwrite)
+
+    def make(cand, extra: dict):
+        return candidate_config(grid, v, cand, extra)
+
+    chosen = search_variant(out, v.name, cands, make, grid.search, budget, learns, runner)
+    print(f"compare: {v.name}: search chose {chosen.knobs}", flush=True)
+    cfg, _ = variant_dict(grid, v)
+    return {key: build(grid, v, cfg, VARIANTS, key, seed, chosen.sets) for seed, key in keys}
 
 
 def _same_grid(old: Grid, new: Grid, status: dict[str, dict], out: Path) -> None:
@@ -185,6 +226,9 @@ def compare(
     _claim(out)
     (out / GRID).write_text(Path(path).read_text(encoding="utf-8"))
     status_file = out / STATUS
+    for v in grid.variants:
+        if v.search is not None:
+            configs.update(_searched(out, grid, v, configs, status, callbacks))
     for name, cfg in configs.items():  # name: the run's key, the variant's name or <name>/seed-<s>
         run_dir = out / VARIANTS / name
         state = _state(run_dir)

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from tunelab.config import ConfigError, RunConfig, TrainingConfig, load_config, parse_override, safe_load
 from tunelab.errors import RunError, first_line
 from tunelab.integrity import read_json
+from tunelab.lab.search import SEARCH, SearchOptions, candidates
 from tunelab.schema import StrictModel
 
 FAIR = ("data", "tasks", "training.seed", "training.max_steps", "training.max_tokens", "training.epochs")
@@ -29,6 +30,11 @@ class Variant(StrictModel):
         description="Names the variant's run dir and row.",
     )
     set: list[str] = Field(default_factory=list, description="`key=value` overrides, as `tunelab train --set`.")
+    search: dict[str, Any] | None = Field(
+        None,
+        description="A space over the variant's own knobs (lr, a strategy option such as r, or a dotted key), "
+        "searched by successive halving on the dev split (tunelab.lab.search); the chosen knobs then run.",
+    )
 
 
 class ReportOptions(StrictModel):
@@ -53,6 +59,9 @@ class Grid(StrictModel):
         "intervals and calls variants within noise of the best tied. Default: one run, at the base's seed.",
     )
     report: ReportOptions = Field(default_factory=ReportOptions)
+    search: SearchOptions = Field(
+        default_factory=SearchOptions, description="How variants with a `search:` space are searched."
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -121,29 +130,17 @@ def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:
     names = [v.name for v in grid.variants]
     if len(set(names)) != len(names):
         raise ConfigError([f"{path}: variants: names repeat: {sorted({n for n in names if names.count(n) > 1})}"])
-    grid = _with_baseline(grid)
+    grid = _normalized(grid)
     configs, problems = {}, []
     for v in grid.variants:
-        extra = {k: val for k, val in (v.__pydantic_extra__ or {}).items()}
-        unfair = [k for k in FAIR if _touches(extra, v.set, k)]
-        # more tasks beside the comparison's own (multitask, continual): allowed, checked below
-        adds_tasks = "tasks" in extra and "data" in grid.base and "tasks" not in grid.base
-        if adds_tasks and not any(_set_key(s) == "tasks" for s in v.set):
-            unfair = [k for k in unfair if k != "tasks"]
-        if unfair:
-            problems.append(
-                f"{path}: variant {v.name}: sets {', '.join(unfair)}; data, seed and budget belong to `base` so "
-                "that every variant is compared on the same ones"
-            )
+        try:
+            cfg, adds_tasks = variant_dict(grid, v)
+        except ValueError as e:
+            problems.append(f"{path}: {e}")
             continue
-        cfg = _merge(grid.base, extra)
-        if adds_tasks:
-            cfg.pop("data")
         try:
             for seed, key in grid.runs()[v.name]:
-                cfg["output_dir"] = str(Path(grid.output_dir) / VARIANTS / key)
-                seeded = [f"training.seed={seed}"] if seed is not None else []
-                configs[key] = load_config(cfg, [*v.set, *seeded])
+                configs[key] = build(grid, v, cfg, VARIANTS, key, seed)
         except ConfigError as e:
             problems += [f"{path}: variant {v.name}: {p}" for p in e.problems]
             continue
@@ -152,10 +149,104 @@ def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:
                 f"{path}: variant {v.name}: tasks must include the comparison's own data (base `data`, the same "
                 "train and eval) as one of them: the row is scored on it, the other tasks are extra training"
             )
+        if v.search is not None:
+            problems += [f"{path}: variant {v.name}: {p}" for p in _check_search(grid, v, cfg, configs[key])]
     problems += _same_batch(path, grid, configs)
     if problems:
         raise ConfigError(problems, str(path))
     return grid, configs
+
+
+def variant_dict(grid: Grid, v: Variant) -> tuple[dict, bool]:
+    """The variant's config as plain data (the base with its keys merged in, before its ``set``), and whether
+    it adds tasks beside the comparison's own data. Refuses (ValueError) a variant that changes what makes
+    the comparison fair."""
+    extra = {k: val for k, val in (v.__pydantic_extra__ or {}).items()}
+    unfair = [k for k in FAIR if _touches(extra, v.set, k)]
+    # more tasks beside the comparison's own (multitask, continual): allowed, checked by load_grid
+    adds_tasks = "tasks" in extra and "data" in grid.base and "tasks" not in grid.base
+    if adds_tasks and not any(_set_key(s) == "tasks" for s in v.set):
+        unfair = [k for k in unfair if k != "tasks"]
+    if unfair:
+        raise ValueError(
+            f"variant {v.name}: sets {', '.join(unfair)}; data, seed and budget belong to `base` so that every "
+            "variant is compared on the same ones"
+        )
+    cfg = _merge(grid.base, extra)
+    if adds_tasks:
+        cfg.pop("data")
+    return cfg, adds_tasks
+
+
+def build(grid: Grid, v: Variant, cfg: dict, folder: str, key: str, seed: int | None, sets=(), extra=None):
+    """One run's validated config: the variant's ``cfg`` (:func:`variant_dict`) with ``extra`` merged in and
+    its ``set``, then ``sets``, then the seed applied; its run dir ``<output_dir>/<folder>/<key>``."""
+    cfg = _merge(cfg, {**(extra or {}), "output_dir": str(Path(grid.output_dir) / folder / key)})
+    seeded = [f"training.seed={seed}"] if seed is not None else []
+    return load_config(cfg, [*v.set, *sets, *seeded])
+
+
+#: what a search candidate changes besides its knobs: scored on the dev split, no forgetting measured
+CANDIDATE = {"eval": {"split": "dev", "before": False}, "forgetting": {"enabled": False}}
+
+
+def candidate_config(grid: Grid, v: Variant, cand, extra: dict | None = None) -> RunConfig:
+    """A search candidate's config: the variant at the grid's first seed, with the candidate's knobs."""
+    cfg, _ = variant_dict(grid, v)
+    seed = (grid.seed_list() or [None])[0]
+    return build(grid, v, cfg, f"{SEARCH}/{v.name}", cand.id, seed, cand.sets, _merge(CANDIDATE, extra or {}))
+
+
+def _check_search(grid: Grid, v: Variant, cfg: dict, run: RunConfig) -> list[str]:
+    """A searched variant's problems: its space (knobs, values), and every candidate's config."""
+    if run.mode != "single":
+        return [f"search: searches mode single variants; this one is {run.mode}"]
+    if run.training.max_steps is None:
+        return ["search: successive halving cuts candidates at steps: give the base training.max_steps"]
+    try:
+        cands = candidates(v.search, grid.search, run)
+    except ValueError as e:
+        return [first_line(e)]
+    problems = []
+    for c in cands:
+        try:
+            candidate_config(grid, v, c)
+        except ConfigError as e:
+            problems += [f"search candidate {c.knobs}: {p}" for p in e.problems]
+    return problems
+
+
+def _normalized(grid: Grid) -> Grid:
+    """The grid as it runs: the baseline row added (unless it has one), and with a search, a dev split."""
+    return _with_dev(_with_baseline(grid))
+
+
+def _with_dev(grid: Grid) -> Grid:
+    """With a search, choices need a dev split: the base's ``data`` gets ``dev_split: auto`` unless it gives
+    ``dev`` or ``dev_split``, and so does each variant task that is the comparison's own data, so that every
+    variant trains on the same rows and none on the dev rows."""
+    data = grid.base.get("data")
+    if not any(v.search for v in grid.variants) or not isinstance(data, dict) or data.get("dev") or data.get(
+        "dev_split"
+    ):  # fmt: skip
+        return grid
+    base = _merge(grid.base, {"data": {"dev_split": "auto"}})
+    variants = []
+    for v in grid.variants:
+        extra = v.__pydantic_extra__ or {}
+        tasks = extra.get("tasks")
+        if isinstance(tasks, list):
+            own = {k: val for k, val in data.items()}
+            tasks = [
+                {**t, "dev_split": "auto"} if isinstance(t, dict) and _same_data(t, own) else t for t in tasks
+            ]
+            v = Variant.model_validate({**v.model_dump(exclude_none=True), **extra, "tasks": tasks})
+        variants.append(v)
+    return grid.model_copy(update={"base": base, "variants": variants})
+
+
+def _same_data(task: dict, data: dict) -> bool:
+    return {k: x for k, x in task.items() if k not in ("name", "weight")} == data
 
 
 def comparison_task(base: dict, cfg: RunConfig | dict) -> str | None:
@@ -228,7 +319,7 @@ def read_grid(out: Path) -> Grid:
         raise RunError(f"{out} is not a comparison directory (no {GRID}); run `tunelab compare GRID.yaml` first")
     try:
         raw = safe_load(path.read_text(encoding="utf-8"))
-        return _with_baseline(Grid.model_validate(raw))
+        return _normalized(Grid.model_validate(raw))
     except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:  # ValidationError is a ValueError
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

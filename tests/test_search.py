@@ -1,0 +1,153 @@
+"""The search over each strategy's knobs (issue 20, points 2, 3 and 9): successive halving on the dev split,
+candidates continuing from their checkpoints, the eval file untouched until the finalists are scored, bad
+spaces refused at validation, an interrupted search continuing where it stopped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import crash_at, tiny_config
+from tunelab import data as data_module
+from tunelab.cli import main
+from tunelab.config import load_config
+from tunelab.lab.compare import compare
+from tunelab.lab.search import SearchOptions, candidates, compute, knob_sets, rungs, stop_at
+from tunelab.modes import train
+
+
+def test_the_plan_halves_by_eta_and_spends_well_under_the_exhaustive_grid():
+    assert rungs(9, 30, 3, 1) == [(4, 9), (12, 3), (30, 1)]
+    assert compute(rungs(9, 30, 3, 1)) == 9 * 4 + 3 * 8 + 18 == 78  # 29% of 9 × 30
+    assert rungs(6, 27, 3, 1) == [(3, 6), (9, 2), (27, 1)] and compute(rungs(6, 27, 3, 1)) <= 0.4 * 6 * 27
+    assert rungs(2, 10, 2, 1) == [(5, 2), (10, 1)]
+    assert rungs(1, 10, 3, 1) == [(10, 1)]
+    assert rungs(9, 30, 3, 8)[0] == (8, 9)  # min_steps: no cut before step 8
+
+
+def test_knobs_resolve_to_the_strategys_own_options(tiny_llama, memo_data, tmp_path):
+    cfg = load_config(tiny_config(tiny_llama, memo_data, tmp_path / "r", {"name": "lora", "r": 4}))
+    assert knob_sets("r", 8, cfg) == ["strategy.lora.r=8"]
+    assert knob_sets("lr", 1e-3, cfg) == ["training.lr=0.001"]
+    own = load_config(tiny_config(tiny_llama, memo_data, tmp_path / "r", ["prefix", {"name": "lora", "lr": 1e-3}]))
+    assert knob_sets("lr", 0.01, own) == ["training.lr=0.01", "strategy.lora.lr=0.01"]  # both train at it
+    with pytest.raises(ValueError, match="no strategy of this variant \\(lora\\) has it; its knobs: lr, "):
+        knob_sets("reduction_factor", 8, cfg)
+    with pytest.raises(ValueError, match="never searched"):
+        knob_sets("training.max_steps", 8, cfg)
+    space = {"lr": {"log_uniform": [1e-4, 1e-2]}, "r": [4, 8]}
+    got = candidates(space, SearchOptions(candidates=6), cfg)
+    assert [c.knobs for c in got] == [
+        {"lr": lr, "r": r} for lr in (1e-4, 1e-3, 1e-2) for r in (4, 8)
+    ]  # the range spread to fill 6 candidates
+    assert len(candidates({"lr": [1e-4, 2e-4, 3e-4, 4e-4], "r": [2, 4, 8]}, SearchOptions(candidates=6), cfg)) == 6
+
+
+def test_a_candidate_cut_and_continued_equals_one_trained_longer(tiny_llama, memo_data, tmp_path):
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "cut", "lora", max_steps=6, save_steps=100)
+    train(cfg, callbacks=[stop_at(2)])
+    cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert cut["train"]["steps"] == 2 and (tmp_path / "cut" / "checkpoints" / "checkpoint-2").is_dir()
+    train(cfg, resume=True, callbacks=[stop_at(4)])
+    train(cfg, resume=True)
+    whole = dict(cfg, output_dir=str(tmp_path / "whole"))
+    train(whole)
+    a = load_file(tmp_path / "cut" / "model" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "whole" / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def grid_file(tmp_path, model, data, variants, **extra) -> str:
+    base = tiny_config(model, data, tmp_path / "unused", "lora", max_steps=6, save_steps=100, max_length=128)
+    del base["output_dir"], base["strategy"]
+    base["data"]["dev_split"] = 4
+    grid = {"base": base, "variants": variants, "output_dir": str(tmp_path / "cmp"), **extra}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return str(path)
+
+
+SEARCHED = [{"name": "lora", "strategy": {"name": "lora", "r": 4}, "search": {"lr": [1e-4, 3e-2, 5e-1]}}]
+
+
+def test_a_search_chooses_on_dev_and_the_eval_file_is_untouched_until_the_finalists(
+    tiny_llama, memo_data, tmp_path, monkeypatch, capsys
+):
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text(memo_data.read_text())
+    path = grid_file(tmp_path, tiny_llama, memo_data, SEARCHED, search={"eta": 3})
+    grid = yaml.safe_load(open(path))
+    grid["base"]["data"]["eval"] = str(evaluation)
+    open(path, "w").write(yaml.safe_dump(grid))
+    out = tmp_path / "cmp"
+    reads: list[tuple[str, bool]] = []
+    real = data_module.read_rows_with_lines
+
+    def watched(p):
+        state = out / "search" / "lora" / "state.json"
+        reads.append((str(p), state.is_file() and "chosen" in json.loads(state.read_text())))
+        return real(p)
+
+    monkeypatch.setattr(data_module, "read_rows_with_lines", watched)
+    # killed during the first candidate: the search continues where it stopped
+    with pytest.raises(KeyboardInterrupt):
+        compare(path, callbacks=[crash_at(1)])
+    compare(path, callbacks=[TrainerCallback()])  # in this process, so that the reads are seen
+    eval_reads = [chosen for p, chosen in reads if p == str(evaluation)]
+    assert eval_reads and all(eval_reads), reads  # read only once the search had chosen
+    assert any(p == str(memo_data) and not chosen for p, chosen in reads)  # the candidates did read train
+
+    state = json.loads((out / "search" / "lora" / "state.json").read_text())
+    assert state["plan"] == [[2, 3], [6, 1]] and state["spent"] == 3 * 2 + 4 and state["exhaustive"] == 18
+    first = state["rungs"][0]["scores"]
+    assert set(first) == {"0", "1", "2"} and all(s["steps"] == 2 and s["rows"] == 4 for s in first.values())
+    chosen = state["chosen"]
+    ranked = sorted(first, key=lambda c: (-first[c]["score"], first[c]["loss"], int(c)))
+    assert str(chosen) == ranked[0] and state["rungs"][1]["candidates"] == [chosen]
+    lr = state["candidates"][chosen]["lr"]
+    # the chosen knobs run as the variant, scored on the eval split (not dev), trained on train minus dev
+    run = yaml.safe_load((out / "variants" / "lora" / "config.yaml").read_text())
+    assert run["training"]["lr"] == lr and run["eval"]["split"] == "eval" and run["data"]["dev_split"] == 4
+    summary = json.loads((out / "variants" / "lora" / "summary.json").read_text())
+    assert summary["data"]["train"]["rows"] == 12 and summary["data"]["eval"]["rows"] == 16
+    cand = yaml.safe_load((out / "search" / "lora" / "c0" / "config.yaml").read_text())
+    assert cand["eval"]["split"] == "dev" and cand["forgetting"]["enabled"] is False
+
+    # a rerun reads the search back: nothing runs again
+    capsys.readouterr()
+    compare(path, callbacks=[TrainerCallback()])
+    said = capsys.readouterr().out
+    assert "search rung" not in said and f"search chose {{'lr': {lr}}}" in said
+
+
+@pytest.mark.parametrize(
+    "space, says",
+    [
+        ({"lr": []}, "search.lr: an empty list"),
+        ({"lr": [0.0, 1e-3]}, "search.lr: a learning rate must be a number above 0"),
+        ({"lr": {"log_uniform": [0, 1e-2]}}, "log_uniform needs bounds above 0"),
+        ({"reduction_factor": [4, 8]}, "search.reduction_factor: no strategy of this variant (lora) has it"),
+        ({"r": [0, 4]}, "search candidate {'r': 0}: "),
+        ({"training.seed": [1, 2]}, "never searched"),
+    ],
+)
+def test_a_bad_search_space_is_refused_at_validation_in_one_line(
+    tiny_llama, memo_data, tmp_path, capsys, space, says
+):
+    path = grid_file(tmp_path, tiny_llama, memo_data, [{"name": "lora", "strategy": "lora", "search": space}])
+    assert main(["compare", path]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if says in x]
+    assert "variant lora" in line and path in line
+    assert not (tmp_path / "cmp").exists()  # nothing written
+
+
+def test_eta_below_two_is_refused(tiny_llama, memo_data, tmp_path, capsys):
+    path = grid_file(tmp_path, tiny_llama, memo_data, SEARCHED, search={"eta": 1})
+    assert main(["compare", path]) == 2
+    assert "search.eta: Input should be greater than or equal to 2" in capsys.readouterr().err
