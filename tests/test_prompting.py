@@ -74,3 +74,28 @@ def write_cfg(cfg: dict, tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def test_bm25_shows_each_prompt_its_nearest_training_rows_and_system_prompt_replaces_the_datas(
+    tiny_llama, tmp_path
+):
+    from tunelab.data import Shots, prepare_splits
+    from tunelab.models import load_tokenizer
+
+    topics = ["kettle", "invoice", "password", "parcel"]
+    train_rows = [
+        {"prompt": f"my {t} problem number {i}", "completion": f"{t}-{i}"} for t in topics for i in range(3)
+    ]
+    eval_rows = [{"prompt": f"a {t} question", "completion": t} for t in topics]
+    tr, ev = write_jsonl(tmp_path / "train.jsonl", train_rows), write_jsonl(tmp_path / "eval.jsonl", eval_rows)
+    cfg = load_config(tiny_config(tiny_llama, tr, tmp_path / "run", "prompt-only", max_length=512))
+    cfg.data.eval = str(ev)
+    tok = load_tokenizer(tiny_llama)
+    _, near = prepare_splits(cfg.data, tok, 512, 0, shots=Shots(2, "bm25", "Answer with one word."))
+    for (prompt, _), t in zip(near.prompts, topics, strict=True):
+        shown = [r for r in train_rows if r["prompt"] in prompt]
+        assert len(shown) == 2 and all(t in r["prompt"] for r in shown), prompt  # its own topic's rows
+        assert "Answer with one word." in prompt
+    _, drawn = prepare_splits(cfg.data, tok, 512, 0, shots=Shots(2, "random"))
+    firsts = {p.split("a ")[0] for p, _ in drawn.prompts}
+    assert len(firsts) == 1  # random: one draw, the same examples before every prompt

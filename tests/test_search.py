@@ -151,3 +151,49 @@ def test_eta_below_two_is_refused(tiny_llama, memo_data, tmp_path, capsys):
     path = grid_file(tmp_path, tiny_llama, memo_data, SEARCHED, search={"eta": 1})
     assert main(["compare", path]) == 2
     assert "search.eta: Input should be greater than or equal to 2" in capsys.readouterr().err
+
+
+class FailAt(TrainerCallback):
+    """Fails the run (an ordinary error, as an OOM would be) when it trains at learning rate ``lr``."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.learning_rate == self.lr:
+            raise RuntimeError("simulated out of memory")
+
+
+def test_a_failed_candidate_is_recorded_and_the_search_goes_on(tiny_llama, memo_data, tmp_path):
+    path = grid_file(tmp_path, tiny_llama, memo_data, SEARCHED, baseline=False)
+    out = compare(path, callbacks=[FailAt(3e-2)])
+    state = json.loads((out / "search" / "lora" / "state.json").read_text())
+    first = state["rungs"][0]["scores"]
+    assert "simulated out of memory" in first["1"]["error"] and state["candidates"][state["chosen"]]["lr"] != 3e-2
+    assert json.loads((out / "status.json").read_text()) == {"lora": {"state": "done"}}
+
+
+def test_a_prompt_baseline_searches_shots_selection_and_instruction_on_dev_rows(tiny_llama, memo_data, tmp_path):
+    space = {
+        "shots": [0, 2],
+        "select": ["random", "bm25"],
+        "system_prompt": ["Answer briefly.", "Reply: one word"],
+    }
+    variants = [{"name": "prompting", "strategy": "prompt-only", "search": space}]
+    path = grid_file(
+        tmp_path, tiny_llama, memo_data, variants, baseline=False, search={"candidates": 8, "min_rows": 2}
+    )
+    grid = yaml.safe_load(open(path))
+    grid["base"]["data"]["dev_split"] = 8
+    grid["base"]["training"]["max_length"] = 512
+    open(path, "w").write(yaml.safe_dump(grid))
+    out = compare(path, callbacks=[TrainerCallback()])
+    state = json.loads((out / "search" / "prompting" / "state.json").read_text())
+    assert state["unit"] == "dev rows" and state["plan"] == [[2, 8], [6, 2], [8, 1]]
+    assert [len(r["scores"]) for r in state["rungs"]] == [8, 2, 1]
+    assert all(s["rows"] == r["budget"] for r in state["rungs"] for s in r["scores"].values())
+    chosen = state["candidates"][state["chosen"]]
+    run = yaml.safe_load((out / "variants" / "prompting" / "config.yaml").read_text())
+    (strategy,) = run["strategy"]
+    assert {k: strategy[k] for k in chosen} == chosen  # the variant runs with the chosen prompt
+    assert run["eval"]["split"] == "eval" and run["eval"]["max_examples"] is None

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,8 +373,10 @@ def prepare_rows(
     lines: list[int] | None = None,
     fmt: str | None = None,
     labels: list[str] | None = None,
-    shots: list[tuple[str, str]] = (),
+    shots: list[tuple[str, str]] | Callable[[str], list[tuple[str, str]]] = (),
 ) -> Prepared:
+    """Render and tokenize ``rows``. ``shots``: solved (prompt, answer) pairs shown before every row, or a
+    function of a row's prompt giving its own (BM25-nearest examples)."""
     rows = _apply_columns(rows, data_cfg.columns)
     if not rows:
         raise DataError(f"{source}: no rows")
@@ -382,11 +384,14 @@ def prepare_rows(
         fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(set(rows[0]))
     if fmt == "classification" and labels is None:
         labels = sorted({str(r["label"]) for r in rows if r.get("label") is not None})
-    formatter = Formatter(tokenizer, data_cfg, fmt, labels, shots)
+    per_row = shots if callable(shots) else None
+    formatter = Formatter(tokenizer, data_cfg, fmt, labels, () if per_row else shots)
     stats = DataStats(rows=len(rows))
     out = Prepared([], [], [], stats, fmt, labels)
     for i, row in enumerate(rows):
         try:
+            if per_row is not None:
+                formatter.shots = per_row(formatter.pair(row)[0])
             r = formatter.render(row)
             feats = formatter.tokenize(r, max_length, data_cfg.train_on)
         except DataError:
@@ -425,6 +430,36 @@ def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None
     )
 
 
+@dataclass(frozen=True)
+class Shots:
+    """What a prompting baseline shows before each scored prompt: ``k`` solved training rows, drawn once for
+    every prompt (``random``) or the ``k`` nearest to each prompt by BM25 (``bm25``, Robertson & Zaragoza
+    2009, through ``bm25s``: retrieval of in-context examples, Liu et al. 2022); and the system prompt (the
+    instruction) it is scored with, in place of ``data.system_prompt``."""
+
+    k: int = 0
+    select: str = "random"
+    system_prompt: str | None = None
+
+
+def _nearest(pool: list[tuple[str, str]], k: int):
+    """For a row, the ``k`` pool pairs whose prompts are nearest to its prompt by BM25, nearest last (next
+    to the row's own prompt)."""
+    import bm25s
+
+    quiet = {"show_progress": False}
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([p for p, _ in pool], stopwords="en", **quiet), **quiet)
+
+    def pick(prompt: str) -> list[tuple[str, str]]:
+        found, _ = retriever.retrieve(
+            bm25s.tokenize([prompt], stopwords="en", **quiet), k=min(k, len(pool)), **quiet
+        )
+        return [pool[int(i)] for i in reversed(found[0])]
+
+    return pick
+
+
 DEV_AUTO = (0.1, 20, 500)  #: dev_split auto: this share of train, at least and at most these many rows
 
 
@@ -456,13 +491,14 @@ def dev_rows(data_cfg, available: int, source: str) -> int:
 
 
 def prepare_splits(
-    data_cfg, tokenizer, max_length: int, seed: int, shots: int = 0, score_on: str = "eval"
+    data_cfg, tokenizer, max_length: int, seed: int, shots: Shots | int = 0, score_on: str = "eval"
 ) -> tuple[Prepared, Prepared | None]:
     """The training split and the split the run is scored on: the eval split (a file, a held-out fraction, or
     none), or with ``score_on="dev"`` the dev split (``data.dev``, or rows ``data.dev_split`` carves from
     train; the eval file is then never opened). Dev rows never train, whichever split is scored. Carving uses
     ``data.split_seed``, never the training seed, so every seed of a comparison sees the same splits. With
-    ``shots`` k, k training rows drawn with ``seed`` are shown as solved examples before every prompt scored."""
+    ``shots`` (:class:`Shots`, or a number k), k training rows (drawn with ``seed``, or the nearest by BM25)
+    are shown as solved examples before every prompt scored."""
     train_path = Path(data_cfg.train)
     rows, lines = read_rows_with_lines(train_path)
     eval_rows = eval_lines = None
@@ -479,16 +515,23 @@ def prepare_splits(
         )
         dev = (dev_r, dev_l, str(train_path))
     train = prepare_rows(rows, tokenizer, data_cfg, max_length, source=str(train_path), lines=lines)
-    examples = []
-    if shots:
-        g = torch.Generator().manual_seed(seed)
-        drawn = torch.randperm(len(rows), generator=g).tolist()[:shots]
+    shots = shots if isinstance(shots, Shots) else Shots(k=int(shots))
+    examples: Any = []
+    if shots.k:
         formatter = Formatter(tokenizer, data_cfg, train.format, train.labels)
-        examples = [formatter.pair(r) for r in _apply_columns([rows[i] for i in drawn], data_cfg.columns)]
+        if shots.select == "bm25":
+            examples = _nearest([formatter.pair(r) for r in _apply_columns(rows, data_cfg.columns)], shots.k)
+        else:
+            g = torch.Generator().manual_seed(seed)
+            drawn = torch.randperm(len(rows), generator=g).tolist()[: shots.k]
+            examples = [formatter.pair(r) for r in _apply_columns([rows[i] for i in drawn], data_cfg.columns)]
+    shown_cfg = data_cfg
+    if shots.system_prompt is not None:
+        shown_cfg = data_cfg.model_copy(update={"system_prompt": shots.system_prompt})
 
     def scored(rows_, lines_, source) -> Prepared:
         return prepare_rows(
-            rows_, tokenizer, data_cfg, max_length, source=str(source), lines=lines_, fmt=train.format,
+            rows_, tokenizer, shown_cfg, max_length, source=str(source), lines=lines_, fmt=train.format,
             labels=train.labels, shots=examples,
         )  # fmt: skip
 

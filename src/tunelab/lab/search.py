@@ -36,6 +36,7 @@ a failed candidate is recorded (it ranks last) and the search goes on.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from collections.abc import Callable
@@ -109,15 +110,15 @@ def knob_sets(knob: str, value: Any, cfg: RunConfig) -> list[str]:
     if "." in knob:
         if any(knob == k or knob.startswith(k + ".") for k in FAIR_KNOBS):
             raise ValueError(f"search.{knob}: data, seed and budget are the comparison's, never searched")
-        return [f"{knob}={value}"]
+        return [f"{knob}={json.dumps(value)}"]
     if knob == "lr":
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ValueError(f"search.lr: a learning rate must be a number above 0, got {value!r}")
-        own = [f"strategy.{c.name}.lr={value}" for c in cfg.strategy if c.lr is not None]
-        return [f"training.lr={value}", *own]
+        own = [f"strategy.{c.name}.lr={json.dumps(value)}" for c in cfg.strategy if c.lr is not None]
+        return [f"training.lr={json.dumps(value)}", *own]
     for c in cfg.strategy:
         if knob in type(c).model_fields and knob != "name":
-            return [f"strategy.{c.name}.{knob}={value}"]
+            return [f"strategy.{c.name}.{knob}={json.dumps(value)}"]  # JSON: a valid YAML value, quoted
     have = sorted({k for c in cfg.strategy for k in type(c).model_fields if k != "name"})
     raise ValueError(
         f"search.{knob}: no strategy of this variant ({'+'.join(cfg.strategy_names())}) has it; its knobs: lr, "

@@ -61,6 +61,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
+from tunelab.data import Shots
 from tunelab.models import unwrap  # re-exported: strategies unwrap PEFT wrappers through base
 from tunelab.schema import StrictModel
 
@@ -155,9 +156,10 @@ class Strategy:
         return frozenset()
 
     @classmethod
-    def prompt_examples(cls, config: StrategyConfig) -> int:
-        """Baselines: how many training rows to show, as solved examples, before every scored prompt."""
-        return 0
+    def prompt_examples(cls, config: StrategyConfig) -> Shots:
+        """Baselines: the training rows shown, as solved examples, before every scored prompt, and the
+        instruction it is scored with (:class:`tunelab.data.Shots`)."""
+        return Shots()
 
     @classmethod
     def provides(cls, config: StrategyConfig) -> frozenset[str]:

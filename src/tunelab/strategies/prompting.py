@@ -4,8 +4,11 @@ run — the row every comparison needs ("is training worth it at all?").
 - zero-shot (``shots: 0``): each eval prompt as the data renders it (chat template or plain, with
   ``data.system_prompt`` and, for classification rows, ``data.instruction`` listing the labels);
 - few-shot (``shots: k``, Brown et al., 2020, "Language Models are Few-Shot Learners"): k training rows,
-  drawn once with ``training.seed``, shown before every eval prompt as solved examples — earlier user and
-  assistant turns with a chat template, ``prompt + answer`` blocks separated by a blank line without one.
+  drawn once with ``training.seed`` (``select: random``) or the k nearest to each prompt by BM25
+  (``select: bm25``), shown before every eval prompt as solved examples — earlier user and assistant turns
+  with a chat template, ``prompt + answer`` blocks separated by a blank line without one;
+- ``system_prompt``: the instruction the model is prompted with (a chat template's system turn), in place of
+  ``data.system_prompt``. A comparison's search can choose shots, selection and instruction on the dev split.
 
 Nothing trains and nothing is saved but the tokenizer: ``summary.json`` has ``eval`` (and forgetting, zero
 by construction) and no ``train``. It combines with no other strategy.
@@ -16,14 +19,26 @@ prompt already score well enough.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
+from tunelab.data import Shots
 from tunelab.strategies.base import Phase, Strategy, StrategyConfig, register_strategy
 
 
 class PromptOnlyConfig(StrategyConfig):
     shots: int = Field(0, ge=0, le=64, description="Training rows shown as solved examples before each prompt.")
+    select: Literal["random", "bm25"] = Field(
+        "random",
+        description="Which training rows are shown: random (one draw with training.seed, the same for every "
+        "prompt) or bm25 (the rows whose prompts are nearest to each prompt, by BM25).",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="The instruction (system prompt) the model is prompted with, in place of data.system_prompt.",
+    )
 
 
 @register_strategy
@@ -40,8 +55,8 @@ class PromptOnly(Strategy):
     mergeable = False
 
     @classmethod
-    def prompt_examples(cls, config) -> int:
-        return config.shots
+    def prompt_examples(cls, config) -> Shots:
+        return Shots(config.shots, config.select, config.system_prompt)
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -57,5 +72,7 @@ class PromptOnly(Strategy):
         return base_model
 
     def describe(self, model) -> str:
-        k = self.config.shots
-        return f"prompt-only: the untouched model, {f'{k}-shot' if k else 'zero-shot'}; nothing trains"
+        k, c = self.config.shots, self.config
+        shown = f"{k}-shot ({c.select} examples)" if k else "zero-shot"
+        told = ", its own system prompt" if c.system_prompt is not None else ""
+        return f"prompt-only: the untouched model, {shown}{told}; nothing trains"

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tunelab.data import Shots
 from tunelab.strategies.base import Need, Strategy, StrategyConfig, StrategyError, build_strategies, mark_trainable
 
 
@@ -48,8 +49,9 @@ class StrategyStack:
         return any(s.baseline for s in self.items)
 
     @property
-    def prompt_examples(self) -> int:
-        return max(type(s).prompt_examples(s.config) for s in self.items)
+    def prompt_examples(self) -> Shots:
+        """What the baseline shows before each scored prompt (a baseline combines with no other strategy)."""
+        return next((x for s in self.items if (x := type(s).prompt_examples(s.config)) != Shots()), Shots())
 
     @property
     def standalone(self) -> bool:
