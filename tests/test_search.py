@@ -118,6 +118,14 @@ def test_a_search_chooses_on_dev_and_the_eval_file_is_untouched_until_the_finali
     cand = yaml.safe_load((out / "search" / "lora" / "c0" / "config.yaml").read_text())
     assert cand["eval"]["split"] == "dev" and cand["forgetting"]["enabled"] is False
 
+    md = (out / "report.md").read_text()
+    assert (
+        "## Search: lora" in md
+        and "3 candidates, successive halving: 10 candidate-steps of the exhaustive grid's 18 (56%)" in md
+    )
+    assert md.count("| cut after 2 steps |") == 2 and "| chosen |" in md
+    assert (out / "plots" / "search_dev_curves.png").stat().st_size > 1000
+
     # a rerun reads the search back: nothing runs again
     capsys.readouterr()
     compare(path, callbacks=[TrainerCallback()])

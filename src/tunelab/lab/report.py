@@ -15,12 +15,13 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 from pathlib import Path
 from typing import Any
 
 from tunelab.lab.frontier import pareto_front, recommend
+from tunelab.lab.plots import score_plots, search_plot
 from tunelab.lab.results import BROKEN, COLUMNS, RUN, collect, points, unfinished
+from tunelab.lab.search import read_searches
 from tunelab.lab.stats import Verdict
 from tunelab.runtime import write_json_atomic
 
@@ -101,81 +102,36 @@ def cells(r: dict[str, Any]) -> dict[str, str]:
     }
 
 
-# ----------------------------------------------------------------------------- plots
+# ----------------------------------------------------------------------------- searches
 
 
-def _plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import PercentFormatter
-
-    done = [r for r in rows if r["state"] in ("done", "partial") and r["score"] is not None]
-    out: dict[str, bytes] = {}
-
-    def scatter(key: str, xlabel: str, title: str, log: float | None = None, mark_front: bool = False):
-        """``log``: a symmetric log scale, linear below this value (so that 0 stays on the axis)."""
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        pts = [r for r in done if r[key] is not None]
-        for r in pts:
-            on = mark_front and r["variant"] in front
-            ax.scatter(r[key], r["score"], s=60 if on else 36, c="tab:red" if on else "tab:blue", zorder=3)
-            if r["score_lo"] is not None and r["score_hi"] is not None:  # the 95% interval of the score
-                err = [[r["score"] - r["score_lo"]], [r["score_hi"] - r["score"]]]
-                ax.errorbar(r[key], r["score"], yerr=err, fmt="none", ecolor="grey", lw=1, zorder=2)
-            ax.annotate(r["variant"], (r[key], r["score"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        if mark_front:
-            line = sorted((r[key], r["score"]) for r in pts if r["variant"] in front)
-            if line:
-                ax.plot(*zip(*line, strict=True), c="tab:red", lw=1, ls="--", label="Pareto front", zorder=2)
-                ax.legend(fontsize=8)
-        if log:
-            ax.set_xscale("symlog", linthresh=log)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"task score: {metric_name(next((r['metric'] for r in done if r['metric']), None))}")
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        return buf.getvalue()
-
-    out["score_vs_forgetting"] = scatter(
-        "kl_to_base",
-        "forgetting: KL to the base model (log scale; lower is better)",
-        "Task score vs forgetting",
-        log=0.01,
-        mark_front=True,
-    )
-    out["score_vs_trainable"] = scatter(
-        "trainable",
-        "trainable parameters (log scale; 0 = trains nothing)",
-        "Task score vs trainable parameters",
-        log=1,
-    )
-    out["score_vs_time"] = scatter("wall_time_s", "wall time of the run (s)", "Task score vs wall time")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 distinct colours: a comparison often has 10+ variants
-    for r in rows:
-        if r["curve"]:
-            ax.plot(*zip(*r["curve"], strict=True), label=r["variant"], lw=1.2)
-    losses = [v for r in rows for _, v in r["curve"]]
-    if losses and min(losses) > 0:  # losses of very different scales (a distillation term beside a task loss)
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (log scale)" if ax.get_yscale() == "log" else "training loss")
-    ax.set_title("Training loss", fontsize=10)
-    ax.grid(alpha=0.3)
-    if any(r["curve"] for r in rows):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    out["loss_curves"] = buf.getvalue()
+def search_tables(searches: dict[str, dict]) -> dict[str, tuple[str, list[dict[str, str]]]]:
+    """Per searched variant: a line on what it cost, and a row per candidate (its knobs, its dev score at each
+    rung it reached, where it was cut, the chosen one)."""
+    out = {}
+    for variant, st in searches.items():
+        rungs, unit = st.get("rungs", []), st.get("unit", "steps")
+        rows = []
+        for i, knobs in enumerate(st.get("candidates", [])):
+            row = {"Candidate": f"c{i}", **{k: str(v) for k, v in knobs.items()}}
+            last = None
+            for j, rung in enumerate(rungs):
+                s = rung["scores"].get(str(i))
+                col = f"dev at {rung['budget']} {unit}"
+                row[col] = "" if s is None else "failed" if "error" in s else pct(s["score"])
+                last = j if s is not None else last
+            chosen = st.get("chosen") == i
+            cut = last is not None and last + 1 < len(rungs) and not chosen
+            row["Outcome"] = "chosen" if chosen else f"cut after {rungs[last]['budget']} {unit}" if cut else ""
+            rows.append(row)
+        spent, whole = st.get("spent"), st.get("exhaustive")
+        cost = (
+            f"{len(rows)} candidates, successive halving: {spent:,} candidate-{unit} of the exhaustive grid's "
+            f"{whole:,} ({spent / whole:.0%})"
+            if spent and whole
+            else f"{len(rows)} candidates; search not finished"
+        )
+        out[variant] = (cost, rows)
     return out
 
 
@@ -237,7 +193,10 @@ def write_report(out: Path, *, within: float = 5.0) -> dict[str, Any]:
         w.writeheader()
         for name in dict.fromkeys(r["variant"] for r in rows):
             w.writerows([r for r in runs if r["variant"] == name] + [r for r in rows if r["variant"] == name])
-    plots = _plots(rows, front)
+    plots = score_plots(rows, front)
+    searches = read_searches(out)
+    if (curves := search_plot(searches)) is not None:
+        plots["search_dev_curves"] = curves
     (out / "plots").mkdir(exist_ok=True)
     for name, png in plots.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
@@ -247,12 +206,15 @@ def write_report(out: Path, *, within: float = 5.0) -> dict[str, Any]:
     md = ["# Comparison", "", *[f"- {x}" for x in recs_text], "", *_md_table(table)]
     if seeded:
         md += ["", "## Every run", "", *_md_table(seeded)]
+    searched = search_tables(searches)
+    for variant, (cost, cands) in searched.items():
+        md += ["", f"## Search: {variant}", "", f"{cost}; chosen on the dev split.", "", *_md_table(cands)]
     failed = [r for r in runs if r["state"] in ("failed", BROKEN)]
     if failed:
         md += ["", "Failed or broken runs:", *[f"- {_who(r)} ({r['state']}): {r['error']}" for r in failed]]
     md += ["", *[f"![{n}](plots/{n}.png)" for n in plots]]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html(table, seeded, failed, recs_text, plots, rows))
+    (out / "report.html").write_text(_html(table, seeded, failed, recs_text, plots, rows, searched))
     problems = unfinished(runs)
     write_json_atomic(
         out / "recommendation.json", {"within": within, "pareto_front": front, **recs, "unfinished": problems}
@@ -283,7 +245,7 @@ def _md_table(table: list[dict[str, str]]) -> list[str]:
     ]
 
 
-def _html(table, seeded, failed, recs_text, plots, rows) -> str:
+def _html(table, seeded, failed, recs_text, plots, rows, searched) -> str:
     def md_bold(s: str) -> str:
         parts = html.escape(s).split("**")
         return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
@@ -307,6 +269,11 @@ def _html(table, seeded, failed, recs_text, plots, rows) -> str:
         f"<figcaption>{n.replace('_', ' ')}</figcaption></figure>"
         for n, png in plots.items()
     )
+    search_html = "".join(
+        f"<h2>Search: {html.escape(v)}</h2><p>{html.escape(cost)}; chosen on the dev split.</p>"
+        + render(f"search-{html.escape(v)}", cands, ["chosen" if c["Outcome"] == "chosen" else "" for c in cands])
+        for v, (cost, cands) in searched.items()
+    )
     runs_html = ""
     if seeded:
         runs_html = (
@@ -325,6 +292,7 @@ th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white
 th {{ white-space: normal; min-width: 5em; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
 tr.failed td, tr.broken td {{ color: #a00; }} tr.partial td {{ color: #a60; }}
+tr.chosen td {{ font-weight: bold; }}
 figure {{ display: inline-block; margin: 1em 1em 0 0; max-width: 100%; }}
 img {{ max-width: min(640px, 100%); height: auto; border: 1px solid #ddd; }}
 </style></head><body>
@@ -332,6 +300,7 @@ img {{ max-width: min(640px, 100%); height: auto; border: 1px solid #ddd; }}
 <ul id="recommendation">{"".join(f"<li>{md_bold(x)}</li>" for x in recs_text)}</ul>
 {render("results", table, [r["state"] or "" for r in rows])}
 {runs_html}
+{search_html}
 {f'<h2>Failed or broken runs</h2><ul id="failures">{errors}</ul>' if errors else ""}
 <h2>Plots</h2>
 {figures}
