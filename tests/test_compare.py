@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -431,3 +432,26 @@ def test_the_verdict_on_result_files_whose_answer_is_known(tmp_path, seeds):
     md = (out / "report.md").read_text()
     assert "Tied for the best task score (exact match): **base**, **same**" in md
     assert "| base | lora | 4" in md and "| best |" in md and "| +0.0 tied |" in md
+
+
+GRIDS = sorted((Path(__file__).parent.parent / "examples" / "compare").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[p.name for p in GRIDS])
+def test_every_shipped_comparison_grid_validates(path):
+    grid, configs = load_grid(path)
+    assert len(grid.variants) >= 3 and configs
+    if grid.seeds:  # one run per variant and seed, each at its seed
+        assert len(configs) == len(grid.variants) * len(grid.seed_list())
+        assert all(cfg.training.seed == int(key.rsplit("seed-", 1)[1]) for key, cfg in configs.items())
+    for v in grid.variants:
+        if v.search:
+            from tunelab.lab.search import candidates
+
+            first = configs[grid.runs()[v.name][0][1]]
+            assert len(candidates(v.search, grid.search, first)) == grid.search.candidates
+            assert first.data.dev_split == "auto"  # a search chooses on a dev split
+
+
+def test_there_are_plain_seeded_and_searched_grids():
+    assert {p.name for p in GRIDS} >= {"plain.yaml", "seeds.yaml", "search.yaml"}
