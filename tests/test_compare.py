@@ -275,11 +275,12 @@ def test_a_variant_whose_process_dies_is_recorded_and_the_rest_run(tiny_llama, m
     import multiprocessing
 
     from tunelab.lab import compare as compare_module
+    from tunelab.lab import runner
 
-    def dies(cfg, resume, conn):
+    def dies(*args):
         os._exit(137)
 
-    spawned = compare_module._run_in_child
+    spawned = runner.run_in_child
 
     def run(cfg, resume):
         if cfg.strategy_names() != ["full"]:
@@ -288,11 +289,11 @@ def test_a_variant_whose_process_dies_is_recorded_and_the_rest_run(tiny_llama, m
         # a process whose thread pools have run can hang)
         with monkeypatch.context() as m:
             fork = multiprocessing.get_context("fork")
-            m.setattr(compare_module, "_child", dies)
-            m.setattr(compare_module.multiprocessing, "get_context", lambda _: fork)
+            m.setattr(runner, "_child", dies)
+            m.setattr(runner.multiprocessing, "get_context", lambda _: fork)
             return spawned(cfg, resume)
 
-    monkeypatch.setattr(compare_module, "_run_in_child", run)
+    monkeypatch.setattr(compare_module, "run_in_child", run)
     variants = [{"name": "full", "strategy": "full"}, {"name": "lora", "strategy": "lora"}]
     out = compare(write_grid(tmp_path, tiny_llama, memo_data, variants, baseline=False))
     status = json.loads((out / "status.json").read_text())

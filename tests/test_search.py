@@ -205,3 +205,28 @@ def test_a_prompt_baseline_searches_shots_selection_and_instruction_on_dev_rows(
     (strategy,) = run["strategy"]
     assert {k: strategy[k] for k in chosen} == chosen  # the variant runs with the chosen prompt
     assert run["eval"]["split"] == "eval" and run["eval"]["max_examples"] is None
+
+
+@pytest.mark.slow
+def test_ray_tune_chooses_what_the_local_search_chooses(tiny_llama, memo_data, tmp_path):
+    pytest.importorskip("ray", reason="Ray Tune is the optional extra tunelab[ray]")
+    space = {"lr": [1e-5, 1e-3, 3e-2, 3e-1]}  # 4 candidates: η 3 gives rungs of 1 step (4), then 6 (1)
+    variants = [{"name": "lora", "strategy": {"name": "lora", "r": 4}, "search": space}]
+    chosen = {}
+    for backend in ("local", "ray"):
+        opts = {"candidates": 4, "backend": backend, **({"cpus": 2, "concurrent": 2} if backend == "ray" else {})}
+        (tmp_path / backend).mkdir()
+        path = grid_file(tmp_path / backend, tiny_llama, memo_data, variants, baseline=False, search=opts)
+        # local: in this process (callbacks); ray: a local Ray instance of 2 CPUs, 2 trials at a time
+        out = compare(path, callbacks=[TrainerCallback()] if backend == "local" else None)
+        state = json.loads((out / "search" / "lora" / "state.json").read_text())
+        chosen[backend] = state["candidates"][state["chosen"]]
+        assert (
+            yaml.safe_load((out / "variants" / "lora" / "config.yaml").read_text())["training"]["lr"]
+            == (chosen[backend]["lr"])
+        )
+    assert chosen["ray"] == chosen["local"]
+    assert state["backend"] == "ray" and (tmp_path / "ray" / "cmp" / "search" / "lora" / "ray").is_dir()
+    assert all(
+        (tmp_path / "ray" / "cmp" / "search" / "lora" / f"c{i}" / "config.yaml").is_file() for i in range(4)
+    )

@@ -346,6 +346,13 @@ class Prepared:
         return any(r is not None for r in self.references)
 
 
+def eval_datasets(eval_data: Prepared | dict[str, Prepared] | None):
+    """The Trainer's eval dataset(s): one split, or a mapping of names to splits (each logged by name)."""
+    if isinstance(eval_data, dict):
+        return {name: prepared.dataset() for name, prepared in eval_data.items()}
+    return eval_data.dataset() if eval_data is not None else None
+
+
 def features_dataset(features: list[dict[str, Any]]):
     """Tokenized rows as a ``datasets.Dataset`` (the columns the collator and length grouping read)."""
     import datasets

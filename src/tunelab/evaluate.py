@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from tunelab import metrics
 from tunelab.data import IGNORE, Collator, Prepared, batches
+from tunelab.fsutil import write_text_atomic
 from tunelab.metrics import normalize  # noqa: F401  (re-exported: forgetting and tests read it here)
 from tunelab.models import unwrap
 from tunelab.progress import bar, track
-from tunelab.runtime import write_text_atomic
 
 
 def autocast(device: torch.device, bf16: bool):

@@ -88,3 +88,11 @@ def write_failure(e: BaseException, where: Path) -> str | None:
             "free some space"
         )
     return f"the write failed ({text.strip().splitlines()[0]})"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over: readers see the old file or
+    the new one, never half of it."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -205,3 +205,17 @@ def chosen(eval_cfg, fmt: str, references: Sequence[str]) -> tuple[list[str], st
     primary = alias.get(primary, primary) if primary else names[0]
     names = list(dict.fromkeys([primary, *names]))
     return names, primary
+
+
+METRIC_NAMES = {
+    "exact_match": "exact match", "accuracy": "accuracy", "macro_f1": "macro-F1", "chrf": "chrF", "bleu": "BLEU",
+    "rouge_l": "ROUGE-L", "json_fields": "JSON fields right",
+}  # fmt: skip
+
+
+def metric_name(metric: str | None) -> str:
+    if not metric:
+        return "score"
+    avg = metric.startswith("average ")
+    name = METRIC_NAMES.get(metric.removeprefix("average "), metric.replace("_", " "))
+    return f"average {name}" if avg else name

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tunelab.config import ConfigError
+from tunelab.fsutil import write_text_atomic
 
 
 def device() -> str:
@@ -83,14 +84,6 @@ def peak_memory_mb(device: str) -> dict[str, Any]:
         return {"peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "kind": "cuda_max_allocated"}
     kib = _vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_mb": round(kib / 1024, 1), "kind": "cpu_peak_rss"}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over: readers see the old file or
-    the new one, never half of it."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -18,10 +18,11 @@ from tunelab import distributed, levers
 from tunelab.checkpoints import STAGING, Checkpoint, pick_resume_checkpoint
 from tunelab.config import RunConfig
 from tunelab.context import RunContext
-from tunelab.data import Collator, Prepared, features_dataset, prepare_file
+from tunelab.data import Collator, Prepared, eval_datasets, features_dataset, prepare_file
 from tunelab.errors import RunError
 from tunelab.evaluate import loss_and_perplexity, score
 from tunelab.forgetting import Reference, build_retention_set, measure, retention_prompts
+from tunelab.fsutil import write_text_atomic
 from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model, tunelab_home
 from tunelab.progress import enabled as progress_enabled
 from tunelab.progress import status
@@ -202,15 +203,13 @@ class Session:
             )
 
     def score(self, prepared: Prepared, desc: str = "eval", record: str | None = None) -> dict[str, Any]:
-        """Scores of the model as it stands; with ``record``, every scored row's answer is kept in
-        ``predictions/<record>.jsonl`` of the run dir (the rows a comparison's paired intervals resample)."""
+        """Scores of the model as it stands; ``record`` keeps each row's answer (predictions/<record>.jsonl)."""
 
         def classify(ids, mask):
             return self.stack.classify(self.model, ids.to(self.device), mask.to(self.device), self.bf16)
 
-        path = self.run_dir / PREDICTIONS / f"{record}.jsonl" if record else None
-        m, cfg = self.model, self.cfg.eval
-        return score(m, self.tokenizer, prepared, cfg, self.bf16, classify=classify, desc=desc, record=path)
+        out = self.run_dir / PREDICTIONS / f"{record}.jsonl" if record else None
+        return score(self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16, 3, classify, desc, out)
 
     def retention_before(self) -> dict[str, Any] | None:
         """Retention metrics of the untouched model: KL 0 and exact reproduction 1 by construction."""
@@ -282,7 +281,7 @@ class Session:
             ),
             data_collator=Collator(self.tokenizer.pad_token_id, annotations=True),
             train_dataset=features_dataset(train_features),
-            eval_dataset=_eval_datasets(eval_data),
+            eval_dataset=eval_datasets(eval_data),
             processing_class=self.tokenizer,
             stack=self.stack,
             lr=cfg.training.lr,
@@ -381,12 +380,6 @@ class Session:
         }
 
 
-def _eval_datasets(eval_data: Prepared | dict[str, Prepared] | None):
-    if isinstance(eval_data, dict):
-        return {name: prepared.dataset() for name, prepared in eval_data.items()}
-    return eval_data.dataset() if eval_data is not None else None
-
-
 def _keep_metrics_through(path: Path, step: int) -> None:
     """On resume from step ``step``: drop the lines the killed run logged after it (they are logged again)."""
     if not path.is_file():
@@ -399,6 +392,4 @@ def _keep_metrics_through(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(x + "\n" for x in kept))

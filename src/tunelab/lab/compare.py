@@ -35,11 +35,10 @@ in this process).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from pathlib import Path
 
-from tunelab.errors import RunError, first_line
+from tunelab.errors import RunError
 from tunelab.lab.grid import (
     GRID,
     STATUS,
@@ -54,8 +53,8 @@ from tunelab.lab.grid import (
     variant_dict,
 )
 from tunelab.lab.report import write_report
-from tunelab.lab.search import candidates, dev_size, search_variant, stop_at
-from tunelab.modes import train
+from tunelab.lab.runner import run_here, run_in_child
+from tunelab.lab.search import candidates, dev_size, search_variant
 from tunelab.rundir import MARKER, SUMMARY
 from tunelab.runtime import write_json_atomic
 
@@ -70,64 +69,6 @@ def _state(run_dir: Path) -> str:
     return "new"
 
 
-def _run_here(cfg, resume: bool, callbacks: list | None, stop: int | None = None, overwrite: bool = False):
-    """Train one variant in this process (cut after step ``stop``, for a search); its error line, or None."""
-    try:
-        train(
-            cfg,
-            resume=resume,
-            overwrite=overwrite,
-            callbacks=[*(callbacks or []), *([stop_at(stop)] if stop else [])],
-        )
-    except KeyboardInterrupt:  # tunelab's Interrupted is one too: the comparison stops where it stands
-        raise
-    except Exception as e:
-        return f"{type(e).__name__}: {first_line(e)}"
-    return None
-
-
-def _child(cfg, resume: bool, conn, stop: int | None = None, overwrite: bool = False) -> None:
-    from tunelab.progress import set_verbosity
-
-    set_verbosity(os.environ.get("TUNELAB_VERBOSITY", "normal"))  # as the parent's -q / -v said
-    try:
-        conn.send(_run_here(cfg, resume, None, stop, overwrite))
-    except KeyboardInterrupt:
-        conn.send(INTERRUPTED)
-    finally:
-        conn.close()
-
-
-INTERRUPTED, DIED = "\0interrupted", "\0died"  # the child's other answers (an error line never starts with NUL)
-
-
-def _run_in_child(cfg, resume: bool, stop: int | None = None, overwrite: bool = False) -> str | None:
-    """Train one variant in a fresh process (spawned: nothing inherited but the config), so that its peak
-    memory, its speed and whatever it leaves behind are its own, and a crash or the kernel's OOM killer
-    ends that variant only. The child shares the terminal (progress bars) and the process group (Ctrl-C
-    stops both). Its error line, or None."""
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(cfg, resume, send, stop, overwrite), name="tunelab-variant")
-    child.start()
-    send.close()
-    try:
-        message = receive.recv()  # the child's one message: its error line, None, or INTERRUPTED
-    except EOFError:  # it died without a word: a signal (kill -9, the OOM killer) or a crash
-        message = DIED
-    except KeyboardInterrupt:
-        child.join()  # it got the same Ctrl-C; let it stop where it stands (its checkpoints stay)
-        raise
-    child.join()
-    if message == INTERRUPTED:
-        raise KeyboardInterrupt
-    if message == DIED:
-        code = child.exitcode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return f"the variant's process died ({how}; out of memory?)"
-    return message
-
-
 def _searched(out: Path, grid: Grid, v, configs: dict, status: dict, callbacks: list | None) -> dict:
     """Search variant ``v``'s knobs (or read the search back once its runs are done): its runs' configs with
     the chosen knobs."""
@@ -139,13 +80,18 @@ def _searched(out: Path, grid: Grid, v, configs: dict, status: dict, callbacks: 
 
     def runner(cfg, resume: bool, stop: int | None, overwrite: bool) -> str | None:
         if callbacks:
-            return _run_here(cfg, resume, callbacks, stop, overwrite)
-        return _run_in_child(cfg, resume, stop, overwrite)
+            return run_here(cfg, resume, callbacks, stop, overwrite)
+        return run_in_child(cfg, resume, stop, overwrite)
 
     def make(cand, extra: dict):
         return candidate_config(grid, v, cand, extra)
 
-    chosen = search_variant(out, v.name, cands, make, grid.search, budget, learns, runner)
+    if grid.search.backend == "ray":
+        from tunelab.lab.raytune import search_with_ray
+
+        chosen = search_with_ray(out, v.name, cands, make, grid.search, budget, learns)
+    else:
+        chosen = search_variant(out, v.name, cands, make, grid.search, budget, learns, runner)
     print(f"compare: {v.name}: search chose {chosen.knobs}", flush=True)
     cfg, _ = variant_dict(grid, v)
     return {key: build(grid, v, cfg, VARIANTS, key, seed, chosen.sets) for seed, key in keys}
@@ -239,7 +185,7 @@ def compare(
         print(f"compare: {name}: {'resuming' if state == 'interrupted' else 'running'}", flush=True)
         resume = state == "interrupted"
         try:
-            error = _run_here(cfg, resume, callbacks) if callbacks else _run_in_child(cfg, resume)
+            error = run_here(cfg, resume, callbacks) if callbacks else run_in_child(cfg, resume)
         except KeyboardInterrupt:
             status[name] = {"state": "interrupted"}
             write_json_atomic(status_file, status)

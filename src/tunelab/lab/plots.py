@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import io
 
+from tunelab.metrics import metric_name
+
 
 def _metric_label(rows: list[dict]) -> str:
-    from tunelab.lab.report import metric_name
-
     return metric_name(next((r["metric"] for r in rows if r["metric"]), None))
 
 

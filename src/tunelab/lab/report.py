@@ -23,21 +23,8 @@ from tunelab.lab.plots import score_plots, search_plot
 from tunelab.lab.results import BROKEN, COLUMNS, RUN, collect, points, unfinished
 from tunelab.lab.search import read_searches
 from tunelab.lab.stats import Verdict
+from tunelab.metrics import metric_name
 from tunelab.runtime import write_json_atomic
-
-METRIC_NAMES = {
-    "exact_match": "exact match", "accuracy": "accuracy", "macro_f1": "macro-F1", "chrf": "chrF", "bleu": "BLEU",
-    "rouge_l": "ROUGE-L", "json_fields": "JSON fields right",
-}  # fmt: skip
-
-
-def metric_name(metric: str | None) -> str:
-    if not metric:
-        return "score"
-    avg = metric.startswith("average ")
-    name = METRIC_NAMES.get(metric.removeprefix("average "), metric.replace("_", " "))
-    return f"average {name}" if avg else name
-
 
 # ----------------------------------------------------------------------------- figures as people read them
 

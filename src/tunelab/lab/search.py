@@ -42,7 +42,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -69,6 +69,20 @@ class SearchOptions(StrictModel):
     min_steps: int = Field(1, ge=1, description="The least steps a candidate trains before its first cut.")
     min_rows: int = Field(4, ge=1, description="The least dev rows a prompt candidate is scored on before a cut.")
     seed: int = Field(0, description="Seed of the draw when a space has more points than `candidates`.")
+    backend: Literal["local", "ray"] = Field(
+        "local",
+        description="local: candidates one process at a time, here (no extra dependency). ray: Ray Tune trials "
+        "under its ASHA scheduler, in parallel, here or on a Ray cluster (pip install 'tunelab[ray]').",
+    )
+    address: str | None = Field(
+        None, description="ray: the cluster to join (`auto`, or ray://HOST:10001); default: start one here."
+    )
+    cpus: int | None = Field(None, ge=1, description="ray: CPUs of the instance started here (default: all).")
+    cpus_per_trial: float = Field(1.0, gt=0, description="ray: CPUs each candidate holds.")
+    gpus_per_trial: float = Field(0.0, ge=0, description="ray: GPUs each candidate holds (a share, e.g. 0.5).")
+    concurrent: int | None = Field(
+        None, ge=1, description="ray: candidates at once (default: as many as the resources allow)."
+    )
 
 
 @dataclass
