@@ -98,3 +98,19 @@ def test_an_unknown_metric_is_refused_naming_the_file_line_key_and_what_is_allow
     assert main(["validate", str(path)]) == 2
     (problem,) = [x for x in capsys.readouterr().err.splitlines() if "meteor" in x]  # one line per problem
     assert f"{path}:" in problem and "eval.metrics.1" in problem and "'rouge_l'" in problem
+
+
+def test_the_translation_and_summary_tasks_are_generated_and_scored_as_free_text():
+    from tunelab.builtin_tasks import make_summaries, make_translation
+
+    for make in (make_translation, make_summaries):
+        rows = make(60, seed=1)
+        assert rows == make(60, seed=1) and rows != make(60, seed=2)  # the seed decides, nothing is downloaded
+        assert metrics.default_metrics("prompt_completion", [r["completion"] for r in rows])[0] == "chrf"
+    by_gender = {r["completion"] for r in make_translation(4000, seed=3)}
+    assert "Je vois une voiture rouge." in by_gender and "Je vois un chien vert." in by_gender
+    assert not any("une chien" in x or "un voiture" in x for x in by_gender)  # the article agrees
+    (row,) = make_summaries(1, seed=4)
+    assert row["completion"].split(" from ")[0] in row["prompt"] and len(row["prompt"]) > 3 * len(
+        row["completion"]
+    )

@@ -1,14 +1,17 @@
-"""Three generated tasks, for multi-task and continual runs and benchmarks: nothing is downloaded, and the
-same seed gives the same rows.
+"""Generated tasks, for multi-task and continual runs, comparisons and benchmarks: nothing is downloaded,
+and the same seed gives the same rows.
 
 - ``triage`` (prompt/completion): a support ticket -> ``{"category": ..., "priority": ...}`` (the demo's task,
   tunelab.demo);
 - ``sentiment`` (classification): a product review -> positive, negative or neutral;
 - ``extraction`` (prompt/completion): a shipping message -> ``{"order": "#12345", "date": "2026-03-14"}``, the
-  date rewritten from the many ways people write one.
+  date rewritten from the many ways people write one;
+- ``translation`` (prompt/completion): a short English sentence -> French (the guide's translation use case);
+- ``summaries`` (prompt/completion): a long customer email -> a one-sentence summary (content generation).
 
-Each is learnable from a few hundred rows by a small instruct model and scored by exact match (triage,
-extraction) or accuracy (sentiment).
+Each is learnable from a few hundred rows by a small instruct model. The metrics follow the rows' shape
+(tunelab.metrics): exact match and per-field accuracy for the JSON answers (triage, extraction), accuracy and
+macro-F1 for the labels (sentiment), chrF, BLEU and ROUGE-L for the sentences (translation, summaries).
 """
 
 from __future__ import annotations
@@ -97,7 +100,84 @@ def make_extraction(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-MAKERS = {"triage": make_tickets, "sentiment": make_sentiment, "extraction": make_extraction}
+# translation: English -> French, with gender agreement of article and colour (noun: French, gender)
+NOUNS = {
+    "car": ("voiture", "f"), "house": ("maison", "f"), "book": ("livre", "m"), "dog": ("chien", "m"),
+    "table": ("table", "f"), "bicycle": ("vélo", "m"), "window": ("fenêtre", "f"), "cat": ("chat", "m"),
+    "bag": ("sac", "m"), "chair": ("chaise", "f"),
+}  # fmt: skip
+COLOURS = {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "black": ("noir", "noire"),
+           "white": ("blanc", "blanche"), "blue": ("bleu", "bleue"), "grey": ("gris", "grise")}  # fmt: skip
+ARTICLES = {"the": ("le", "la"), "a": ("un", "une"), "my": ("mon", "ma")}
+PLACES = {"kitchen": "la cuisine", "garden": "le jardin", "street": "la rue", "garage": "le garage",
+          "bedroom": "la chambre"}  # fmt: skip
+TRANSLATE = "Translate into French:\n\n"
+
+
+def make_translation(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` prompt/completion rows: a short English sentence -> its French translation (articles and
+    colours agree with the noun's gender). Scored by chrF, BLEU and ROUGE-L (tunelab.metrics)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        art, noun, colour = rng.choice(list(ARTICLES)), rng.choice(list(NOUNS)), rng.choice(list(COLOURS))
+        fr_noun, gender = NOUNS[noun]
+        g = 0 if gender == "m" else 1
+        fr = f"{ARTICLES[art][g]} {fr_noun} {COLOURS[colour][g]}"
+        if rng.random() < 0.5:
+            place = rng.choice(list(PLACES))
+            en, out = (
+                f"{art.capitalize()} {colour} {noun} is in the {place}.",
+                f"{fr.capitalize()} est dans {PLACES[place]}.",
+            )
+        else:
+            en, out = f"I see {art} {colour} {noun}.", f"Je vois {fr}."
+        rows.append({"prompt": TRANSLATE + en, "completion": out})
+    return rows
+
+
+NAMES = ["Ana", "Ben", "Chloé", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jon"]
+CITIES = ["Lyon", "Leeds", "Porto", "Graz", "Turin", "Ghent", "Cork", "Bergen"]
+PROBLEMS = {"cracked": "arrived cracked", "late": "arrived two weeks late", "wrong": "was the wrong colour",
+            "dead": "does not switch on"}  # fmt: skip
+REMEDIES = {"refund": "a full refund", "replacement": "a replacement", "repair": "a free repair"}
+FILLER = [
+    "I have been a customer for years and usually everything goes well.",
+    "The delivery driver was friendly and the box looked fine from the outside.",
+    "I tried the steps in the manual twice before writing to you.",
+    "My neighbour bought the same model last month and is very happy with it.",
+    "I attach the order confirmation in case you need it.",
+    "Please let me know if you need photos.",
+]
+SUMMARISE = "Summarise this customer email in one sentence: who, what went wrong, what they want.\n\n"
+
+
+def make_summaries(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` prompt/completion rows: a long customer email (with sentences that do not matter) -> a one-sentence
+    summary of who wrote, what went wrong and what they ask for. Scored by ROUGE-L and chrF."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, city, product = rng.choice(NAMES), rng.choice(CITIES), rng.choice(PRODUCTS)
+        problem, remedy = rng.choice(list(PROBLEMS)), rng.choice(list(REMEDIES))
+        filler = rng.sample(FILLER, 3)
+        email = (
+            f"Hello, this is {name} from {city}. {filler[0]} I ordered a {product} from your shop. {filler[1]} "
+            f"Unfortunately the {product} {PROBLEMS[problem]}. {filler[2]} I would like {REMEDIES[remedy]}. "
+            f"Best regards, {name}"
+        )
+        summary = f"{name} from {city} says the {product} {PROBLEMS[problem]} and asks for {REMEDIES[remedy]}."
+        rows.append({"prompt": SUMMARISE + email, "completion": summary})
+    return rows
+
+
+MAKERS = {
+    "triage": make_tickets,
+    "sentiment": make_sentiment,
+    "extraction": make_extraction,
+    "translation": make_translation,
+    "summaries": make_summaries,
+}
 
 
 def write_tasks(data_dir: Path, *, train_rows: int, eval_rows: int, names=tuple(MAKERS)) -> list[dict]:
