@@ -43,16 +43,9 @@ def grid_for(task: dict, strategy: str, steps: int, out: Path) -> Path:
     grid = {
         "base": {
             "model": "smollm2-135m-instruct",
-            "data": {"train": task["train"], "eval": task["eval"], "dev_split": "auto"},
-            "training": {
-                "max_steps": steps,
-                "batch_size": 8,
-                "warmup_steps": 2,
-                "max_length": 192,
-                "save_steps": 10 * steps,
-                "logging_steps": 4,
-            },  # fmt: skip
-            "eval": {"max_new_tokens": 40, "batch_size": 16},
+            "data": {"train": task["train"], "eval": task["eval"], "dev_split": 24},
+            "training": {"max_steps": steps, "batch_size": 8, "max_length": 192, "save_steps": 10 * steps},
+            "eval": {"max_new_tokens": 32, "batch_size": 24},
         },
         "variants": [{"name": strategy, "strategy": STRATEGIES[strategy], "search": {"lr": {"log_uniform": lr}}}],
         "baseline": False,

@@ -119,10 +119,8 @@ def test_a_search_chooses_on_dev_and_the_eval_file_is_untouched_until_the_finali
     assert cand["eval"]["split"] == "dev" and cand["forgetting"]["enabled"] is False
 
     md = (out / "report.md").read_text()
-    assert (
-        "## Search: lora" in md
-        and "3 candidates, successive halving: 10 candidate-steps of the exhaustive grid's 18 (56%)" in md
-    )
+    assert "## Search: lora" in md and f"it ends with lr = {lr}; 3 candidates, successive halving: 10 " in md
+    assert "candidate-steps of the exhaustive grid's 18 (56%)" in md
     assert md.count("| cut after 2 steps |") == 2 and "| chosen |" in md
     assert (out / "plots" / "search_dev_curves.png").stat().st_size > 1000
 

@@ -112,7 +112,9 @@ def search_tables(searches: dict[str, dict]) -> dict[str, tuple[str, list[dict[s
             row["Outcome"] = "chosen" if chosen else f"cut after {rungs[last]['budget']} {unit}" if cut else ""
             rows.append(row)
         spent, whole = st.get("spent"), st.get("exhaustive")
-        cost = (
+        chosen = st.get("chosen")
+        ends = st["candidates"][chosen] if chosen is not None and chosen < len(st.get("candidates", [])) else None
+        cost = ("it ends with " + ", ".join(f"{k} = {v}" for k, v in ends.items()) + "; " if ends else "") + (
             f"{len(rows)} candidates, successive halving: {spent:,} candidate-{unit} of the exhaustive grid's "
             f"{whole:,} ({spent / whole:.0%})"
             if spent and whole
