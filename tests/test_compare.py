@@ -456,3 +456,33 @@ def test_every_shipped_comparison_grid_validates(path):
 
 def test_there_are_plain_seeded_and_searched_grids():
     assert {p.name for p in GRIDS} >= {"plain.yaml", "seeds.yaml", "search.yaml"}
+
+
+def test_the_guide_preset_takes_seeds_a_search_and_another_task(tiny_llama, tmp_path, capsys):
+    from tunelab.lab.compare import _claim
+    from tunelab.lab.presets import SPACES, write_preset
+
+    out = tmp_path / "guide"
+    _claim(out)
+    (out / "data").mkdir()
+    path = write_preset("guide", out, steps=9, model=str(tiny_llama), seeds=3, search=True, task="translation")
+    grid, configs = load_grid(path)
+    assert grid.seed_list() == [42, 43, 44] and len(configs) == 3 * len(grid.variants)
+    assert {v.name for v in grid.variants if v.search} == set(SPACES)
+    assert (
+        grid.base["data"]["train"].endswith("translation-train.jsonl") and grid.base["data"]["dev_split"] == "auto"
+    )
+    student = configs["distilled-student/seed-43"]
+    assert [s for s in student.strategy if s.name == "distill"][0].teacher == str(
+        out / "variants" / "lora" / "seed-42"
+    )
+    multitask = configs["multitask/seed-42"]
+    assert [t.name for t in multitask.tasks][0] == "translation" and multitask.tasks[0].dev_split == "auto"
+    # from the CLI: the options are the preset's, and checked
+    assert main(["compare", "--preset", "guide", "--task", "poetry", "--output-dir", str(tmp_path / "x")]) == 2
+    assert (
+        "unknown task 'poetry'; the guide runs on triage, extraction, translation, summaries"
+        in capsys.readouterr().err
+    )
+    assert main(["compare", str(path), "--seeds", "3"]) == 2
+    assert "go with --preset" in capsys.readouterr().err

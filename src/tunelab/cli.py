@@ -141,6 +141,11 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="--preset only: the comparison directory (default runs/<preset>)")
     p.add_argument("--steps", type=int, help="--preset only: training steps per variant (guide: 30)")
     p.add_argument("--model", help="--preset only: the model (default: the default model)")
+    p.add_argument("--seeds", type=int, help="--preset only: train every row once per seed (means, intervals)")
+    p.add_argument(
+        "--search", action="store_true", help="--preset only: choose each row's learning rate on a dev split"
+    )
+    p.add_argument("--task", help="--preset only: the data (guide: triage, extraction, translation, summaries)")
 
 
 def _compare(args) -> int:
@@ -149,7 +154,10 @@ def _compare(args) -> int:
 
     if args.steps is not None and args.steps <= 0:
         raise RunError(f"--steps must be a positive number of steps, got {args.steps}")
-    out = compare(args.grid, preset=args.preset, output_dir=args.output_dir, steps=args.steps, model=args.model)
+    if args.seeds is not None and args.seeds <= 0:
+        raise RunError(f"--seeds must be a number of seeds (1 or more), got {args.seeds}")
+    given = {k: getattr(args, k) for k in ("output_dir", "steps", "model", "seeds", "search", "task")}
+    out = compare(args.grid, preset=args.preset, **given)
     print(f"comparison written to {out}/ (report.html, report.md, results.csv)")
     print((out / "report.md").read_text().split("\n\n|")[0].removeprefix("# Comparison\n\n"))
     from tunelab.integrity import read_json

@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tunelab.errors import RunError
+from tunelab.errors import RunError, first_line
 from tunelab.lab.grid import (
     GRID,
     STATUS,
@@ -145,12 +145,15 @@ def compare(
     output_dir: str | os.PathLike | None = None,
     steps: int | None = None,
     model: str | None = None,
+    seeds: int | None = None,
+    search: bool = False,
+    task: str | None = None,
     callbacks: list | None = None,
 ) -> Path:
     """Run (or continue) every variant of the grid at ``path``, or of a ready-made ``preset``
     (:mod:`tunelab.lab.presets`: its data and grid are written under ``output_dir/data``, ``steps`` sets its
-    budget and ``model`` its model); then write the report. Returns the comparison directory. Mirrors
-    ``tunelab compare``."""
+    budget, ``model`` its model, ``seeds`` its runs per row, ``search`` a search of each row's knobs and
+    ``task`` its data); then write the report. Returns the comparison directory. Mirrors ``tunelab compare``."""
     if (path is None) == (preset is None):
         raise RunError("give a grid file or a preset (--preset), not both or neither")
     if preset is not None:
@@ -161,9 +164,15 @@ def compare(
         out = Path(output_dir or f"runs/{preset}")
         _claim(out)
         (out / "data").mkdir(exist_ok=True)
-        path = write_preset(preset, out, steps, model)
-    elif output_dir is not None or steps is not None or model is not None:
-        raise RunError("--output-dir, --steps and --model go with --preset; a grid sets them itself")
+        try:
+            options = {k: v for k, v in (("seeds", seeds), ("search", search or None), ("task", task)) if v}
+            path = write_preset(preset, out, steps, model, **options)
+        except ValueError as e:
+            raise RunError(f"--preset {preset}: {first_line(e)}") from None
+    elif any(x is not None for x in (output_dir, steps, model, seeds, task)) or search:
+        raise RunError(
+            "--output-dir, --steps, --model, --seeds, --search and --task go with --preset; a grid sets its own"
+        )
     grid, configs = load_grid(path)
     out = Path(grid.output_dir)
     status = read_status(out) if out.is_dir() else {}

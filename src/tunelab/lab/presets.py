@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from tunelab.builtin_tasks import write_tasks
+from tunelab.config import TrainingConfig
 from tunelab.demo import INSTRUCTION
 from tunelab.lab.grid import VARIANTS
 from tunelab.models import resolve_model
@@ -34,18 +35,50 @@ def _blocks(model: str) -> int:
     return int(config.get("num_hidden_layers") or config["n_layer"])
 
 
-def guide(out: Path, steps: int = 30, model: str = "smollm2-135m-instruct") -> dict[str, Any]:
-    """The guide's grid: the demo task's data written under ``out/data``."""
-    triage, sentiment, extraction = write_tasks(out / "data", train_rows=320, eval_rows=40)
+#: a searched preset's spaces: each single-strategy row's learning rate over its strategy's usual range
+#: (a decade either side of the customary rate), and the prompt baseline's shots and example selection
+SPACES = {
+    "full": {"lr": {"log_uniform": [1.0e-5, 3.0e-4]}},
+    "layerwise": {"lr": {"log_uniform": [2.0e-5, 6.0e-4]}},
+    "adapters": {"lr": {"log_uniform": [2.0e-4, 6.0e-3]}},
+    "prefix": {"lr": {"log_uniform": [1.0e-3, 3.0e-2]}},
+    "prompt-tuning": {"lr": {"log_uniform": [1.0e-3, 3.0e-2]}},
+    "lora": {"lr": {"log_uniform": [2.0e-4, 6.0e-3]}},
+    "ia3": {"lr": {"log_uniform": [1.0e-3, 3.0e-2]}},
+    "4-shot": {"shots": [1, 4], "select": ["random", "bm25"]},
+}
+TASKS = ("triage", "extraction", "translation", "summaries")  #: what a guide comparison may be scored on
+
+
+def guide(
+    out: Path,
+    steps: int = 30,
+    model: str = "smollm2-135m-instruct",
+    seeds: int | None = None,
+    search: bool = False,
+    task: str = "triage",
+) -> dict[str, Any]:
+    """The guide's grid on ``task`` (its data written under ``out/data``); with ``seeds``, every row once per
+    seed; with ``search``, each single-strategy row's learning rate (and the few-shot row's prompt) chosen by
+    successive halving on a dev split (:data:`SPACES`)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; the guide runs on {', '.join(TASKS)}")
+    others = [t for t in ("triage", "sentiment", "extraction") if t != task][:2]
+    written = {
+        t["name"]: t for t in write_tasks(out / "data", train_rows=320, eval_rows=40, names=(task, *others))
+    }
+    # "triage" below is the comparison's own task (the demo's triage unless ``task`` says otherwise)
+    triage, sentiment, extraction = written[task], written[others[0]], written[others[1]]
     own = {k: triage[k] for k in ("train", "eval")}
-    teacher = str(out / VARIANTS / "lora")  # the LoRA variant's run (it runs before the students)
+    first = f"seed-{TrainingConfig.model_fields['seed'].default}" if seeds else None  # the teacher's first seed
+    teacher = str(out / VARIANTS / "lora" / first) if first else str(out / VARIANTS / "lora")
     # the student drops every third block: 20 of the default model's 30, 27% fewer parameters
     blocks = _blocks(model)
     student = [b for b in range(blocks) if b % 3 != 2]
     top = max(1, blocks // 3)  # layer-wise: the top third of the blocks (10 of 30)
     distill = {"name": "distill", "teacher": teacher, "alpha": 0.5, "temperature": 2.0, "top_k": 64}
-    sequence = [triage, extraction]  # continual: triage first, then a second task; scored on triage after both
-    return {
+    sequence = [triage, extraction]  # continual: the comparison's task first, then another; scored after both
+    grid = {
         "base": {
             "model": model,
             "data": own,
@@ -103,14 +136,23 @@ def guide(out: Path, steps: int = 30, model: str = "smollm2-135m-instruct") -> d
         "output_dir": str(out),
         "report": {"within": 5},
     }
+    if seeds:
+        grid["seeds"] = seeds
+    if search:
+        grid["search"] = {"eta": 3, "candidates": 4, "min_steps": max(2, steps // 9)}
+        for v in grid["variants"]:
+            if v["name"] in SPACES:
+                v["search"] = SPACES[v["name"]]
+    return grid
 
 
 PRESETS = {"guide": guide}
 
 
-def write_preset(name: str, out: Path, steps: int | None = None, model: str | None = None) -> Path:
-    """Write preset ``name``'s data and grid under ``out/data``; returns the grid file."""
-    given = {"steps": steps, "model": model}
+def write_preset(name: str, out: Path, steps: int | None = None, model: str | None = None, **options) -> Path:
+    """Write preset ``name``'s data and grid under ``out/data``; returns the grid file. ``options``: the
+    preset's own (guide: ``seeds``, ``search``, ``task``)."""
+    given = {"steps": steps, "model": model, **options}
     grid = PRESETS[name](out, **{k: v for k, v in given.items() if v is not None})
     path = out / "data" / f"{name}.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False, width=110))
