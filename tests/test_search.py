@@ -5,6 +5,7 @@ spaces refused at validation, an interrupted search continuing where it stopped.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,43 @@ def test_ray_tune_chooses_what_the_local_search_chooses(tiny_llama, memo_data, t
     assert all(
         (tmp_path / "ray" / "cmp" / "search" / "lora" / f"c{i}" / "config.yaml").is_file() for i in range(4)
     )
+
+
+@pytest.mark.slow
+def test_a_search_killed_with_sigkill_continues_to_the_same_scores(tiny_llama, memo_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def grid(where):
+        where.mkdir()
+        path = grid_file(where, tiny_llama, memo_data, SEARCHED, baseline=False)
+        g = yaml.safe_load(open(path))
+        g["base"]["training"].update(max_steps=30, save_steps=2)
+        open(path, "w").write(yaml.safe_dump(g))
+        return path
+
+    killed, whole = grid(tmp_path / "killed"), grid(tmp_path / "whole")
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "-q", "compare", killed], stderr=subprocess.PIPE)
+    c1 = tmp_path / "killed" / "cmp" / "search" / "lora" / "c1" / "checkpoints"
+    deadline = time.time() + 240
+    while not list(c1.glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    os.kill(proc.pid, signal.SIGKILL)  # the comparison dies mid-candidate; its candidate's process stops with it
+    proc.wait()
+    for pid in children:
+        while Path(f"/proc/{pid}").exists() and time.time() < deadline + 60:
+            time.sleep(0.2)
+    out = compare(killed)  # continues where it stopped
+    state = json.loads((out / "search" / "lora" / "state.json").read_text())
+    c1_summary = json.loads((c1.parent / "summary.json").read_text())
+    assert c1_summary["train"]["resumed_from"] is not None  # c1 went on from its checkpoint
+    reference = json.loads((compare(whole) / "search" / "lora" / "state.json").read_text())
+    drop = ("wall_s",)
+    scores = lambda st: [
+        {c: {k: v for k, v in s.items() if k not in drop} for c, s in r["scores"].items()} for r in st["rungs"]
+    ]  # noqa: E731, E501
+    assert scores(state) == scores(reference) and state["chosen"] == reference["chosen"]

@@ -79,3 +79,10 @@ def test_forgetting_over_seeds_has_students_t_interval_and_none_for_one_seed():
     half = scipy_stats.t.ppf(0.975, 2) * 0.002 / np.sqrt(3)
     assert s.mean == pytest.approx(0.012) and s.hi - s.mean == pytest.approx(half)
     assert seed_interval([0.5]).lo is None
+
+
+def test_one_number_per_variant_gives_no_interval_and_ranks_nothing_beyond_noise():
+    one = {"a": np.array([[[0.8, 1.0]]]), "b": np.array([[[0.7, 1.0]]])}  # one seed each, no rows
+    v = paired_bootstrap(one, "exact_match", by_rows=False)
+    assert v.best == "a" and v.how == "no interval: one seed and no per-row answers"
+    assert v.scores["a"].lo is None and v.differences["b"].mean == pytest.approx(-0.1)

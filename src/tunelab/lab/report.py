@@ -22,7 +22,7 @@ from tunelab.lab.frontier import pareto_front, recommend
 from tunelab.lab.plots import score_plots, search_plot
 from tunelab.lab.results import BROKEN, COLUMNS, RUN, collect, points, unfinished
 from tunelab.lab.search import read_searches
-from tunelab.lab.stats import Verdict
+from tunelab.lab.stats import NO_INTERVAL, Verdict
 from tunelab.metrics import metric_name
 from tunelab.runtime import write_json_atomic
 
@@ -132,6 +132,11 @@ def recommendation_lines(recs: dict[str, Any], within: float, front: list[str], 
     tied = verdict.tied
     if not tied:
         lines = ["No variant was scored."]
+    elif verdict.how == NO_INTERVAL:
+        lines = [
+            f"Highest task score ({metric}): {', '.join(f'**{t}**' for t in tied)}; {NO_INTERVAL}, so whether the "
+            "others are within noise is unknown (grid `seeds: 3`, or runs that keep their answers, tell)."
+        ]
     elif len(tied) > 1:
         names = ", ".join(f"**{t}**" for t in tied)
         lines = [

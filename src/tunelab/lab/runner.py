@@ -27,14 +27,38 @@ def run_here(cfg, resume: bool, callbacks: list | None, stop: int | None = None,
     return None
 
 
+def _stop_with_parent() -> None:
+    """If the comparison's process dies (kill -9), stop this run as Ctrl-C would, instead of training on as
+    an orphan that holds its run dir: Linux sends SIGTERM on the parent's death (``PR_SET_PDEATHSIG``), and
+    SIGTERM stops the run cleanly, its checkpoints kept for the rerun."""
+    import ctypes
+    import signal
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the orphan trains on, and the rerun finds its dir held
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        raise KeyboardInterrupt
+
+
 def _child(cfg, resume: bool, conn, stop: int | None = None, overwrite: bool = False) -> None:
     from tunelab.progress import set_verbosity
 
     set_verbosity(os.environ.get("TUNELAB_VERBOSITY", "normal"))  # as the parent's -q / -v said
     try:
+        _stop_with_parent()
         conn.send(run_here(cfg, resume, None, stop, overwrite))
     except KeyboardInterrupt:
-        conn.send(INTERRUPTED)
+        try:
+            conn.send(INTERRUPTED)
+        except OSError:  # the parent is gone
+            pass
     finally:
         conn.close()
 

@@ -29,6 +29,7 @@ import numpy as np
 from tunelab import metrics
 
 LEVEL, RESAMPLES = 0.95, 2000
+NO_INTERVAL = "no interval: one seed and no per-row answers"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,16 @@ def paired_bootstrap(
     (``by_rows=False``) each seed is one "row" holding that seed's totals, and only seeds are resampled."""
     if not rows:
         return Verdict(None, {}, {}, [], "nothing to compare")
+    if not by_rows and max(a.shape[0] for a in rows.values()) == 1:  # one number per variant: no spread known
+        point = {x: float(metrics.total(metric, a.sum(1)).mean()) for x, a in rows.items()}
+        best = min(point, key=lambda x: (-point[x], x))
+        return Verdict(
+            best,
+            {x: Interval(v) for x, v in point.items()},
+            {x: Interval(v - point[best]) for x, v in point.items()},
+            [x for x in sorted(point, key=lambda x: x != best) if point[x] == point[best]],
+            NO_INTERVAL,
+        )
     n = {a.shape[1] for a in rows.values()}
     if len(n) != 1:
         raise ValueError(f"variants were scored on different numbers of rows ({sorted(n)}): they cannot be paired")
