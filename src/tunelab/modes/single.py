@@ -59,7 +59,7 @@ class SingleRun(RunMode):
         if self.stats is not None:
             summary["train"] = self.stats
         if ev is not None:
-            summary["eval"] = s.score(ev, record="eval")
+            summary["eval"] = {**s.score(ev, record=self.cfg.eval.split), "split": self.cfg.eval.split}
         after = s.retention_after()
         self.add_forgetting(summary, forgetting_summary(self.before_retention, after) if after is not None else {})
         return finish_summary(summary, s.device, self.run_dir, self.t_start)
