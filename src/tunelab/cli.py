@@ -1,11 +1,10 @@
 """``tunelab`` command line: train | validate | eval | generate | merge | export | compare | report | strategies
 | demo.
 
-Each verb is one entry of :data:`VERBS` and a thin layer over the Python API of the same name
-(``tunelab.train`` etc.). Errors a user can
-fix (bad config, bad data, missing model, occupied output dir, an unreadable or full disk) print one clear
-message and exit 2; a diverged run exits 3; SIGINT or SIGTERM stop the run cleanly with exit 130 and say
-how to resume. ``--debug`` shows the traceback as well.
+Each verb is one entry of :data:`VERBS` and a thin layer over the Python API of the same name (``tunelab.train``
+etc.). Errors a user can fix (bad config, bad data, missing model, occupied output dir, an unreadable or full
+disk) print one clear message and exit 2; a diverged run exits 3; SIGINT or SIGTERM stop the run cleanly with
+exit 130 and say how to resume. ``--debug`` shows the traceback as well.
 """
 
 from __future__ import annotations
@@ -142,9 +141,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="--preset only: training steps per variant (guide: 30)")
     p.add_argument("--model", help="--preset only: the model (default: the default model)")
     p.add_argument("--seeds", type=int, help="--preset only: train every row once per seed (means, intervals)")
-    p.add_argument(
-        "--search", action="store_true", help="--preset only: choose each row's learning rate on a dev split"
-    )
+    p.add_argument("--search", action="store_true", help="--preset only: choose each row's lr on a dev split")
     p.add_argument("--task", help="--preset only: the data (guide: triage, extraction, translation, summaries)")
 
 
@@ -152,10 +149,9 @@ def _compare(args) -> int:
     from tunelab.errors import RunError
     from tunelab.run import compare
 
-    if args.steps is not None and args.steps <= 0:
-        raise RunError(f"--steps must be a positive number of steps, got {args.steps}")
-    if args.seeds is not None and args.seeds <= 0:
-        raise RunError(f"--seeds must be a number of seeds (1 or more), got {args.seeds}")
+    for flag, n in (("steps", args.steps), ("seeds", args.seeds)):
+        if n is not None and n <= 0:
+            raise RunError(f"--{flag} must be a positive number of {flag}, got {n}")
     given = {k: getattr(args, k) for k in ("output_dir", "steps", "model", "seeds", "search", "task")}
     out = compare(args.grid, preset=args.preset, **given)
     print(f"comparison written to {out}/ (report.html, report.md, results.csv)")
