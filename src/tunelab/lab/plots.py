@@ -9,6 +9,17 @@ import io
 from tunelab.metrics import metric_name
 
 
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (110 dpi), closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _metric_label(rows: list[dict]) -> str:
     return metric_name(next((r["metric"] for r in rows if r["metric"]), None))
 
@@ -46,11 +57,7 @@ def score_plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        return buf.getvalue()
+        return _png(fig)
 
     out["score_vs_forgetting"] = scatter(
         "kl_to_base",
@@ -80,11 +87,7 @@ def score_plots(rows: list[dict], front: list[str]) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
     if any(r["curve"] for r in rows):
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    out["loss_curves"] = buf.getvalue()
+    out["loss_curves"] = _png(fig)
     return out
 
 
@@ -123,8 +126,4 @@ def search_plot(searches: dict[str, dict]) -> bytes | None:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
