@@ -74,6 +74,8 @@ def test_a_budget_in_tokens_stops_at_the_first_step_reaching_it_and_resumes_to_t
     assert seen[-1] == whole.summary["train"]["tokens_seen"] >= budget > seen[-2]
     # the schedule's horizon is the budget at the data's mean tokens per step: 16 rows, 4 steps per epoch
     assert whole.summary["train"]["steps"] == len(seen) == 6
+    again = train(cfg, resume=True)  # killed after its last checkpoint, before its summary: no step more
+    assert again.summary["train"]["resumed_from"] == "checkpoint-6" and again.summary["train"]["steps"] == 6
     cfg["output_dir"] = str(tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, callbacks=[crash_at(3)])

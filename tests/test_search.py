@@ -54,6 +54,9 @@ def test_a_candidate_cut_and_continued_equals_one_trained_longer(tiny_llama, mem
     train(cfg, callbacks=[stop_at(2)])
     cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert cut["train"]["steps"] == 2 and (tmp_path / "cut" / "checkpoints" / "checkpoint-2").is_dir()
+    train(cfg, resume=True, callbacks=[stop_at(2)])  # killed after its cut's checkpoint, before its summary
+    again = json.loads((tmp_path / "cut" / "summary.json").read_text())  # no step past the cut
+    assert again["train"]["steps"] == 2 and again["train"]["resumed_from"] == "checkpoint-2"
     train(cfg, resume=True, callbacks=[stop_at(4)])
     train(cfg, resume=True)
     whole = dict(cfg, output_dir=str(tmp_path / "whole"))

@@ -11,12 +11,12 @@ TensorBoard logging. tunelab needs to change only what strategies decide (docs/d
   loss terms, summed without knowing them; in evaluation the task loss alone. With ``loss_head:
   positions`` the task loss comes from the vocabulary head applied to the loss positions only
   (tunelab.losshead), normalised exactly as the Trainer's own path;
-- callbacks: a progress bar showing loss and tokens/s, and ``metrics.jsonl`` in the run dir;
+- callbacks (tunelab.callbacks): a progress bar showing loss and tokens/s, and ``metrics.jsonl`` in the run dir;
 - multi-task runs: the run mode's batch sampler (each batch from one task), and batches that carry their
   ``task``: the model is routed to that task's parts (``stack.select_task``), its loss weighted by the
   task's weight and logged per task (``loss/<task>``).
 
-and at four more for reliability (docs/reliability.md):
+and at five more for reliability (docs/reliability.md):
 
 - ``_get_train_sampler``: length-grouped batches whose shuffle depends only on (seed, epoch), so a
   resume in the middle of any epoch sees exactly the order the uninterrupted run saw;
@@ -30,7 +30,9 @@ and at four more for reliability (docs/reliability.md):
   the previous checkpoints and says so. For a PEFT-wrapped model, whose checkpoint the Trainer writes as
   the PEFT adapter alone, every trained tensor is also written to ``trainable.safetensors`` and read back
   on resume (``_load_from_checkpoint``): a hybrid's native parts (bottleneck adapters, layer-wise base
-  weights) resume exactly too.
+  weights) resume exactly too;
+- ``_run_epoch``: a stop that already holds when training begins (a resume from a search's cut or a token
+  budget's last step, killed before its summary) trains no step past it.
 
 and at one for sharding: ``create_accelerator_and_postprocess`` lets FSDP2 run on CPU as on CUDA and stops a
 run whose FSDP or DeepSpeed accelerate did not turn on (tunelab.distributed).
@@ -40,17 +42,13 @@ The engine never names a strategy.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers import Trainer
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -136,6 +134,10 @@ class TunelabTrainer(Trainer):
         # takes its consecutive share of it, so the steps see the rows one process would (same losses)
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return EpochLengthGroupedSampler(ds["length"], batch, self.args.data_seed or self.args.seed)
+
+    def _run_epoch(self, *args, **kwargs):
+        if not self.control.should_training_stop:  # set at train begin: the resumed run is already done
+            super()._run_epoch(*args, **kwargs)
 
     # -- nothing non-finite is used or saved ----------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -326,72 +328,3 @@ class TunelabTrainer(Trainer):
     def learning_rates(self) -> dict[str, float]:
         """The peak learning rate of each component, as resolved for the optimizer."""
         return self.stack.learning_rates(self.model, self.lr)
-
-
-class Throughput:
-    """Tokens per second over the current process's training time (restarts at resume)."""
-
-    def __init__(self):
-        self.t0: float | None = None
-        self.tokens0 = 0
-
-    def start(self, state) -> None:
-        self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-
-    def rate(self, state) -> float:
-        if self.t0 is None:
-            return 0.0
-        dt = time.perf_counter() - self.t0
-        return (state.num_input_tokens_seen - self.tokens0) / dt if dt > 0 else 0.0
-
-
-class TokenBudget(TrainerCallback):
-    """Stops training at the first optimizer step that brings the tokens seen (non-padding, all processes:
-    the Trainer gathers them) to ``training.max_tokens``. The count is in the checkpoint's trainer state, so a
-    resumed run stops at the same step."""
-
-    def __init__(self, max_tokens: int):
-        self.max_tokens = max_tokens
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.num_input_tokens_seen >= self.max_tokens:
-            control.should_training_stop = True
-
-
-class BarCallback(ProgressCallback):
-    """tqdm bar (steps, ETA) whose postfix shows the latest loss and tokens/s instead of printing dicts."""
-
-    def __init__(self, throughput: Throughput):
-        super().__init__()
-        self.throughput = throughput
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        if self.training_bar is not None and state.global_step:
-            self.training_bar.update(state.global_step)
-            self.current_step = state.global_step
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{self.throughput.rate(state):.0f}")
-
-
-class MetricsCallback(TrainerCallback):
-    """Appends every log event as one JSON line to ``metrics.jsonl`` (rank 0 only)."""
-
-    def __init__(self, path: Path, throughput: Throughput):
-        self.path = path
-        self.throughput = throughput
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.throughput.start(state)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        record: dict[str, Any] = {"step": state.global_step, "epoch": state.epoch, "time": time.time()}
-        record.update({k: v for k, v in logs.items() if isinstance(v, int | float | str)})
-        record["tokens_seen"] = state.num_input_tokens_seen
-        record["tokens_per_s"] = round(self.throughput.rate(state), 2)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")

@@ -256,7 +256,8 @@ class Session:
         from transformers.integrations import TensorBoardCallback
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        from tunelab.engine import BarCallback, MetricsCallback, Throughput, TokenBudget, TunelabTrainer
+        from tunelab.callbacks import BarCallback, MetricsCallback, Throughput, TokenBudget
+        from tunelab.engine import TunelabTrainer
 
         cfg = self.cfg
         env = tracker_env(cfg.training.report_to, self.run_dir)

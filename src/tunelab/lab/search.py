@@ -300,6 +300,11 @@ def stop_at(step: int):
                 control.should_training_stop = control.should_save = True
             return control
 
+        def on_train_begin(self, args, state, control, **kwargs):  # resumed at the cut: no step past it
+            if state.global_step >= step:
+                control.should_training_stop = True
+            return control
+
     return StopAt()
 
 
