@@ -1,16 +1,20 @@
 """Successive halving against the exhaustive grid over the same candidates (docs/search.md).
 
     python bench/search_vs_exhaustive.py [--steps 18] [--tasks triage extraction] [--strategies lora full ia3]
+                                         [--cooldown 0.33] [--min-steps 3]
 
 For each task (the demo's ticket triage, and the date-normalising extraction task of tunelab.builtin_tasks)
 and each strategy, six learning rates (log-spaced over the strategy's usual range) are searched on the dev
 split (24 rows carved from 320 training rows) by successive halving (η = 3, no cut before step 3: rungs
-of 3, 9 and 18 steps) on the default model, with no warmup and a linear decay over the 18 steps. Then every
+of 3, 9 and 18 steps) on the default model, with no warmup and a linear decay over the 18 steps; with
+``--cooldown``, a cut candidate is scored after a branch of that share of its steps more, its learning rate
+falling to zero (``search.cooldown``, counted in the compute). Then every
 candidate is continued from its checkpoint to the full budget, which is what the exhaustive grid trains
 (a cut candidate continued equals one trained to the end from the start: tests/test_search.py). The script
 prints, per task and strategy: halving's choice, the exhaustive grid's best, whether they are the same or
 statistically tied on dev (paired bootstrap over the dev rows, tunelab.lab.stats), and the compute each
-spent in optimizer steps. Results go to bench/out/search/<task>/ and bench/out/search/summary.json.
+spent in optimizer steps. Results go to bench/out/search/<task>/ and bench/out/search/summary.json (one
+entry per task, strategy and cool-down, kept across invocations).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from tunelab.builtin_tasks import write_tasks
 from tunelab.config import load_config
 from tunelab.evaluate import read_predictions
 from tunelab.lab import stats
-from tunelab.lab.compare import _claim, _searched
+from tunelab.lab.compare import claim, search_variant_runs
 from tunelab.lab.grid import load_grid
 from tunelab.lab.runner import run_in_child
 from tunelab.lab.search import STATE
@@ -38,7 +42,7 @@ STRATEGIES = {"lora": {"name": "lora", "r": 16, "alpha": 32}, "ia3": "ia3", "ful
               "adapters": {"name": "adapters", "placement": "houlsby"}}  # fmt: skip
 
 
-def grid_for(task: dict, strategy: str, steps: int, out: Path) -> Path:
+def grid_for(task: dict, strategy: str, steps: int, out: Path, cooldown: float, least: int) -> Path:
     lr = RANGES[strategy]
     grid = {
         "base": {
@@ -49,7 +53,7 @@ def grid_for(task: dict, strategy: str, steps: int, out: Path) -> Path:
         },
         "variants": [{"name": strategy, "strategy": STRATEGIES[strategy], "search": {"lr": {"log_uniform": lr}}}],
         "baseline": False,
-        "search": {"eta": 3, "candidates": 6, "min_steps": 3},
+        "search": {"eta": 3, "candidates": 6, "min_steps": least, "cooldown": cooldown},
         "output_dir": str(out),
     }
     path = out.parent / f"{out.name}.yaml"
@@ -62,13 +66,13 @@ def dev_rows(run_dir: Path, metric: str):
     return row_stats(metric, preds, refs, head.get("labels"))[None]
 
 
-def one(task: dict, strategy: str, steps: int) -> dict:
-    out = OUT / task["name"] / strategy
-    _claim(out)
-    grid, configs = load_grid(grid_for(task, strategy, steps, out))
+def one(task: dict, strategy: str, steps: int, cooldown: float, least: int) -> dict:
+    out = OUT / task["name"] / (f"{strategy}-cool{cooldown:g}-min{least}" if cooldown or least != 3 else strategy)
+    claim(out)
+    grid, configs = load_grid(grid_for(task, strategy, steps, out, cooldown, least))
     (v,) = grid.variants
     t0 = time.perf_counter()
-    _searched(out, grid, v, configs, {}, None)  # the search only: its finalists are not run here
+    search_variant_runs(out, grid, v, configs)  # the search only: its finalists are not run here
     halving_s = time.perf_counter() - t0
     home = out / "search" / v.name
     state = json.loads((home / STATE).read_text())
@@ -93,6 +97,8 @@ def one(task: dict, strategy: str, steps: int) -> dict:
     return {
         "task": task["name"],
         "strategy": strategy,
+        "cooldown": cooldown,
+        "plan": state["plan"],
         "candidates": [c["lr"] for c in state["candidates"]],
         "halving_lr": state["candidates"][chosen]["lr"],
         "exhaustive_lr": state["candidates"][best]["lr"],
@@ -113,22 +119,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=18)
     ap.add_argument("--tasks", nargs="+", default=["triage", "extraction"])
     ap.add_argument("--strategies", nargs="+", default=["lora", "full", "ia3"])
+    ap.add_argument("--cooldown", type=float, default=0.0)
+    ap.add_argument("--min-steps", type=int, default=3)
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     tasks = {t["name"]: t for t in write_tasks(OUT / "data", train_rows=320, eval_rows=40, names=tuple(a.tasks))}
-    results = []
+    path = OUT / "summary.json"
+    key = lambda r: (r["task"], r["strategy"], r.get("cooldown", 0.0), str(r.get("plan")))  # noqa: E731
+    results = {key(r): r for r in (json.loads(path.read_text()) if path.is_file() else [])}
     for name in a.tasks:
         for strategy in a.strategies:
-            r = one(tasks[name], strategy, a.steps)
-            results.append(r)
+            r = one(tasks[name], strategy, a.steps, a.cooldown, a.min_steps)
+            results[key(r)] = r
             print(json.dumps(r), flush=True)
-            (OUT / "summary.json").write_text(json.dumps(results, indent=2))
-    print("\n| task | strategy | halving chose | exhaustive best | same or tied | compute (steps) |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
+            path.write_text(json.dumps(list(results.values()), indent=2))
+    print("\n| task | strategy | rungs | cool-down | halving chose | exhaustive best | same or tied | compute |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results.values():
         agree = "same" if r["same"] else "tied on dev" if r["tied_on_dev"] else "**different**"
-        print(f"| {r['task']} | {r['strategy']} | {r['halving_lr']:g} | {r['exhaustive_lr']:g} | {agree} | "
-              f"{r['halving_steps']} of {r['exhaustive_steps']} ({r['share']:.0%}) |")  # fmt: skip
+        rungs = ", ".join(str(b) for b, _ in r.get("plan", []))
+        print(f"| {r['task']} | {r['strategy']} | {rungs} | {r.get('cooldown', 0.0):g} | {r['halving_lr']:g} | "
+              f"{r['exhaustive_lr']:g} | {agree} | {r['halving_steps']} of {r['exhaustive_steps']} "
+              f"({r['share']:.0%}) |")  # fmt: skip
 
 
 if __name__ == "__main__":

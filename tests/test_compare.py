@@ -239,11 +239,11 @@ def test_continuing_refuses_a_changed_base_or_variant_and_runs_added_variants(
 def test_the_guide_preset_runs_every_variant_end_to_end(tiny_llama, tmp_path, capsys):
     # the guide's grid on a tiny model for 2 steps: every variant (baselines, every strategy family, hybrids,
     # multitask, continual, a distilled student of the LoRA variant) runs and reaches the report
-    from tunelab.lab.compare import _claim
+    from tunelab.lab.compare import claim
     from tunelab.lab.presets import write_preset
 
     out = tmp_path / "guide"
-    _claim(out)
+    claim(out)
     (out / "data").mkdir()
     path = write_preset("guide", out, steps=2, model=str(tiny_llama))
     grid = yaml.safe_load(path.read_text())
@@ -447,7 +447,7 @@ def test_every_shipped_comparison_grid_validates(path):
         assert all(cfg.training.seed == int(key.rsplit("seed-", 1)[1]) for key, cfg in configs.items())
     for v in grid.variants:
         if v.search:
-            from tunelab.lab.search import candidates
+            from tunelab.lab.space import candidates
 
             first = configs[grid.runs()[v.name][0][1]]
             assert len(candidates(v.search, grid.search, first)) == grid.search.candidates
@@ -459,11 +459,11 @@ def test_there_are_plain_seeded_and_searched_grids():
 
 
 def test_the_guide_preset_takes_seeds_a_search_and_another_task(tiny_llama, tmp_path, capsys):
-    from tunelab.lab.compare import _claim
+    from tunelab.lab.compare import claim
     from tunelab.lab.presets import SPACES, write_preset
 
     out = tmp_path / "guide"
-    _claim(out)
+    claim(out)
     (out / "data").mkdir()
     path = write_preset("guide", out, steps=9, model=str(tiny_llama), seeds=3, search=True, task="translation")
     grid, configs = load_grid(path)

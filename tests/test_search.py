@@ -18,7 +18,8 @@ from tunelab import data as data_module
 from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.lab.compare import compare
-from tunelab.lab.search import SearchOptions, candidates, compute, knob_sets, rungs, stop_at
+from tunelab.lab.search import SearchOptions, compute, rungs, stop_at
+from tunelab.lab.space import candidates, knob_sets
 from tunelab.modes import train
 
 
@@ -29,6 +30,30 @@ def test_the_plan_halves_by_eta_and_spends_well_under_the_exhaustive_grid():
     assert rungs(2, 10, 2, 1) == [(5, 2), (10, 1)]
     assert rungs(1, 10, 3, 1) == [(10, 1)]
     assert rungs(9, 30, 3, 8)[0] == (8, 9)  # min_steps: no cut before step 8
+    # a cool-down of a third: 9 branches of 1 step after 4, 3 of 4 after 12, none at the budget
+    assert compute(rungs(9, 30, 3, 1), 1 / 3) == 78 + 9 * 1 + 3 * 4
+    assert compute(rungs(6, 18, 3, 1), 0.33) == 6 * (2 + 1) + 2 * (4 + 2) + 12 == 42  # 39% of 6 × 18
+
+
+def test_a_rung_ranks_by_the_dev_metric_where_the_dev_split_tells_apart_and_by_dev_loss_where_it_cannot(tmp_path):
+    from tunelab.evaluate import write_predictions
+    from tunelab.lab.search import rank
+    from tunelab.lab.space import Candidate
+
+    refs = [f"answer {i}" for i in range(24)]
+
+    def cand(i: int, right: int, loss: float) -> dict:  # answers the first `right` dev rows correctly
+        preds = refs[:right] + ["wrong"] * (24 - right)
+        write_predictions(tmp_path / f"c{i}" / "predictions" / "dev.jsonl", refs, preds, ["exact_match"], None)
+        return {"steps": 3, "rows": 24, "metric": "exact_match", "score": right / 24, "loss": loss}
+
+    cands = [Candidate(f"c{i}", {"lr": i}) for i in range(5)]
+    scores = {"0": cand(0, 4, 0.36), "1": cand(1, 3, 0.22), "2": cand(2, 20, 0.50), "3": {"error": "OOM"}}
+    scores["4"] = cand(4, 0, 0.90)
+    # 20 of 24 is apart from the rest; 4, 3 and 0 of 24 are within noise of each other: by loss
+    assert rank(tmp_path, cands, scores, [0, 1, 2, 3, 4]) == [2, 1, 0, 4, 3]
+    (tmp_path / "c4" / "predictions" / "dev.jsonl").unlink()  # no answers on disk: the metric alone
+    assert rank(tmp_path, cands, scores, [0, 1, 2, 3, 4]) == [2, 0, 1, 4, 3]
 
 
 def test_knobs_resolve_to_the_strategys_own_options(tiny_llama, memo_data, tmp_path):
@@ -57,8 +82,26 @@ def test_a_candidate_cut_and_continued_equals_one_trained_longer(tiny_llama, mem
     train(cfg, resume=True, callbacks=[stop_at(2)])  # killed after its cut's checkpoint, before its summary
     again = json.loads((tmp_path / "cut" / "summary.json").read_text())  # no step past the cut
     assert again["train"]["steps"] == 2 and again["train"]["resumed_from"] == "checkpoint-2"
-    train(cfg, resume=True, callbacks=[stop_at(4)])
-    train(cfg, resume=True)
+    rates = []
+
+    class Rates(TrainerCallback):  # the rate each optimizer step used
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            rates.append((state.global_step + 1, optimizer.param_groups[0]["lr"]))
+
+    train(cfg, resume=True, callbacks=[Rates(), stop_at(4, cooldown=2)])  # cut at 4, scored after a 2-step branch
+    branch = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert branch["train"]["steps"] == 6 and branch["train"]["resumed_from"] == "checkpoint-2"
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]  # the branch wrote no checkpoint
+    lr, horizon = cfg["training"]["lr"], 6  # linear decay from lr over the 6 steps, no warmup
+    scheduled = {t: lr * (1 - (t - 1) / horizon) for t in range(1, 7)}
+    assert [t for t, _ in rates] == [3, 4, 5, 6]
+    assert [r for _, r in rates] == pytest.approx(
+        [scheduled[3], scheduled[4], scheduled[5] * 2 / 3, scheduled[6] * 1 / 3]
+    )  # the schedule's rates up to the cut, then falling to zero
+    train(cfg, resume=True)  # the next rung continues from the cut (checkpoint-4), not from the branch
     whole = dict(cfg, output_dir=str(tmp_path / "whole"))
     train(whole)
     a = load_file(tmp_path / "cut" / "model" / "adapter_model.safetensors")
@@ -133,6 +176,20 @@ def test_a_search_chooses_on_dev_and_the_eval_file_is_untouched_until_the_finali
     compare(path, callbacks=[TrainerCallback()])
     said = capsys.readouterr().out
     assert "search rung" not in said and f"search chose {{'lr': {lr}}}" in said
+
+
+def test_a_cool_down_scores_each_cut_candidate_after_its_branch_and_counts_its_steps(
+    tiny_llama, memo_data, tmp_path
+):
+    path = grid_file(tmp_path, tiny_llama, memo_data, SEARCHED, search={"eta": 3, "cooldown": 0.5})
+    out = compare(path, callbacks=[TrainerCallback()])
+    state = json.loads((out / "search" / "lora" / "state.json").read_text())
+    assert state["plan"] == [[2, 3], [6, 1]] and state["cooldown"] == 0.5
+    assert all(s["steps"] == 3 for s in state["rungs"][0]["scores"].values())  # cut at 2, scored at 2 + 1
+    assert state["spent"] == 3 * (2 + 1) + 4  # the branches count in the compute
+    chosen = out / "search" / "lora" / f"c{state['chosen']}"
+    assert json.loads((chosen / "summary.json").read_text())["train"]["resumed_from"] == "checkpoint-2"
+    assert "a cut candidate scored after a cool-down of 50% of its steps" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,8 @@ from tunelab.lab.grid import (
 )
 from tunelab.lab.report import write_report
 from tunelab.lab.runner import run_here, run_in_child
-from tunelab.lab.search import candidates, dev_size, search_variant
+from tunelab.lab.search import Cut, dev_size, search_variant
+from tunelab.lab.space import candidates
 from tunelab.rundir import MARKER, SUMMARY
 from tunelab.runtime import write_json_atomic
 
@@ -69,7 +70,7 @@ def _state(run_dir: Path) -> str:
     return "new"
 
 
-def _searched(out: Path, grid: Grid, v, configs: dict, status: dict, callbacks: list | None) -> dict:
+def search_variant_runs(out: Path, grid: Grid, v, configs: dict, callbacks: list | None = None) -> dict:
     """Search variant ``v``'s knobs (or read the search back once its runs are done): its runs' configs with
     the chosen knobs."""
     keys = grid.runs()[v.name]
@@ -78,7 +79,7 @@ def _searched(out: Path, grid: Grid, v, configs: dict, status: dict, callbacks: 
     learns = trains(first)
     budget = first.training.max_steps if learns else dev_size(first)
 
-    def runner(cfg, resume: bool, stop: int | None, overwrite: bool) -> str | None:
+    def runner(cfg, resume: bool, stop: Cut | None, overwrite: bool) -> str | None:
         if callbacks:
             return run_here(cfg, resume, callbacks, stop, overwrite)
         return run_in_child(cfg, resume, stop, overwrite)
@@ -125,7 +126,7 @@ def _same_grid(old: Grid, new: Grid, status: dict[str, dict], out: Path) -> None
         )
 
 
-def _claim(out: Path) -> None:
+def claim(out: Path) -> None:
     """Make sure ``out`` is new, empty or a comparison tunelab wrote, and mark it as one."""
     if out.exists() and not out.is_dir():
         raise RunError(f"output_dir {out} is a file; a comparison writes a directory")
@@ -162,7 +163,7 @@ def compare(
         if preset not in PRESETS:
             raise RunError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
         out = Path(output_dir or f"runs/{preset}")
-        _claim(out)
+        claim(out)
         (out / "data").mkdir(exist_ok=True)
         try:
             options = {k: v for k, v in (("seeds", seeds), ("search", search or None), ("task", task)) if v}
@@ -178,12 +179,12 @@ def compare(
     status = read_status(out) if out.is_dir() else {}
     if (out / GRID).is_file():
         _same_grid(read_grid(out), grid, status, out)
-    _claim(out)
+    claim(out)
     (out / GRID).write_text(Path(path).read_text(encoding="utf-8"))
     status_file = out / STATUS
     for v in grid.variants:
         if v.search is not None:
-            configs.update(_searched(out, grid, v, configs, status, callbacks))
+            configs.update(search_variant_runs(out, grid, v, configs, callbacks))
     for name, cfg in configs.items():  # name: the run's key, the variant's name or <name>/seed-<s>
         run_dir = out / VARIANTS / name
         state = _state(run_dir)

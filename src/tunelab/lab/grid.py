@@ -15,7 +15,8 @@ from pydantic import Field, field_validator
 from tunelab.config import ConfigError, RunConfig, TrainingConfig, load_config, parse_override, safe_load
 from tunelab.errors import RunError, first_line
 from tunelab.integrity import read_json
-from tunelab.lab.search import SEARCH, SearchOptions, candidates
+from tunelab.lab.search import SEARCH, SearchOptions
+from tunelab.lab.space import candidates
 from tunelab.schema import StrictModel
 
 FAIR = ("data", "tasks", "training.seed", "training.max_steps", "training.max_tokens", "training.epochs")

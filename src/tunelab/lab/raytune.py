@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import RunError
-from tunelab.lab.search import SEARCH, STATE, Candidate, SearchOptions, _run_candidate, compute, rungs
+from tunelab.lab.search import (
+    SEARCH,
+    STATE,
+    Candidate,
+    SearchOptions,
+    compute,
+    cooldown_steps,
+    run_candidate,
+    rungs,
+)  # fmt: skip
 from tunelab.runtime import write_json_atomic
 
 
@@ -55,7 +64,7 @@ def search_with_ray(
         os.chdir(cwd)  # the grid's relative paths (data, model) are the comparison's, not the trial dir's
         c = cands[params["i"]]
         for r in budgets:
-            got = _run_candidate(home / c.id, c, make, r, budget, trains, _runner)
+            got = run_candidate(home / c.id, c, make, r, budget, trains, _runner, opts.cooldown)
             if "error" in got:
                 tune.report({"budget": r, "dev": -math.inf, "loss": math.inf, "error": got["error"]})
                 return
@@ -94,7 +103,7 @@ def search_with_ray(
         history[i] = [] if df is None else df[keep].to_dict("records")
         if res.error is not None and not history[i]:
             history[i] = [{"budget": budgets[0], "error": str(res.error).splitlines()[0]}]
-    return _record(home, cands, plan, history, budget, trains)
+    return _record(home, cands, plan, history, budget, trains, opts.cooldown if trains else 0.0)
 
 
 def _read_state(home: Path) -> dict:
@@ -103,7 +112,8 @@ def _read_state(home: Path) -> dict:
     return read_json(home / STATE) if (home / STATE).is_file() else {}
 
 
-def _record(home: Path, cands: list[Candidate], plan, history: dict[int, list[dict]], budget: int, trains: bool):
+def _record(home: Path, cands: list[Candidate], plan, history: dict[int, list[dict]], budget: int, trains: bool,
+            cooldown: float):  # fmt: skip
     """The trials' reports as the local backend's ``state.json`` (rungs of scores), and the choice."""
     state: dict[str, Any] = {"backend": "ray", "candidates": [c.knobs for c in cands], "plan": plan, "rungs": []}
     state["unit"] = "steps" if trains else "dev rows"
@@ -124,6 +134,8 @@ def _record(home: Path, cands: list[Candidate], plan, history: dict[int, list[di
         raise RunError(f"{home}: no candidate of the search reached the full budget; see {home / 'ray'}")
     chosen = min(finals, key=lambda i: (-finals[i]["score"], finals[i]["loss"], i))
     reached = [max((rep.get("budget", 0) for rep in reps), default=0) for reps in history.values()]
-    state.update(chosen=chosen, spent=sum(reached), exhaustive=len(cands) * budget, planned=compute(plan))
+    branches = sum(cooldown_steps(r, budget, cooldown) for top in reached for r, _ in plan if r <= top)
+    state.update(chosen=chosen, spent=sum(reached) + branches, exhaustive=len(cands) * budget)
+    state.update(planned=compute(plan, cooldown), **({"cooldown": cooldown} if cooldown else {}))
     write_json_atomic(home / STATE, state)
     return cands[chosen]

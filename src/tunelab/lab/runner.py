@@ -7,18 +7,18 @@ import multiprocessing
 import os
 
 from tunelab.errors import first_line
-from tunelab.lab.search import stop_at
+from tunelab.lab.search import Cut, stop_at
 from tunelab.modes import train
 
 
-def run_here(cfg, resume: bool, callbacks: list | None, stop: int | None = None, overwrite: bool = False):
-    """Train one variant in this process (cut after step ``stop``, for a search); its error line, or None."""
+def run_here(cfg, resume: bool, callbacks: list | None, stop: Cut | None = None, overwrite: bool = False):
+    """Train one variant in this process (cut where ``stop`` says, for a search); its error line, or None."""
     try:
         train(
             cfg,
             resume=resume,
             overwrite=overwrite,
-            callbacks=[*(callbacks or []), *([stop_at(stop)] if stop else [])],
+            callbacks=[*(callbacks or []), *([stop_at(*stop)] if stop else [])],
         )
     except KeyboardInterrupt:  # tunelab's Interrupted is one too: the comparison stops where it stands
         raise
@@ -47,7 +47,7 @@ def _stop_with_parent() -> None:
         raise KeyboardInterrupt
 
 
-def _child(cfg, resume: bool, conn, stop: int | None = None, overwrite: bool = False) -> None:
+def _child(cfg, resume: bool, conn, stop: Cut | None = None, overwrite: bool = False) -> None:
     from tunelab.progress import set_verbosity
 
     set_verbosity(os.environ.get("TUNELAB_VERBOSITY", "normal"))  # as the parent's -q / -v said
@@ -66,7 +66,7 @@ def _child(cfg, resume: bool, conn, stop: int | None = None, overwrite: bool = F
 INTERRUPTED, DIED = "\0interrupted", "\0died"  # the child's other answers (an error line never starts with NUL)
 
 
-def run_in_child(cfg, resume: bool, stop: int | None = None, overwrite: bool = False) -> str | None:
+def run_in_child(cfg, resume: bool, stop: Cut | None = None, overwrite: bool = False) -> str | None:
     """Train one variant in a fresh process (spawned: nothing inherited but the config), so that its peak
     memory, its speed and whatever it leaves behind are its own, and a crash or the kernel's OOM killer
     ends that variant only. The child shares the terminal (progress bars) and the process group (Ctrl-C

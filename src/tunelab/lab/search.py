@@ -6,20 +6,22 @@ A variant of a grid may carry a ``search:`` space over its knobs::
       strategy: {name: lora, r: 16}
       search: {lr: {log_uniform: [1.0e-5, 1.0e-2]}, r: [8, 16, 32]}
 
-A knob is ``lr`` (the rate everything in the variant trains at: ``training.lr``, and the strategy's own
-``lr`` where its spec sets one), an option of one of the variant's strategies by its bare name (``r``,
-``reduction_factor``, ``top``, ``shots``, ...), or a dotted config key (``training.warmup_steps``). Values are a
-list, or a range ``{log_uniform: [lo, hi]}`` / ``{uniform: [lo, hi]}`` that gives evenly spaced points (in
-log space for log_uniform), ``n`` of them or as many as fill the grid's ``search.candidates``.
+Its knobs and the candidates they make are tunelab.lab.space.
 
 The search (Jamieson & Talwalkar 2016; Li et al. 2018, "Hyperband", for η): every candidate trains ``r₀``
-steps, the best ``1/η`` by the dev metric (the primary metric; ties by dev loss, then by order) **continue
-from their checkpoints** to ``η·r₀``, and so on until one is left, which trains to the comparison's budget
-``R`` (``training.max_steps``). ``r₀ = R / η^⌈log_η N⌉`` (at least ``search.min_steps``), so the first rung
-costs about one full run, as every later one does. The learning-rate schedule's horizon is always ``R``: a
-candidate cut at step ``r`` has had exactly the first ``r`` steps of the run it would have had, so continuing
-equals having trained longer from the start (a test checks the weights bit for bit). Every searched variant
-gets the same number of candidates (``search.candidates``) and so the same compute.
+steps, the best ``1/η`` by the dev metric (the primary metric; candidates the dev split cannot tell apart go
+by dev loss: :func:`rank`) **continue from their checkpoints** to ``η·r₀``, and so on until one is left, which
+trains to the comparison's budget ``R`` (``training.max_steps``). ``r₀ = R / η^⌈log_η N⌉`` (at least
+``search.min_steps``), so the first rung costs about one full run, as every later one does. The learning-rate
+schedule's horizon is always ``R``: a candidate cut at step ``r`` has had exactly the first ``r`` steps of the
+run it would have had, so continuing equals having trained longer from the start (a test checks the weights
+bit for bit). Every searched variant gets the same number of candidates (``search.candidates``) and so the
+same compute.
+
+Early rungs favour low learning rates (the short-horizon bias): at a cut the schedule is still high, and a
+high rate's progress does not show yet. ``search.cooldown`` scores a cut candidate after a short branch whose
+rate falls to zero (as a warmup-stable-decay run is read at any point), the branch counted in the compute
+and never continued (:func:`stop_at`).
 
 Prompt baselines (no training) are halved on the number of dev rows scored instead of steps: ``m₀`` rows,
 then ``η·m₀``, up to the whole dev split.
@@ -35,26 +37,22 @@ a failed candidate is recorded (it ranks last) and the search goes on.
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
-import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 
-from tunelab.config import ConfigError, RunConfig
+from tunelab.config import RunConfig
 from tunelab.errors import RunError, first_line
 from tunelab.integrity import read_json
-from tunelab.rundir import CHECKPOINTS, MARKER, SUMMARY
+from tunelab.lab.space import Candidate
+from tunelab.rundir import CHECKPOINTS, MARKER, PREDICTIONS, SUMMARY
 from tunelab.runtime import write_json_atomic
 from tunelab.schema import StrictModel
 
 SEARCH, STATE = "search", "state.json"
-FAIR_KNOBS = ("data", "tasks", "training.seed", "training.max_steps", "training.max_tokens", "training.epochs")
 
 
 class SearchOptions(StrictModel):
@@ -68,6 +66,13 @@ class SearchOptions(StrictModel):
     )
     min_steps: int = Field(1, ge=1, description="The least steps a candidate trains before its first cut.")
     min_rows: int = Field(4, ge=1, description="The least dev rows a prompt candidate is scored on before a cut.")
+    cooldown: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Score a cut candidate after this share of its steps more, its learning rate falling to zero "
+        "(a branch: the next rung continues from the cut). Against the short-horizon bias of early rungs.",
+    )
     seed: int = Field(0, description="Seed of the draw when a space has more points than `candidates`.")
     backend: Literal["local", "ray"] = Field(
         "local",
@@ -85,82 +90,6 @@ class SearchOptions(StrictModel):
     )
 
 
-@dataclass
-class Candidate:
-    id: str
-    knobs: dict[str, Any]  #: knob -> value, as the space gave it
-    sets: list[str] = field(default_factory=list)  #: the `--set` overrides that make it
-
-
-def _points(knob: str, spec: Any, fill: int) -> list[Any]:
-    """A knob's values from its space spec; a range is ``fill`` points unless it says ``n``."""
-    if isinstance(spec, list):
-        if not spec:
-            raise ValueError(f"search.{knob}: an empty list; give at least one value")
-        return list(spec)
-    if isinstance(spec, dict) and len({"log_uniform", "uniform"} & set(spec)) == 1 and set(spec) <= {
-        "log_uniform", "uniform", "n"
-    }:  # fmt: skip
-        kind = "log_uniform" if "log_uniform" in spec else "uniform"
-        bounds, n = spec[kind], spec.get("n", fill)
-        ok = isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int | float) for b in bounds)
-        if not ok or not bounds[0] < bounds[1]:
-            raise ValueError(f"search.{knob}: {kind} takes [low, high] with low < high, got {bounds}")
-        if kind == "log_uniform" and bounds[0] <= 0:
-            raise ValueError(f"search.{knob}: log_uniform needs bounds above 0, got {bounds}")
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"search.{knob}: n must be a number of points (1 or more), got {n}")
-        lo, hi = (math.log(b) for b in bounds) if kind == "log_uniform" else bounds
-        xs = [lo + (hi - lo) * i / (n - 1) for i in range(n)] if n > 1 else [(lo + hi) / 2]
-        return [float(f"{(math.exp(x) if kind == 'log_uniform' else x):.4g}") for x in xs]
-    raise ValueError(
-        f"search.{knob}: give a list of values or a range ({{log_uniform: [low, high]}} or "
-        f"{{uniform: [low, high]}}, optionally with n), got {spec!r}"
-    )
-
-
-def knob_sets(knob: str, value: Any, cfg: RunConfig) -> list[str]:
-    """The overrides that set ``knob`` to ``value`` in a variant whose config is ``cfg``."""
-    if "." in knob:
-        if any(knob == k or knob.startswith(k + ".") for k in FAIR_KNOBS):
-            raise ValueError(f"search.{knob}: data, seed and budget are the comparison's, never searched")
-        return [f"{knob}={json.dumps(value)}"]
-    if knob == "lr":
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ValueError(f"search.lr: a learning rate must be a number above 0, got {value!r}")
-        own = [f"strategy.{c.name}.lr={json.dumps(value)}" for c in cfg.strategy if c.lr is not None]
-        return [f"training.lr={json.dumps(value)}", *own]
-    for c in cfg.strategy:
-        if knob in type(c).model_fields and knob != "name":
-            return [f"strategy.{c.name}.{knob}={json.dumps(value)}"]  # JSON: a valid YAML value, quoted
-    have = sorted({k for c in cfg.strategy for k in type(c).model_fields if k != "name"})
-    raise ValueError(
-        f"search.{knob}: no strategy of this variant ({'+'.join(cfg.strategy_names())}) has it; its knobs: lr, "
-        f"{', '.join(k for k in have if k != 'lr')} (or a dotted config key such as training.warmup_steps)"
-    )
-
-
-def candidates(space: dict[str, Any], opts: SearchOptions, cfg: RunConfig) -> list[Candidate]:
-    """Every candidate of a variant's space: lists crossed, ranges spread to fill ``opts.candidates``; a
-    space with more points than that is drawn from (seeded), so every searched variant gets the same number."""
-    if not isinstance(space, dict) or not space:
-        raise ValueError("search: give a mapping of knob -> values, e.g. {lr: {log_uniform: [1.0e-5, 1.0e-2]}}")
-    fixed = math.prod(len(v) for v in space.values() if isinstance(v, list) and v) or 1
-    ranges = sum(1 for v in space.values() if not isinstance(v, list))
-    fill = max(1, round((opts.candidates / fixed) ** (1 / ranges))) if ranges else 1
-    values = {k: _points(k, v, fill) for k, v in space.items()}
-    combos = [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
-    if len(combos) > opts.candidates:
-        combos = sorted(random.Random(opts.seed).sample(range(len(combos)), opts.candidates))
-        combos = [dict(zip(values, c, strict=True)) for i, c in enumerate(itertools.product(*values.values()))
-                  if i in set(combos)]  # fmt: skip
-    out = []
-    for i, knobs in enumerate(combos):
-        sets = [s for k, v in knobs.items() for s in knob_sets(k, v, cfg)]
-        out.append(Candidate(f"c{i}", knobs, sets))
-    return out
-
-
 def rungs(n: int, budget: int, eta: int, least: int) -> list[tuple[int, int]]:
     """(budget, candidates) per rung: ``n`` candidates at ``r₀``, ``n // η`` (at least 1) at ``η·r₀``, ...;
     the last one alone at the full ``budget``."""
@@ -174,19 +103,35 @@ def rungs(n: int, budget: int, eta: int, least: int) -> list[tuple[int, int]]:
     return plan
 
 
-def compute(plan: list[tuple[int, int]]) -> int:
-    """Steps (or rows) the plan spends, each candidate continuing from where it was cut."""
-    spent, before = 0, 0
+def cooldown_steps(r: int, budget: int, share: float) -> int:
+    """The steps of the cool-down branch a candidate cut at step ``r`` is scored after (none at the budget)."""
+    return max(1, round(share * r)) if r < budget and share > 0 else 0
+
+
+def compute(plan: list[tuple[int, int]], cooldown: float = 0.0) -> int:
+    """Steps (or rows) the plan spends, each candidate continuing from where it was cut (its cool-down
+    branches counted)."""
+    spent, before, budget = 0, 0, plan[-1][0]
     for r, n in plan:
-        spent += n * (r - before)
+        spent += n * (r - before + cooldown_steps(r, budget, cooldown))
         before = r
     return spent
 
 
 # ----------------------------------------------------------------------------- running one variant's search
 
-#: runs one candidate: (config, resume, stop_at, overwrite) -> its error line or None
-Runner = Callable[[RunConfig, bool, int | None, bool], str | None]
+
+class Cut(NamedTuple):
+    """Where a rung cuts a candidate: after optimizer step ``step`` (its checkpoint, which the next rung
+    continues from), then ``cooldown`` steps more whose learning rate falls linearly to zero from the
+    schedule's, no checkpoint written, and the candidate is scored there."""
+
+    step: int
+    cooldown: int = 0
+
+
+#: runs one candidate: (config, resume, cut, overwrite) -> its error line or None
+Runner = Callable[[RunConfig, bool, Cut | None, bool], str | None]
 
 
 def _dev_result(run_dir: Path) -> dict[str, Any] | None:
@@ -230,6 +175,8 @@ def search_variant(
         )
     plan = rungs(len(cands), budget, opts.eta, opts.min_steps if trains else opts.min_rows)
     state.update(candidates=[c.knobs for c in cands], unit="steps" if trains else "dev rows", plan=plan)
+    if trains and opts.cooldown:
+        state["cooldown"] = opts.cooldown
     state.setdefault("rungs", [])
     alive = list(range(len(cands)))
     for i, (r, _) in enumerate(plan):
@@ -239,44 +186,72 @@ def search_variant(
         for c in alive:
             if str(c) in rung["scores"]:
                 continue
-            rung["scores"][str(c)] = _run_candidate(home / cands[c].id, cands[c], make, r, budget, trains, runner)
+            rung["scores"][str(c)] = run_candidate(
+                home / cands[c].id, cands[c], make, r, budget, trains, runner, opts.cooldown
+            )
             write_json_atomic(path, state)
             tag = rung["scores"][str(c)]
             said = tag.get("error") or f"{tag['metric']} {tag['score']:.3f}, loss {tag['loss']:.4f}"
             print(f"compare: {name}: search rung {i + 1}/{len(plan)} ({r} {state['unit']}): {cands[c].id} "
                   f"{cands[c].knobs}: {said}", flush=True)  # fmt: skip
-        alive = _best(rung["scores"], alive, plan[i + 1][1] if i + 1 < len(plan) else 1)
+        if "kept" not in rung:  # decided once, from the rung's dev answers (a rerun reads it back)
+            keep = plan[i + 1][1] if i + 1 < len(plan) else 1
+            rung["kept"] = rank(home, cands, rung["scores"], alive)[:keep]
+            write_json_atomic(path, state)
+        alive = rung["kept"]
     state["chosen"] = alive[0]
-    state["spent"] = compute(plan)
+    state["spent"] = compute(plan, opts.cooldown if trains else 0.0)
     state["exhaustive"] = len(cands) * budget
     write_json_atomic(path, state)
     return cands[alive[0]]
 
 
-def _best(scores: dict[str, dict], alive: list[int], keep: int) -> list[int]:
-    """The ``keep`` best by dev metric (higher first), then dev loss (lower first), then order; a failed
-    candidate ranks last."""
+def rank(home: Path, cands: list[Candidate], scores: dict[str, dict], alive: list[int]) -> list[int]:
+    """The candidates of a rung, best first, by the dev metric **where the dev split can tell them apart**:
+    the best one and every candidate whose paired-bootstrap difference to it (over the dev rows,
+    tunelab.lab.stats) reaches 0 are tied, and a tie goes by dev loss (then order); the rest are ranked the
+    same way. On a small dev split early in training, a row or two of exact match is noise while the loss is
+    not. A failed candidate ranks last; without its answers on disk, the metric alone decides."""
+    from tunelab.evaluate import read_predictions
+    from tunelab.lab import stats
+    from tunelab.metrics import row_stats
 
-    def key(c: int) -> tuple:
-        s = scores[str(c)]
-        if "error" in s or s.get("score") is None:
-            return (1, 0.0, 0.0, c)
-        return (0, -s["score"], s["loss"] if s.get("loss") is not None else math.inf, c)
+    def loss(c: int) -> float:
+        value = scores[str(c)].get("loss")
+        return value if value is not None else math.inf
 
-    return sorted(alive, key=key)[:keep]
+    ok = [c for c in alive if "error" not in scores[str(c)] and scores[str(c)].get("score") is not None]
+    failed = [c for c in alive if c not in ok]
+    ok.sort(key=lambda c: (-scores[str(c)]["score"], loss(c), c))
+    metric = scores[str(ok[0])]["metric"] if ok else None
+    rows = {}
+    for c in ok:
+        answers = home / cands[c].id / PREDICTIONS / "dev.jsonl"
+        if not answers.is_file():
+            return ok + failed
+        head, refs, preds = read_predictions(answers)
+        rows[str(c)] = row_stats(metric, preds, refs, head.get("labels"))[None]
+    order: list[int] = []
+    while len(order) < len(ok):
+        left = [c for c in ok if c not in order]
+        tied = {int(x) for x in stats.paired_bootstrap({str(c): rows[str(c)] for c in left}, metric).tied}
+        order += sorted(tied, key=lambda c: (loss(c), -scores[str(c)]["score"], c))
+    return order + failed
 
 
-def _run_candidate(
-    run_dir: Path, cand: Candidate, make, r: int, budget: int, trains: bool, runner: Runner
+def run_candidate(
+    run_dir: Path, cand: Candidate, make, r: int, budget: int, trains: bool, runner: Runner, cooldown: float = 0.0
 ) -> dict[str, Any]:
-    """Train (or continue) one candidate to ``r`` steps, or score it on ``r`` dev rows; its dev result."""
+    """Train (or continue) one candidate to ``r`` steps (scored after its cool-down branch, ``cooldown`` of
+    ``r`` more steps), or score it on ``r`` dev rows; its dev result."""
+    cool = cooldown_steps(r, budget, cooldown) if trains else 0
     done = _dev_result(run_dir) if trains else None
-    if done is not None and done["steps"] == r:  # it finished this rung before the comparison stopped
+    if done is not None and done["steps"] == r + cool:  # it finished this rung before the comparison stopped
         return done
     if trains:
         cfg = make(cand, {})
         resume = (run_dir / MARKER).is_file() and (run_dir / CHECKPOINTS).is_dir()
-        error = runner(cfg, resume, r if r < budget else None, False)
+        error = runner(cfg, resume, Cut(r, cool) if r < budget else None, False)
     else:
         cfg = make(cand, {"eval": {"max_examples": r}})
         error = runner(cfg, False, None, True)  # a fresh scoring at each rung: more rows, nothing trained
@@ -289,19 +264,34 @@ def _run_candidate(
     return result if result is not None else {"error": f"{run_dir}: no summary after the run"}
 
 
-def stop_at(step: int):
-    """A Trainer callback that ends training after optimizer step ``step`` and saves a checkpoint there (the
-    schedule keeps its horizon: the run is cut, not shortened)."""
+def stop_at(step: int, cooldown: int = 0):
+    """A Trainer callback that cuts training after optimizer step ``step`` and saves a checkpoint there (the
+    schedule keeps its horizon: the run is cut, not shortened); with a ``cooldown``, it trains that many steps
+    more as a branch, no checkpoint written, the learning rate falling linearly to zero from the schedule's,
+    and stops there (the weights scored)."""
     from transformers import TrainerCallback
 
+    end = step + cooldown
+
     class StopAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= step:
-                control.should_training_stop = control.should_save = True
+        def on_train_begin(self, args, state, control, **kwargs):  # resumed at the end: no step past it
+            if state.global_step >= end:
+                control.should_training_stop = True
             return control
 
-        def on_train_begin(self, args, state, control, **kwargs):  # resumed at the cut: no step past it
-            if state.global_step >= step:
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            j = state.global_step - step  # 0 for the branch's first step
+            if 0 <= j < cooldown and optimizer is not None:  # the scheduler set this step's rates: scale them
+                for group in optimizer.param_groups:
+                    group["lr"] *= (cooldown - j) / (cooldown + 1)
+            return control
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_save = True  # the cut: the next rung continues from here
+            elif state.global_step > step:
+                control.should_save = False  # the branch is scored, never continued
+            if state.global_step >= end:
                 control.should_training_stop = True
             return control
 
@@ -333,12 +323,3 @@ def read_searches(out: Path) -> dict[str, dict[str, Any]]:
         except RunError:
             continue  # a damaged state: the report shows the variant's rows without its search
     return found
-
-
-def check_space(space: Any, opts: SearchOptions, cfg: RunConfig, where: str) -> list[str]:
-    """Problems of a variant's search space, one line each (empty when it is good)."""
-    try:
-        candidates(space, opts, cfg)
-    except (ValueError, ConfigError) as e:
-        return [f"{where}: {first_line(e)}"]
-    return []
