@@ -16,10 +16,9 @@ from tunelab.config import ConfigError, RunConfig, TrainingConfig, load_config, 
 from tunelab.errors import RunError, first_line
 from tunelab.integrity import read_json
 from tunelab.lab.search import SEARCH, SearchOptions
-from tunelab.lab.space import candidates
+from tunelab.lab.space import FAIR, candidates
 from tunelab.schema import StrictModel
 
-FAIR = ("data", "tasks", "training.seed", "training.max_steps", "training.max_tokens", "training.epochs")
 VARIANTS, STATUS, GRID = "variants", "status.json", "grid.yaml"
 
 

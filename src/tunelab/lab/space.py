@@ -23,7 +23,8 @@ class Draw(Protocol):
     seed: int
 
 
-FAIR_KNOBS = ("data", "tasks", "training.seed", "training.max_steps", "training.max_tokens", "training.epochs")
+#: what every variant of a comparison shares: never set by a variant, never searched
+FAIR = ("data", "tasks", "training.seed", "training.max_steps", "training.max_tokens", "training.epochs")
 
 
 @dataclass
@@ -63,7 +64,7 @@ def _points(knob: str, spec: Any, fill: int) -> list[Any]:
 def knob_sets(knob: str, value: Any, cfg: RunConfig) -> list[str]:
     """The overrides that set ``knob`` to ``value`` in a variant whose config is ``cfg``."""
     if "." in knob:
-        if any(knob == k or knob.startswith(k + ".") for k in FAIR_KNOBS):
+        if any(knob == k or knob.startswith(k + ".") for k in FAIR):
             raise ValueError(f"search.{knob}: data, seed and budget are the comparison's, never searched")
         return [f"{knob}={json.dumps(value)}"]
     if knob == "lr":
