@@ -470,14 +470,14 @@ def test_the_guide_preset_takes_seeds_a_search_and_another_task(tiny_llama, tmp_
     assert grid.seed_list() == [42, 43, 44] and len(configs) == 3 * len(grid.variants)
     assert {v.name for v in grid.variants if v.search} == set(SPACES)
     assert (
-        grid.base["data"]["train"].endswith("translation-train.jsonl") and grid.base["data"]["dev_split"] == "auto"
+        grid.base["data"]["train"].endswith("translation-train.jsonl") and grid.base["data"]["dev_split"] == 20
     )
     student = configs["distilled-student/seed-43"]
     assert [s for s in student.strategy if s.name == "distill"][0].teacher == str(
         out / "variants" / "lora" / "seed-42"
     )
     multitask = configs["multitask/seed-42"]
-    assert [t.name for t in multitask.tasks][0] == "translation" and multitask.tasks[0].dev_split == "auto"
+    assert [t.name for t in multitask.tasks][0] == "translation" and multitask.tasks[0].dev_split == 20
     # from the CLI: the options are the preset's, and checked
     assert main(["compare", "--preset", "guide", "--task", "poetry", "--output-dir", str(tmp_path / "x")]) == 2
     assert (

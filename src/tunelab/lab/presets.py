@@ -57,19 +57,23 @@ def guide(
     seeds: int | None = None,
     search: bool = False,
     task: str = "triage",
+    eval_rows: int = 40,
 ) -> dict[str, Any]:
     """The guide's grid on ``task`` (its data written under ``out/data``); with ``seeds``, every row once per
     seed; with ``search``, each single-strategy row's learning rate (and the few-shot row's prompt) chosen by
-    successive halving on a dev split (:data:`SPACES`)."""
+    successive halving on a dev split of 20 rows (:data:`SPACES`); ``eval_rows``: the rows every run is
+    scored on."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; the guide runs on {', '.join(TASKS)}")
     others = [t for t in ("triage", "sentiment", "extraction") if t != task][:2]
     written = {
-        t["name"]: t for t in write_tasks(out / "data", train_rows=320, eval_rows=40, names=(task, *others))
+        t["name"]: t for t in write_tasks(out / "data", train_rows=320, eval_rows=eval_rows, names=(task, *others))
     }
     # "triage" below is the comparison's own task (the demo's triage unless ``task`` says otherwise)
     triage, sentiment, extraction = written[task], written[others[0]], written[others[1]]
-    own = {k: triage[k] for k in ("train", "eval")}
+    if search:  # the rows a search chooses on, carved from train (auto's least: every candidate is scored on it)
+        triage["dev_split"] = 20
+    own = {k: v for k, v in triage.items() if k != "name"}
     first = f"seed-{TrainingConfig.model_fields['seed'].default}" if seeds else None  # the teacher's first seed
     teacher = str(out / VARIANTS / "lora" / first) if first else str(out / VARIANTS / "lora")
     # the student drops every third block: 20 of the default model's 30, 27% fewer parameters
@@ -90,7 +94,8 @@ def guide(
                 "logging_steps": 2,
                 "save_steps": steps,
             },
-            "eval": {"before": False, "max_new_tokens": 24, "batch_size": 20},
+            # a one-sentence summary runs to about 25 tokens; every other task's answer fits in 24
+            "eval": {"before": False, "max_new_tokens": 32 if task == "summaries" else 24, "batch_size": 20},
         },
         "variants": [
             {"name": "zero-shot", "strategy": {"name": "prompt-only"}},
@@ -139,7 +144,9 @@ def guide(
     if seeds:
         grid["seeds"] = seeds
     if search:
-        grid["search"] = {"eta": 3, "candidates": 4, "min_steps": max(2, steps // 9)}
+        # the first cut after a third of the budget, past the warmup, scored after a short cool-down: early
+        # cuts favour low rates (docs/search.md, "the short-horizon bias")
+        grid["search"] = {"eta": 3, "candidates": 4, "min_steps": max(2, steps // 3), "cooldown": 0.33}
         for v in grid["variants"]:
             if v["name"] in SPACES:
                 v["search"] = SPACES[v["name"]]
@@ -151,7 +158,7 @@ PRESETS = {"guide": guide}
 
 def write_preset(name: str, out: Path, steps: int | None = None, model: str | None = None, **options) -> Path:
     """Write preset ``name``'s data and grid under ``out/data``; returns the grid file. ``options``: the
-    preset's own (guide: ``seeds``, ``search``, ``task``)."""
+    preset's own (guide: ``seeds``, ``search``, ``task``, ``eval_rows``)."""
     given = {"steps": steps, "model": model, **options}
     grid = PRESETS[name](out, **{k: v for k, v in given.items() if v is not None})
     path = out / "data" / f"{name}.yaml"
