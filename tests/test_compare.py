@@ -469,9 +469,9 @@ def test_the_guide_preset_takes_seeds_a_search_and_another_task(tiny_llama, tmp_
     grid, configs = load_grid(path)
     assert grid.seed_list() == [42, 43, 44] and len(configs) == 3 * len(grid.variants)
     assert {v.name for v in grid.variants if v.search} == set(SPACES)
-    assert (
-        grid.base["data"]["train"].endswith("translation-train.jsonl") and grid.base["data"]["dev_split"] == 20
-    )
+    # the first cut after a third of the 9 steps (past the 3 of warmup), scored after a cool-down
+    assert grid.search.min_steps == 3 and grid.search.cooldown == 0.33
+    assert grid.base["data"]["train"].endswith("translation-train.jsonl") and grid.base["data"]["dev_split"] == 20
     student = configs["distilled-student/seed-43"]
     assert [s for s in student.strategy if s.name == "distill"][0].teacher == str(
         out / "variants" / "lora" / "seed-42"

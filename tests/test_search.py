@@ -17,6 +17,7 @@ from conftest import crash_at, tiny_config
 from tunelab import data as data_module
 from tunelab.cli import main
 from tunelab.config import load_config
+from tunelab.errors import RunError
 from tunelab.lab.compare import compare
 from tunelab.lab.search import SearchOptions, compute, rungs, stop_at
 from tunelab.lab.space import candidates, knob_sets
@@ -179,7 +180,7 @@ def test_a_search_chooses_on_dev_and_the_eval_file_is_untouched_until_the_finali
 
 
 def test_a_cool_down_scores_each_cut_candidate_after_its_branch_and_counts_its_steps(
-    tiny_llama, memo_data, tmp_path
+    tiny_llama, memo_data, tmp_path, capsys
 ):
     path = grid_file(tmp_path, tiny_llama, memo_data, SEARCHED, search={"eta": 3, "cooldown": 0.5})
     out = compare(path, callbacks=[TrainerCallback()])
@@ -190,6 +191,14 @@ def test_a_cool_down_scores_each_cut_candidate_after_its_branch_and_counts_its_s
     chosen = out / "search" / "lora" / f"c{state['chosen']}"
     assert json.loads((chosen / "summary.json").read_text())["train"]["resumed_from"] == "checkpoint-2"
     assert "a cut candidate scored after a cool-down of 50% of its steps" in (out / "report.md").read_text()
+    # its rungs were decided under this plan: a rerun with another cool-down or eta refuses, in one line
+    before = (out / "search" / "lora" / "state.json").read_bytes()
+    for search in ({"eta": 3}, {"min_steps": 3, "cooldown": 0.5}):  # eta 2 would give the same rungs here
+        capsys.readouterr()
+        assert main(["compare", grid_file(tmp_path, tiny_llama, memo_data, SEARCHED, search=search)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "this search ran with other candidates or options" in err[0]
+        assert (out / "search" / "lora" / "state.json").read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -238,6 +247,24 @@ def test_a_failed_candidate_is_recorded_and_the_search_goes_on(tiny_llama, memo_
     first = state["rungs"][0]["scores"]
     assert "simulated out of memory" in first["1"]["error"] and state["candidates"][state["chosen"]]["lr"] != 3e-2
     assert json.loads((out / "status.json").read_text()) == {"lora": {"state": "done"}}
+
+
+class FailEvery(TrainerCallback):
+    """Fails every run at its first step, as a full disk would."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        raise RuntimeError("No space left on device")
+
+
+def test_a_rung_whose_every_candidate_failed_stops_the_search_and_is_retried(tiny_llama, memo_data, tmp_path):
+    path = grid_file(tmp_path, tiny_llama, memo_data, SEARCHED, baseline=False)
+    with pytest.raises(RunError, match="every candidate of search rung 1 failed .*No space left on device"):
+        compare(path, callbacks=[FailEvery()])  # never "chooses" one of three failures
+    state = json.loads((tmp_path / "cmp" / "search" / "lora" / "state.json").read_text())
+    assert state["rungs"][0]["scores"] == {} and "chosen" not in state
+    out = compare(path, callbacks=[TrainerCallback()])  # the disk freed: the same search, retried
+    state = json.loads((out / "search" / "lora" / "state.json").read_text())
+    assert all("error" not in s for s in state["rungs"][0]["scores"].values()) and state["chosen"] is not None
 
 
 def test_a_prompt_baseline_searches_shots_selection_and_instruction_on_dev_rows(tiny_llama, memo_data, tmp_path):

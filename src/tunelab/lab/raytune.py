@@ -30,7 +30,7 @@ from tunelab.lab.search import (
     compute,
     cooldown_steps,
     run_candidate,
-    rungs,
+    same_search,
 )  # fmt: skip
 from tunelab.runtime import write_json_atomic
 
@@ -53,10 +53,11 @@ def search_with_ray(
         raise RunError("search.backend: ray needs Ray Tune: pip install 'tunelab[ray]'") from None
     home = (out / SEARCH / name).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    plan = rungs(len(cands), budget, opts.eta, opts.min_steps if trains else opts.min_rows)
+    plan, cooldown = opts.plan(len(cands), budget, trains)
     budgets = [r for r, _ in plan]
     done = _read_state(home)
-    if done.get("chosen") is not None and done.get("candidates") == [c.knobs for c in cands]:
+    same_search(home / STATE, done, cands, plan, cooldown)
+    if done.get("chosen") is not None:
         return cands[done["chosen"]]  # searched before: the choice stands
     cwd = os.getcwd()
 
@@ -64,7 +65,7 @@ def search_with_ray(
         os.chdir(cwd)  # the grid's relative paths (data, model) are the comparison's, not the trial dir's
         c = cands[params["i"]]
         for r in budgets:
-            got = run_candidate(home / c.id, c, make, r, budget, trains, _runner, opts.cooldown)
+            got = run_candidate(home / c.id, c, make, r, budget, trains, _runner, cooldown)
             if "error" in got:
                 tune.report({"budget": r, "dev": -math.inf, "loss": math.inf, "error": got["error"]})
                 return
@@ -103,7 +104,7 @@ def search_with_ray(
         history[i] = [] if df is None else df[keep].to_dict("records")
         if res.error is not None and not history[i]:
             history[i] = [{"budget": budgets[0], "error": str(res.error).splitlines()[0]}]
-    return _record(home, cands, plan, history, budget, trains, opts.cooldown if trains else 0.0)
+    return _record(home, cands, plan, history, budget, trains, cooldown)
 
 
 def _read_state(home: Path) -> dict:

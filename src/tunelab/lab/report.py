@@ -114,21 +114,17 @@ def search_tables(searches: dict[str, dict]) -> dict[str, tuple[str, list[dict[s
         spent, whole = st.get("spent"), st.get("exhaustive")
         chosen = st.get("chosen")
         ends = st["candidates"][chosen] if chosen is not None and chosen < len(st.get("candidates", [])) else None
-        cost = (
-            ("it ends with " + ", ".join(f"{k} = {v}" for k, v in ends.items()) + "; " if ends else "")
-            + (
+        parts = ["it ends with " + ", ".join(f"{k} = {v}" for k, v in ends.items())] if ends else []
+        if spent and whole:
+            parts.append(
                 f"{len(rows)} candidates, successive halving: {spent:,} candidate-{unit} of the exhaustive grid's "
                 f"{whole:,} ({spent / whole:.0%})"
-                if spent and whole
-                else f"{len(rows)} candidates; search not finished"
             )
-            + (
-                f"; a cut candidate scored after a cool-down of {st['cooldown']:.0%} of its steps"
-                if st.get("cooldown")
-                else ""
-            )
-        )
-        out[variant] = (cost, rows)
+        else:
+            parts.append(f"{len(rows)} candidates; search not finished")
+        if st.get("cooldown"):
+            parts.append(f"a cut candidate scored after a cool-down of {st['cooldown']:.0%} of its steps")
+        out[variant] = ("; ".join(parts), rows)
     return out
 
 

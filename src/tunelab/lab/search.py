@@ -89,6 +89,12 @@ class SearchOptions(StrictModel):
         None, ge=1, description="ray: candidates at once (default: as many as the resources allow)."
     )
 
+    def plan(self, n: int, budget: int, trains: bool) -> tuple[list[tuple[int, int]], float]:
+        """``n`` candidates' rungs over ``budget`` (steps, or dev rows for a variant that does not train) and
+        the cool-down share that applies (none without training): decided here, once, for every backend."""
+        plan = rungs(n, budget, self.eta, self.min_steps if trains else self.min_rows)
+        return plan, self.cooldown if trains else 0.0
+
 
 def rungs(n: int, budget: int, eta: int, least: int) -> list[tuple[int, int]]:
     """(budget, candidates) per rung: ``n`` candidates at ``r₀``, ``n // η`` (at least 1) at ``η·r₀``, ...;
@@ -168,15 +174,11 @@ def search_variant(
     home.mkdir(parents=True, exist_ok=True)
     path = home / STATE
     state = read_json(path) if path.is_file() else {}
-    if state.get("candidates") not in (None, [c.knobs for c in cands]):
-        raise RunError(
-            f"{path}: this search ran with other candidates; give the changed variant a new name, or choose a new "
-            "output_dir"
-        )
-    plan = rungs(len(cands), budget, opts.eta, opts.min_steps if trains else opts.min_rows)
+    plan, cooldown = opts.plan(len(cands), budget, trains)
+    same_search(path, state, cands, plan, cooldown)
     state.update(candidates=[c.knobs for c in cands], unit="steps" if trains else "dev rows", plan=plan)
-    if trains and opts.cooldown:
-        state["cooldown"] = opts.cooldown
+    if cooldown:
+        state["cooldown"] = cooldown
     state.setdefault("rungs", [])
     alive = list(range(len(cands)))
     for i, (r, _) in enumerate(plan):
@@ -187,23 +189,46 @@ def search_variant(
             if str(c) in rung["scores"]:
                 continue
             rung["scores"][str(c)] = run_candidate(
-                home / cands[c].id, cands[c], make, r, budget, trains, runner, opts.cooldown
+                home / cands[c].id, cands[c], make, r, budget, trains, runner, cooldown
             )
             write_json_atomic(path, state)
             tag = rung["scores"][str(c)]
             said = tag.get("error") or f"{tag['metric']} {tag['score']:.3f}, loss {tag['loss']:.4f}"
             print(f"compare: {name}: search rung {i + 1}/{len(plan)} ({r} {state['unit']}): {cands[c].id} "
                   f"{cands[c].knobs}: {said}", flush=True)  # fmt: skip
+        failed = [rung["scores"][str(c)].get("error") for c in alive]
+        if "kept" not in rung and all(failed):  # nothing to choose from: a full disk, a broken setup
+            for c in alive:  # forgotten, so that the next run tries them again
+                del rung["scores"][str(c)]
+            write_json_atomic(path, state)
+            raise RunError(
+                f"{name}: every candidate of search rung {i + 1} failed (first: {failed[0]}); run the comparison "
+                "again to retry them"
+            )
         if "kept" not in rung:  # decided once, from the rung's dev answers (a rerun reads it back)
             keep = plan[i + 1][1] if i + 1 < len(plan) else 1
             rung["kept"] = rank(home, cands, rung["scores"], alive)[:keep]
             write_json_atomic(path, state)
         alive = rung["kept"]
     state["chosen"] = alive[0]
-    state["spent"] = compute(plan, opts.cooldown if trains else 0.0)
+    state["spent"] = compute(plan, cooldown)
     state["exhaustive"] = len(cands) * budget
     write_json_atomic(path, state)
     return cands[alive[0]]
+
+
+def same_search(path: Path, state: dict, cands: list[Candidate], plan: list[tuple[int, int]], cooldown: float):
+    """Refuse to continue a search whose recorded rungs were decided with other candidates or another plan
+    (eta, min_steps, min_rows, cooldown): reusing them would mix two searches."""
+    if state and (
+        state.get("candidates") != [c.knobs for c in cands]
+        or [tuple(r) for r in state.get("plan", [])] != plan
+        or state.get("cooldown", 0.0) != cooldown
+    ):
+        raise RunError(
+            f"{path}: this search ran with other candidates or options (eta, min_steps, min_rows, cooldown); give "
+            "the changed variant a new name, or choose a new output_dir"
+        )
 
 
 def rank(home: Path, cands: list[Candidate], scores: dict[str, dict], alive: list[int]) -> list[int]:
@@ -243,8 +268,9 @@ def run_candidate(
     run_dir: Path, cand: Candidate, make, r: int, budget: int, trains: bool, runner: Runner, cooldown: float = 0.0
 ) -> dict[str, Any]:
     """Train (or continue) one candidate to ``r`` steps (scored after its cool-down branch, ``cooldown`` of
-    ``r`` more steps), or score it on ``r`` dev rows; its dev result."""
-    cool = cooldown_steps(r, budget, cooldown) if trains else 0
+    ``r`` more steps: :meth:`SearchOptions.plan` gives none without training), or score it on ``r`` dev rows;
+    its dev result."""
+    cool = cooldown_steps(r, budget, cooldown)
     done = _dev_result(run_dir) if trains else None
     if done is not None and done["steps"] == r + cool:  # it finished this rung before the comparison stopped
         return done
