@@ -2,14 +2,14 @@
 chosen by successive halving on a dev split, every row trained once per seed, and the guide's other use
 cases (translation, summaries) beside the demo's triage.
 
-    python bench/guide_fair.py --out bench/out/guide-fair      # about 90 min on 2 CPU cores
+    python bench/guide_fair.py --out bench/out/guide-fair      # hours on 2 CPU cores: docs/results.md
     python bench/guide_table.py bench/out/guide-fair/triage     # the table of each task
 
 Each task is one ordinary ``tunelab compare`` of the guide preset (``--seeds --search``), its grid written
-under ``<out>/<task>/data/guide.yaml``. To fit the budget, the steps and the eval set shrink (``--steps``,
-``--eval-rows``), and the new tasks run the single-strategy rows only (``--rows``): the regularizers,
-hybrids, multi-task, continual and distillation rows are about forgetting and transfer, which triage
-measures. Wall times go to ``<out>/timings.json``.
+under ``<out>/<task>/data/guide.yaml``. To save time, the steps and the eval set shrink (``--steps``,
+``--eval-rows``), and the new tasks run a few rows only (``--rows``: the prompt baselines, full fine-tuning
+and LoRA); the regularizers, hybrids, multi-task, continual and distillation rows are about forgetting and
+transfer, which triage measures. Wall times go to ``<out>/timings.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import yaml
 from tunelab.lab.compare import claim
 from tunelab.lab.presets import write_preset
 
-SINGLE = "zero-shot,4-shot,full,layerwise,adapters,lora,ia3"
+SINGLE = "zero-shot,4-shot,full,lora"
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--eval-rows", type=int, default=24)
-    ap.add_argument("--rows", default=SINGLE, help="the rows of every task but the first (all of them there)")
+    ap.add_argument("--rows", default=SINGLE, help="the rows of the new tasks (triage: all of them)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def main() -> None:
         grid = write_preset(
             "guide", where, steps=a.steps, seeds=a.seeds, search=True, task=task, eval_rows=a.eval_rows
         )
-        if task != tasks[0]:
+        if task != "triage":
             spec = yaml.safe_load(grid.read_text())
             keep = set(a.rows.split(","))
             spec["variants"] = [v for v in spec["variants"] if v["name"] in keep]
