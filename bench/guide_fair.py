@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--eval-rows", type=int, default=24)
-    ap.add_argument("--rows", default=SINGLE, help="the rows of the new tasks (triage: all of them)")
+    ap.add_argument("--rows", help=f"the rows to run (default: all of them on triage, {SINGLE} on the others)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,9 +50,10 @@ def main() -> None:
         grid = write_preset(
             "guide", where, steps=a.steps, seeds=a.seeds, search=True, task=task, eval_rows=a.eval_rows
         )
-        if task != "triage":
+        rows = a.rows or (None if task == "triage" else SINGLE)
+        if rows:
             spec = yaml.safe_load(grid.read_text())
-            keep = set(a.rows.split(","))
+            keep = set(rows.split(","))
             spec["variants"] = [v for v in spec["variants"] if v["name"] in keep]
             grid.write_text(yaml.safe_dump(spec, sort_keys=False, width=110))
         start = time.perf_counter()
