@@ -81,8 +81,8 @@ def main() -> None:
     rows = list(csv.DictReader((out / "results.csv").open()))
     if any(r.get("seed") for r in rows):  # a comparison with seeds: its aggregate rows
         seeded(out, rows)
-    else:
-        single(rows)
+    else:  # one run per variant: its run row (the aggregate row beside it repeats it)
+        single([r for r in rows if r.get("row", "run") == "run"])
     runs = [r for r in rows if r.get("row", "run") == "run"]
     total = sum(float(r["wall_time_s"]) for r in runs if r["wall_time_s"])
     print(f"\nsum of the runs' wall times: {total / 60:.1f} min")
@@ -97,8 +97,9 @@ def main() -> None:
 
 def single(rows: list[dict]) -> None:
     """A comparison without seeds: one row per variant."""
+    metric = next((r["metric"] for r in rows if r.get("metric")), "score")
     print(
-        "| variant | strategy | triage exact match | KL to base | base answers reproduced | trainable (share) "
+        f"| variant | strategy | {metric} | KL to base | base answers reproduced | trainable (share) "
         "| peak MB | tokens/s | train s | wall s | artefact MB |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
