@@ -79,11 +79,11 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.dir)
     rows = list(csv.DictReader((out / "results.csv").open()))
+    runs = [r for r in rows if r.get("row", "run") == "run"]
     if any(r.get("seed") for r in rows):  # a comparison with seeds: its aggregate rows
         seeded(out, rows)
     else:  # one run per variant: its run row (the aggregate row beside it repeats it)
-        single([r for r in rows if r.get("row", "run") == "run"])
-    runs = [r for r in rows if r.get("row", "run") == "run"]
+        single(runs)
     total = sum(float(r["wall_time_s"]) for r in runs if r["wall_time_s"])
     print(f"\nsum of the runs' wall times: {total / 60:.1f} min")
     rec = json.loads((out / "recommendation.json").read_text())
