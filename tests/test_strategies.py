@@ -153,10 +153,12 @@ def greedy_by_full_forwards(model, ids: torch.Tensor, n: int, eos: int) -> list[
     return out
 
 
-@pytest.mark.parametrize("strategy", ["prefix", "prompt", "ptuning"])
+@pytest.mark.parametrize("strategy", ["prefix", "prompt", "ptuning", ["prefix", "lora"]], ids=str)
 def test_virtual_token_methods_generate_what_the_model_predicts(strategy, tiny_llama, memo_data, tmp_path):
-    # KV-cached generation drops the virtual tokens after the first step (peft + transformers 5): generation
-    # must give the tokens a step-by-step greedy loop of full forwards gives, as built and as read back
+    # PEFT's generate() drops the virtual tokens after the first step (peft + transformers 5), so tunelab
+    # decodes these itself, continuing from the wrapper's cache through the model inside it (which, in the
+    # hybrid, holds LoRA's layers): it must give the tokens a greedy loop of full forwards gives, as built
+    # and as read back
     from tunelab.evaluate import generate_batch
     from tunelab.models import load_tokenizer
     from tunelab.strategies.stack import StrategyStack

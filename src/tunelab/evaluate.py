@@ -60,9 +60,11 @@ DECODE_BY_FORWARD = "tunelab_decode_by_forward"
 
 
 def decode_by_forward(model: torch.nn.Module) -> None:
-    """Mark ``model`` as one whose ``generate()`` disagrees with its own forward pass (a strategy whose
-    library generation path is wrong says so when it builds or loads the model): :func:`new_tokens` then
-    decodes it with one full forward per token instead."""
+    """Mark ``model`` as one whose ``generate()`` disagrees with its own forward pass: a wrapper that puts
+    virtual tokens in front of the input (prompt learning says so when it builds or loads the model).
+    :func:`new_tokens` then decodes it itself, one row at a time: the prompt through the wrapper (virtual
+    tokens included), each new token through the plain model inside it with the key/value cache that forward
+    left, which is what a full forward over prompt and answer computes."""
     setattr(unwrap(model), DECODE_BY_FORWARD, True)
 
 
@@ -80,8 +82,8 @@ def new_tokens(
     """The tokens generated after each prompt (1-D id tensors on the model's device), through the first
     end-of-sequence; greedy unless ``do_sample`` (at ``temperature``, with the model's own top-k/top-p
     settings unless ``pure``: from the whole distribution). Batched through ``generate()`` with left padding,
-    or, for a model marked by :func:`decode_by_forward`, one row at a time with a full forward per token (no
-    padding and no cache: exactly the computation the model was trained with; sampling there is pure)."""
+    or, for a model marked by :func:`decode_by_forward`, one row at a time without padding (exactly the
+    computation the model was trained with; sampling there is pure)."""
     if getattr(unwrap(model), DECODE_BY_FORWARD, False):
         return [_by_forward(model, p, max_new_tokens, eos_id, do_sample, temperature) for p in prompts]
     device, width = prompts[0].device, max(len(p) for p in prompts)
@@ -108,9 +110,16 @@ def _through_eos(new: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def _by_forward(model, prompt: torch.Tensor, n: int, eos_id: int, do_sample: bool, temperature: float):
-    ids, out = prompt[None], []
+    ids, out, cache = prompt[None], [], None
+    inner = unwrap(model)  # the wrapper's virtual tokens are in the cache after the first forward
     for _ in range(n):
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+        if cache is None:
+            result = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        else:
+            mask = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long, device=ids.device)
+            result = inner(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache = result.past_key_values
+        logits = result.logits[0, -1].float()
         if do_sample:
             nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[0]
         else:
@@ -118,7 +127,7 @@ def _by_forward(model, prompt: torch.Tensor, n: int, eos_id: int, do_sample: boo
         out.append(nxt)
         if int(nxt) == eos_id:
             break
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        ids = nxt.view(1, 1)
     return torch.stack(out) if out else prompt.new_zeros(0)
 
 
