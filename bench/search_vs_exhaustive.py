@@ -68,6 +68,7 @@ def dev_rows(run_dir: Path, metric: str):
 
 def one(task: dict, strategy: str, steps: int, cooldown: float, least: int) -> dict:
     out = OUT / task["name"] / (f"{strategy}-cool{cooldown:g}-min{least}" if cooldown or least != 3 else strategy)
+    out = out.with_name(f"{out.name}-r{steps}") if steps != 18 else out  # each budget its own search
     claim(out)
     grid, configs = load_grid(grid_for(task, strategy, steps, out, cooldown, least))
     (v,) = grid.variants
