@@ -8,7 +8,9 @@ and each strategy, six learning rates (log-spaced over the strategy's usual rang
 split (24 rows carved from 320 training rows) by successive halving (η = 3, no cut before step 3: rungs
 of 3, 9 and 18 steps) on the default model, with no warmup and a linear decay over the 18 steps; with
 ``--cooldown``, a cut candidate is scored after a branch of that share of its steps more, its learning rate
-falling to zero (``search.cooldown``, counted in the compute). Then every
+falling to zero (``search.cooldown``, counted in the compute). Compiling is off: every rung restarts
+its candidates in new processes, each of which would compile again (at 54 steps `compile: auto` turned
+it on, and on an AVX2-only machine the first steps took 45-56 s each instead of ~6). Then every
 candidate is continued from its checkpoint to the full budget, which is what the exhaustive grid trains
 (a cut candidate continued equals one trained to the end from the start: tests/test_search.py). The script
 prints, per task and strategy: halving's choice, the exhaustive grid's best, whether they are the same or
@@ -48,7 +50,13 @@ def grid_for(task: dict, strategy: str, steps: int, out: Path, cooldown: float, 
         "base": {
             "model": "smollm2-135m-instruct",
             "data": {"train": task["train"], "eval": task["eval"], "dev_split": 24},
-            "training": {"max_steps": steps, "batch_size": 8, "max_length": 192, "save_steps": 10 * steps},
+            "training": {
+                "max_steps": steps,
+                "batch_size": 8,
+                "max_length": 192,
+                "save_steps": 10 * steps,
+                "compile": "off",
+            },
             "eval": {"max_new_tokens": 32, "batch_size": 24},
         },
         "variants": [{"name": strategy, "strategy": STRATEGIES[strategy], "search": {"lr": {"log_uniform": lr}}}],

@@ -23,16 +23,54 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
 
 
-def imports(path: Path) -> set[str]:
-    """tunelab modules ``path`` imports, at any depth (function-level imports count: they run too)."""
+def imports(path: Path, text: str | None = None) -> set[str]:
+    """tunelab modules ``path`` imports, at any depth (function-level imports count: they run too), written
+    absolutely, relatively (``from .base import X``, resolved against ``path``'s package) or as a string
+    (``importlib.import_module("tunelab.x")``, ``__import__``), so no edge hides from the checks below."""
     mods, found = modules(), set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunelab"):
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods}
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    for node in ast.walk(ast.parse(path.read_text() if text is None else text)):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the package, up level - 1 packages
+                base = package[: len(package) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.startswith("tunelab"):
+                found.add(module)
+                found |= {f"{module}.{a.name}" for a in node.names if f"{module}.{a.name}" in mods}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("tunelab")}
+        elif isinstance(node, ast.Call) and _dynamic_import(node.func) and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("tunelab"):
+                found.add(arg.value)
     return found
+
+
+def _dynamic_import(func: ast.AST) -> bool:
+    """``importlib.import_module(...)``, ``import_module(...)`` or ``__import__(...)``."""
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    return name in {"import_module", "__import__"}
+
+
+def test_the_import_finder_sees_relative_and_dynamic_imports():
+    path = SRC / "lab" / "compare.py"  # a module of package tunelab.lab
+    text = (
+        "from .grid import load_grid\n"
+        "from ..strategies import base\n"
+        "from . import report\n"
+        "import importlib\n"
+        "def f():\n"
+        "    importlib.import_module('tunelab.engine')\n"
+        "    __import__('tunelab.session')\n"
+    )
+    found = imports(path, text)
+    assert {"tunelab.lab.grid", "tunelab.strategies", "tunelab.strategies.base", "tunelab.lab.report"} <= found
+    assert {"tunelab.engine", "tunelab.session"} <= found
+    assert imports(path, "import importlib.util\nimportlib.util.find_spec('flash_attn')\n") == set()
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -92,14 +130,22 @@ def test_no_import_cycle_anywhere_in_tunelab():
     assert cycles(import_graph()) == []
 
 
-def test_no_module_over_400_lines_without_a_reason_at_its_top():
-    long = []
-    for name, path in modules().items():
-        text = path.read_text()
-        doc = ast.get_docstring(ast.parse(text)) or ""
-        if len(text.splitlines()) > 400 and "Long because" not in doc:
-            long.append(f"{name}: {len(text.splitlines())} lines")
-    assert long == []
+# Modules allowed over 400 lines, each on purpose: a new long module fails until it is added here (with the
+# reason its docstring gives), and one that shrinks below the limit must leave the list.
+LONG = {
+    "tunelab.config": "the one schema: every section's fields with their help texts, and its loader",
+    "tunelab.data": "one reading, rendering and masking pipeline whose errors name the same file and line",
+    "tunelab.strategies.base": "the contract in one place: its text, the base class, registry and checks",
+}
+
+
+def test_no_module_over_400_lines_unless_listed_with_a_reason():
+    lines = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    long = {name for name, n in lines.items() if n > 400}
+    assert sorted(long - set(LONG)) == [], "add it to LONG with its reason, or split it"
+    assert sorted(set(LONG) - long) == [], "no longer long: take it off LONG"
+    for name in LONG:  # and the module says why at its top
+        assert "Long because" in (ast.get_docstring(ast.parse(modules()[name].read_text())) or ""), name
 
 
 def test_the_modes_table_and_the_config_agree():

@@ -151,6 +151,46 @@ def test_strategy_behaviour(case, tiny_model, memo_data, tmp_path):
     assert torch.allclose(disabled, base, atol=1e-6) == disable_gives_base
 
 
+def _is_regularizer(item) -> bool:
+    from tunelab.strategies import registered
+    from tunelab.strategies.base import Regularizer
+
+    return issubclass(registered()[item if isinstance(item, str) else item["name"]], Regularizer)
+
+
+REGULARIZED = [c for c, (spec, *_) in CASES.items() if isinstance(spec, list) and any(map(_is_regularizer, spec))]
+
+
+@pytest.mark.parametrize("case", REGULARIZED)
+def test_each_regularizer_changes_what_trains(case, tiny_llama, memo_data, tmp_path):
+    """The checks above pass for a regularizer that does nothing (its run is then the plain strategy's): the
+    same run without the regularizers (same seed, rate and steps) must end with different trained weights
+    (on one architecture: the matrix above runs both)."""
+    spec, lr, _ = CASES[case]
+    spec = with_model(spec, tiny_llama)
+    plain = [item for item in spec if not _is_regularizer(item)]
+    after = {}
+    for name, strategy in (("with", spec), ("without", plain)):
+        cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, strategy, max_steps=6, lr=lr, schedule="constant")
+        probe = Probe()
+        train(cfg, callbacks=[probe])
+        after[name] = {n: probe.after[n] for n in probe.claimed}
+    common = after["with"].keys() & after["without"].keys()
+    assert common, (sorted(after["with"])[:3], sorted(after["without"])[:3])
+    assert any(not torch.equal(after["with"][n], after["without"][n]) for n in common), case
+
+
+def test_the_plain_run_is_repeatable(tiny_llama, memo_data, tmp_path):
+    """What makes the check above mean something: the same run twice gives the same weights, bit for bit."""
+    after = []
+    for name in ("a", "b"):
+        cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, LORA, max_steps=6, lr=2e-2, schedule="constant")
+        probe = Probe()
+        train(cfg, callbacks=[probe])
+        after.append({n: probe.after[n] for n in probe.claimed})
+    assert after[0].keys() == after[1].keys() and all(torch.equal(after[0][n], after[1][n]) for n in after[0])
+
+
 # Multi-task runs (mode: multitask, two tasks of different shapes): per-task parts over a shared body, with
 # the same checks, each task's parts read back and routed.
 MULTITASK_CASES = {
