@@ -171,7 +171,9 @@ def test_each_regularizer_changes_what_trains(case, tiny_llama, memo_data, tmp_p
     plain = [item for item in spec if not _is_regularizer(item)]
     after = {}
     for name, strategy in (("with", spec), ("without", plain)):
-        cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, strategy, max_steps=6, lr=lr, schedule="constant")
+        cfg = tiny_config(
+            tiny_llama, memo_data, tmp_path / name, strategy, max_steps=6, lr=lr, schedule="constant"
+        )
         probe = Probe()
         train(cfg, callbacks=[probe])
         after[name] = {n: probe.after[n] for n in probe.claimed}
