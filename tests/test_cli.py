@@ -137,3 +137,34 @@ def test_quiet_says_the_result_only_and_verbose_says_more(tiny_llama, memo_data,
     assert len(verbose.stderr) > len(normal.stderr)  # the libraries' info logs
     p = tunelab("train", str(tmp_path / "q.yaml"), "-q", "-v")
     assert p.returncode == 2 and "not allowed with argument" in p.stderr
+
+
+def test_validate_checks_a_comparison_grid_as_compare_would(tiny_llama, memo_data, tmp_path):
+    base = tiny_config(tiny_llama, memo_data, tmp_path / "unused", "lora")
+    del base["output_dir"]
+    grid = {
+        "base": base,
+        "seeds": 2,
+        "variants": [
+            {"name": "lora", "strategy": {"name": "lora", "r": 8}, "search": {"lr": [1e-3, 1e-2]}},
+            {"name": "full", "strategy": "full"},
+        ],
+        "output_dir": str(tmp_path / "cmp"),
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    p = tunelab("validate", str(path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    line = p.stdout.strip()
+    assert line.startswith(f"{path}: ok (comparison of 3 variants (")  # with the zero-shot baseline row
+    assert "2 seeds" in line and "searching lora" in line and "6 runs" in line, line
+    assert not (tmp_path / "cmp").exists()  # validating writes nothing
+
+    grid["variants"][0]["search"] = {"lr": [], "rank": [4]}  # an empty list and a knob LoRA does not have
+    path.write_text(yaml.safe_dump(grid))
+    p = tunelab("validate", str(path))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert str(path) in p.stderr and "variant lora" in p.stderr
+
+    p = tunelab("validate", str(path), "--set", "training.lr=1e-3")
+    assert p.returncode == 2 and "--set changes a run config" in p.stderr and "Traceback" not in p.stderr

@@ -56,7 +56,10 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
 
 def _validate(args) -> int:
     from tunelab.config import load_config
+    from tunelab.lab.grid import check_grid, is_grid
 
+    if is_grid(args.config):  # a comparison grid: every variant's runs, as compare would build them
+        return print(check_grid(args.config, args.set)) or 0
     cfg = load_config(args.config, args.set)
     what = f"{cfg.mode}: {'+'.join(cfg.strategy_names())} on {cfg.model}"
     print(f"{args.config}: ok ({what}, output_dir {cfg.output_dir})")
@@ -147,6 +150,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 def _compare(args) -> int:
     from tunelab.errors import RunError
+    from tunelab.lab.compare import check_finished
     from tunelab.run import compare
 
     for flag, n in (("steps", args.steps), ("seeds", args.seeds)):
@@ -156,22 +160,8 @@ def _compare(args) -> int:
     out = compare(args.grid, preset=args.preset, **given)
     print(f"comparison written to {out}/ (report.html, report.md, results.csv)")
     print((out / "report.md").read_text().split("\n\n|")[0].removeprefix("# Comparison\n\n"))
-    from tunelab.integrity import read_json
-
-    _unfinished(out, read_json(out / "recommendation.json").get("unfinished") or {})
+    check_finished(out)  # exit code 1, naming each variant that gave no result
     return 0
-
-
-def _unfinished(out, problems: dict[str, str]) -> None:
-    """Exit code 1, with one line naming each variant that gave no result and where its error is."""
-    if problems:
-        from tunelab.errors import Unfinished
-
-        listed = "; ".join(f"{name} ({why})" for name, why in problems.items())
-        raise Unfinished(
-            f"{len(problems)} variant(s) gave no result: {listed}. Errors are in {out}/status.json and "
-            f"{out}/report.md; `tunelab compare` on the same grid retries them"
-        )
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -183,6 +173,7 @@ def _report(args) -> int:
     from pathlib import Path
 
     from tunelab.errors import RunError
+    from tunelab.lab.compare import check_finished
     from tunelab.lab.grid import read_grid
     from tunelab.run import report
 
@@ -192,7 +183,7 @@ def _report(args) -> int:
         raise RunError(f"--within {within}: a percentage from 0 to 100")
     files = report(out, within=within)
     print(f"report rebuilt: {files['html']}, {files['md']}, {files['csv']}")
-    _unfinished(out, files["unfinished"])
+    check_finished(out)
     return 0
 
 

@@ -38,7 +38,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tunelab.errors import RunError, first_line
+from tunelab.errors import RunError, Unfinished, first_line
+from tunelab.integrity import read_json
 from tunelab.lab.grid import (
     GRID,
     STATUS,
@@ -123,6 +124,18 @@ def _same_grid(old: Grid, new: Grid, status: dict[str, dict], out: Path) -> None
         raise RunError(
             f"{out}: variant(s) {', '.join(changed)} changed since they ran; give a changed variant a new name, "
             "or choose a new output_dir"
+        )
+
+
+def check_finished(out: Path) -> None:
+    """Raise :class:`Unfinished` (exit code 1) with one line naming each variant of the comparison in ``out``
+    that gave no result and where its error is; nothing when every variant gave one."""
+    problems = read_json(out / "recommendation.json").get("unfinished") or {}
+    if problems:
+        listed = "; ".join(f"{name} ({why})" for name, why in problems.items())
+        raise Unfinished(
+            f"{len(problems)} variant(s) gave no result: {listed}. Errors are in {out}/status.json and "
+            f"{out}/report.md; `tunelab compare` on the same grid retries them"
         )
 
 

@@ -157,6 +157,36 @@ def load_grid(path: str | os.PathLike) -> tuple[Grid, dict[str, RunConfig]]:
     return grid, configs
 
 
+def is_grid(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a comparison grid (a mapping with ``variants:``) rather than a run config; a file
+    that cannot be read or parsed is not, so that the run config's loader reports it with its line."""
+    try:
+        raw = safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "variants" in raw
+
+
+def check_grid(path: str | os.PathLike, overrides: list[str] | None = None) -> str:
+    """``tunelab validate`` on a grid: every variant's every run validated as ``tunelab compare`` would
+    (nothing run, nothing written); one line saying what the comparison holds."""
+    if overrides:
+        raise ConfigError(
+            [f"{path}: --set changes a run config; in a grid, put the key under `base:` or a variant's `set:`"]
+        )
+    grid, configs = load_grid(path)
+    seeds = grid.seed_list()
+    searched = [v.name for v in grid.variants if v.search is not None]
+    parts = [
+        f"comparison of {len(grid.variants)} variants ({', '.join(v.name for v in grid.variants)})",
+        f"{len(seeds)} seeds" if seeds else "",
+        f"searching {', '.join(searched)}" if searched else "",
+        f"{len(configs)} runs",
+        f"output_dir {grid.output_dir}",
+    ]
+    return f"{path}: ok ({', '.join(p for p in parts if p)})"
+
+
 def variant_dict(grid: Grid, v: Variant) -> tuple[dict, bool]:
     """The variant's config as plain data (the base with its keys merged in, before its ``set``), and whether
     it adds tasks beside the comparison's own data. Refuses (ValueError) a variant that changes what makes
