@@ -115,6 +115,18 @@ def logits(model, ids):
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
+def load_as_the_card_says(model_dir, base_dir):
+    """The model that the run's model card (model/README.md) says how to load, loaded by running the card's
+    own snippet with PATH the model directory (and BASE, where the card asks for it, the base model's)."""
+    import re
+
+    card = (model_dir / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {"PATH": str(model_dir)}
+    exec(re.sub(r"^BASE = .*$", f"BASE = {str(base_dir)!r}", code, flags=re.M), scope)
+    return scope["model"]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_strategy_behaviour(case, tiny_model, memo_data, tmp_path):
     spec, lr, disable_gives_base = CASES[case]
@@ -143,6 +155,10 @@ def test_strategy_behaviour(case, tiny_model, memo_data, tmp_path):
     run = load_run(tmp_path / "run")
     loaded = run.model
     assert torch.equal(logits(loaded, ids), trained)
+
+    # the model card's loading snippet loads this artefact (the library it names, or tunelab for parts)
+    carded = load_as_the_card_says(tmp_path / "run" / "model", tiny_model)
+    torch.testing.assert_close(logits(carded, ids), trained, rtol=1e-5, atol=1e-5)
 
     # disabling every added module gives the base model back (strategies that add modules only)
     base = logits(load_model(tiny_model), ids)
@@ -235,6 +251,9 @@ def test_multitask_behaviour(case, tiny_model, tmp_path):
         run.stack.select_task(probe.model, t)
         run.stack.select_task(run.model, t)
         assert torch.equal(logits(run.model, ids), logits(probe.model, ids)), t
+    carded = load_as_the_card_says(tmp_path / "run" / "model", tiny_model)  # its snippet routes to the first task
+    run.stack.select_task(probe.model, "qa")
+    torch.testing.assert_close(logits(carded, ids), logits(probe.model, ids), rtol=1e-5, atol=1e-5)
     if "heads" in case:
         assert m["eval"]["cls"]["head_accuracy"] == 1.0
         assert "head_accuracy" not in m["eval"]["qa"]

@@ -16,7 +16,7 @@ def front_matter(card: str) -> dict:
     return yaml.safe_load(card.split("---\n")[1])
 
 
-@pytest.mark.parametrize("strategy, library", [("lora", "peft"), ("full", "transformers")])
+@pytest.mark.parametrize("strategy, library", [("lora", "peft"), ("full", "transformers"), ("adapters", None)])
 def test_the_card_records_the_run_as_summary_json_does(tiny_llama, memo_data, tmp_path, strategy, library):
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", strategy, max_steps=3)
     cfg["eval"]["before"] = True
@@ -24,7 +24,8 @@ def test_the_card_records_the_run_as_summary_json_does(tiny_llama, memo_data, tm
     summary = json.loads((run / "summary.json").read_text())
     card = (run / "model" / "README.md").read_text()
     meta = front_matter(card)
-    assert meta["library_name"] == library and meta["pipeline_tag"] == "text-generation"
+    # the library that loads the artefact on its own; none for tunelab's own parts (the card says how)
+    assert meta.get("library_name") == library and meta["pipeline_tag"] == "text-generation"
     assert meta["tags"] == ["tunelab", strategy]
     assert "base_model" not in meta  # a model known only by its path has no hub id to name
     t = meta["tunelab"]
@@ -40,6 +41,7 @@ def test_the_card_records_the_run_as_summary_json_does(tiny_llama, memo_data, tm
     kl = summary["forgetting"]
     assert f"| kl | {kl['before']['kl']:.4g} | {kl['after']['kl']:.4g} | {kl['delta']['kl']:.4g} |" in card
     assert ("AutoPeftModelForCausalLM" in card) == (library == "peft")
+    assert ("tunelab.load_artefact(PATH, base=BASE)" in card) == (library is None)
 
 
 def test_a_known_model_and_a_hub_named_one_give_their_hub_id(tmp_path):

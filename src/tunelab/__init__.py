@@ -7,6 +7,7 @@ The Python API mirrors the CLI::
     result = tunelab.train(cfg)                                    # tunelab train
     tunelab.evaluate(result.run_dir)                               # tunelab eval
     tunelab.generate(result.run_dir, "Hello")                      # tunelab generate
+    tunelab.load_artefact(result.run_dir / "model")                # a model/ (or its hub copy) alone
     tunelab.merge(result.run_dir, "merged/")                       # tunelab merge
     tunelab.export(result.run_dir, "model.gguf")                   # tunelab export
     tunelab.compare("grid.yaml")                                   # tunelab compare
@@ -27,6 +28,7 @@ from tunelab.run import (  # noqa: E402
     evaluate,
     export,
     generate,
+    load_artefact,
     load_run,
     merge,
     push,
@@ -45,6 +47,7 @@ __all__ = [
     "evaluate",
     "generate",
     "load_config",
+    "load_artefact",
     "load_run",
     "merge",
     "export",

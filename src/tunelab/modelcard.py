@@ -44,7 +44,7 @@ def _scores(d: dict | None) -> dict[str, float]:
 
 def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str:
     """The card's text for a run with this summary and resolved config; ``model_dir`` is the run's model/."""
-    adapter = (model_dir / "adapter_config.json").is_file()
+    kind, tasks = _artefact(model_dir)
     strategies = summary["strategy"]
     data = cfg.get("data") or {}
     files = {k: Path(v).name for k, v in data.items() if k in ("train", "eval") and isinstance(v, str)}
@@ -75,8 +75,9 @@ def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str
     base = base_model_id(cfg.get("model", ""), Path(summary["model"]))
     if base:
         meta["base_model"] = base
+    if kind in LIBRARY:
+        meta["library_name"] = LIBRARY[kind]
     meta |= {
-        "library_name": "peft" if adapter else "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["tunelab", *strategies],
         "tunelab": record,
@@ -108,12 +109,48 @@ def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str
     lines += [f"| trainable parameters | {p['trainable']:,} of {p['total']:,} |"]
     lines += [f"| {k.replace('_', ' ')} | {fmt(v)} |" for k, v in record.get("training", {}).items()]
     lines += [f"| peak memory MB | {fmt(record['peak_memory_mb'])} |"]
-    load = (
-        "from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)"
-        if adapter
-        else "from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained(PATH)"
-    )
-    lines += ["", "## Use", "", "```python", load, "```", ""]
+    lines += ["", "## Use", "", "```python", _loading(kind, tasks, cfg.get("model", "")), "```", ""]
+    return "\n".join(lines)
+
+
+#: The library that loads each kind of artefact on its own (the others need tunelab: ``tunelab.load_artefact``).
+LIBRARY = {"model": "transformers", "peft": "peft"}
+
+
+def _artefact(model_dir: Path) -> tuple[str, list[str]]:
+    """The artefact's kind and tasks, from its manifest (an artefact written before manifests: by its files)."""
+    try:
+        info = json.loads((model_dir / "tunelab.json").read_text())
+        return info["kind"], list(info.get("tasks") or [])
+    except (OSError, ValueError, KeyError):
+        return ("peft" if (model_dir / "adapter_config.json").is_file() else "model"), []
+
+
+def _loading(kind: str, tasks: list[str], model: str) -> str:
+    """The code that loads this kind of artefact from the directory ``PATH`` (the card's snippet)."""
+    if kind == "model":
+        return (
+            "from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained(PATH)"
+        )
+    if kind == "peft":
+        return (
+            "from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained(PATH)"
+        )
+    args = ["PATH"]
+    if model not in KNOWN_MODELS:  # BASE: where the base model is on the machine that loads it
+        args.append("base=BASE")
+    if tasks:
+        args.append(f"task={tasks[0]!r}")
+    lines = [
+        "import tunelab  # pip install tunelab: these parts go back on the base model with tunelab's own code",
+        "",
+        f"run = tunelab.load_artefact({', '.join(args)})",
+        "model, tokenizer = run.model, run.tokenizer",
+    ]
+    if model not in KNOWN_MODELS:
+        lines.insert(2, "BASE = 'the base model named above: a local directory, or a model tunelab knows'")
+    if tasks:
+        lines.append(f"# one set of parts per task: task= is one of {', '.join(tasks)}")
     return "\n".join(lines)
 
 

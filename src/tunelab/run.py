@@ -24,7 +24,7 @@ Under ``torchrun`` every rank trains; only rank 0 writes anything.
 
 from __future__ import annotations
 
-from tunelab.artefacts import LoadedRun, load_run
+from tunelab.artefacts import LoadedRun, load_artefact, load_run
 from tunelab.errors import RunError
 from tunelab.lab.compare import compare
 from tunelab.lab.report import write_report as report
@@ -38,6 +38,7 @@ __all__ = [
     "compare",
     "evaluate",
     "generate",
+    "load_artefact",
     "load_run",
     "merge",
     "export",

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tunelab.artefacts import save_artefact
+from tunelab.artefacts import save_artefact, write_manifest
 from tunelab.errors import RunError
 from tunelab.evaluate import headline
 from tunelab.forgetting import forgetting_summary
@@ -157,8 +157,11 @@ class ContinualRun(RunMode):
                     self._load_values(values)
                     s.stack.save(s.model, tmp / name, per_component=True)
                 s.tokenizer.save_pretrained(tmp)
+                write_manifest(
+                    tmp, s.stack, (s.cfg.model, s.model_dir), self.names, kind="per-task", snapshots=True
+                )
         else:
-            save_artefact(s.stack, s.model, s.tokenizer, run_dir / MODEL)
+            save_artefact(s.stack, s.model, s.tokenizer, run_dir / MODEL, (s.cfg.model, s.model_dir))
         summary = s.summary_head(self.name)
         summary["continual"] = {k: v for k, v in result.items() if k != "train"}
         summary["train"] = self.stats

@@ -174,7 +174,7 @@ class MultitaskRun(RunMode):
 
     def save(self) -> dict[str, Any]:
         s, cfg = self.session, self.cfg
-        save_artefact(s.stack, s.model, s.tokenizer, self.run_dir / MODEL)
+        save_artefact(s.stack, s.model, s.tokenizer, self.run_dir / MODEL, (s.cfg.model, s.model_dir))
         scores = self.score_tasks()
         self.log_scores(scores)
         summary = s.summary_head(self.name)

@@ -46,7 +46,7 @@ class SingleRun(RunMode):
 
     def save(self) -> dict[str, Any]:
         s, tr, ev = self.session, self.train_data, self.eval_data
-        save_artefact(s.stack, s.model, s.tokenizer, self.run_dir / MODEL)
+        save_artefact(s.stack, s.model, s.tokenizer, self.run_dir / MODEL, (s.cfg.model, s.model_dir))
         summary = s.summary_head(self.name)
         summary["data"] = {
             "format": tr.format,

@@ -7,7 +7,7 @@ attributes or classmethods of its options (read before any model loads):
 - ``phase_of(config)`` — a :class:`Phase`, where it applies in a hybrid;
 - ``needs(config)`` — what it needs from the run, a set of :class:`Need` (the retention set, the base
   model's outputs); a teacher or any other model it loads itself, through ``ctx.load_model``;
-- ``trains``, ``saves``, ``artefact`` ("full" or "adapter"), ``mergeable``, ``exclusive``,
+- ``trains``, ``saves``, ``artefact`` ("full", "peft" or "parts"), ``mergeable``, ``exclusive``,
   ``changes_base_weights`` — what kind of strategy it is;
 - ``provides(config)`` / ``check_stack(config, provided)`` — what it adds that another component's
   option may act on, and which of its own options would do nothing in a given stack (refused);
@@ -56,7 +56,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -119,8 +119,9 @@ class Strategy:
     summary: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     default_lr: ClassVar[float] = 1e-4
-    #: What ``save`` writes: "full" (a standalone model directory) or "adapter" (weights on top of a base).
-    artefact: ClassVar[str] = "adapter"
+    #: What ``save`` writes: "full" (a standalone model directory that transformers loads), "peft" (a PEFT
+    #: adapter directory that peft loads) or "parts" (tunelab's own files, put back on a base by ``load``).
+    artefact: ClassVar[Literal["full", "peft", "parts"]] = "parts"
     #: Application order in a hybrid (see :class:`Phase`); :meth:`phase_of` when it depends on the options.
     phase: ClassVar[Phase] = Phase.NATIVE
     #: True when the strategy trains every parameter, so combining it with another adds nothing.

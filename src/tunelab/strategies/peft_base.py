@@ -34,6 +34,7 @@ TASKS_FILE = "tasks.json"
 class PeftStrategy(Strategy):
     phase = Phase.TUNER
     mergeable = True
+    artefact = "peft"
 
     def peft_config(self, model: torch.nn.Module) -> PeftConfig:
         raise NotImplementedError

@@ -69,6 +69,31 @@ class StrategyStack:
         return any(s.per_task for s in self.items)
 
     @property
+    def artefact_kind(self) -> str:
+        """What the run's ``model/`` holds, and so what loads it: ``model`` (a whole model: transformers),
+        ``peft`` (one PEFT adapter: peft), ``parts`` (tunelab's own parts, or a hybrid's components, over the
+        base model: tunelab), ``per-task`` (parts per task: tunelab, then a task is selected), ``none`` (a
+        baseline: nothing trained, the base model is the model)."""
+        if not self._savers:
+            return "none"
+        if self.standalone:
+            return "model"
+        if self.routes_tasks:
+            return "per-task"
+        return "peft" if len(self._savers) == 1 and self._savers[0].artefact == "peft" else "parts"
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks of a component that keeps one copy per task (multi-task), else none."""
+        return next((list(s.tasks) for s in self.items if s.per_task), [])
+
+    @property
+    def saved_specs(self) -> list[dict[str, Any]]:
+        """The options of the components that save something: with the base model, all that loading the
+        artefact needs (a regularizer's options, a teacher's path among them, are not)."""
+        return [s.config.model_dump(mode="json") for s in self._savers]
+
+    @property
     def _savers(self) -> list[Strategy]:
         return [s for s in self.items if s.saves]
 
@@ -165,24 +190,26 @@ class StrategyStack:
                 p.requires_grad_(was)
 
     # -- the artefact -------------------------------------------------------------------------------
-    def component_dir(self, model_dir: Path, strategy: Strategy) -> Path:
-        """A single strategy's artefact is the model dir itself (e.g. a plain PEFT adapter dir); in a hybrid
-        each component that saves something gets a sub-directory named after it."""
-        return model_dir if len(self._savers) <= 1 else model_dir / strategy.name
+    def component_dir(self, model_dir: Path, strategy: Strategy, per_component: bool = False) -> Path:
+        """A single strategy's artefact is the model dir itself (e.g. a plain PEFT adapter dir); in a hybrid,
+        or with ``per_component``, each component that saves something gets a sub-directory named after it."""
+        return model_dir if len(self._savers) <= 1 and not per_component else model_dir / strategy.name
 
     def save(self, model: torch.nn.Module, out_dir: Path, *, per_component: bool = False) -> None:
         """Each component's artefact under ``out_dir`` (in ``out_dir/<name>/`` with ``per_component``)."""
         for s in self._savers:
-            s.save(model, out_dir / s.name if per_component else self.component_dir(out_dir, s))
+            s.save(model, self.component_dir(out_dir, s, per_component))
 
-    def load(self, base_model: Callable[[], torch.nn.Module], model_dir: Path) -> torch.nn.Module:
-        """The trained model from ``model_dir``: the saved standalone model, or ``base_model()`` with each
-        component put back in application order."""
+    def load(
+        self, base_model: Callable[[], torch.nn.Module], model_dir: Path, *, per_component: bool = False
+    ) -> torch.nn.Module:
+        """The trained model from ``model_dir`` (as :meth:`save` wrote it): the saved standalone model, or
+        ``base_model()`` with each component put back in application order."""
         if self.standalone:
-            return type(self._savers[0]).load(None, model_dir)
+            return type(self._savers[0]).load(None, self.component_dir(model_dir, self._savers[0], per_component))
         model = base_model()  # with nothing saved (a prompting baseline), the base model itself
         for s in self.items:
-            model = type(s).load(model, self.component_dir(model_dir, s))
+            model = type(s).load(model, self.component_dir(model_dir, s, per_component))
         return model
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
