@@ -235,6 +235,22 @@ def test_per_task_adapters_with_routing_cannot_forget(tiny_llama, tmp_path):
 
     with pytest.raises(RunError, match="one adapter per task"):
         load_run(tmp_path / "run")
+    # the artefact alone: each task's adapter back on the base, as PEFT itself loads it
+    from peft import PeftModel
+
+    from tunelab.models import load_model
+    from tunelab.run import load_artefact
+
+    model_dir, ids = tmp_path / "run" / "model", torch.tensor([[1, 50, 60, 70, 2]])
+    with torch.no_grad():
+        for task in ("A", "B"):
+            ours = load_artefact(model_dir, base=tiny_llama, task=task).model
+            peft = PeftModel.from_pretrained(load_model(tiny_llama), model_dir / task / "lora").eval()
+            assert torch.equal(ours(input_ids=ids).logits, peft(input_ids=ids).logits), task
+    with pytest.raises(RunError, match="give task= one of A, B"):
+        load_artefact(model_dir, base=tiny_llama)
+    card = (model_dir / "README.md").read_text()
+    assert "tunelab.load_artefact(PATH, base=BASE, task='A')" in card and "library_name" not in card
 
 
 def test_continual_config_checks():
