@@ -91,6 +91,41 @@ def test_cross_field_checks(tmp_path):
     assert any("either data.eval" in p for p in ps)
 
 
+TASKS = """\
+tasks:
+  - {name: a, train: a.jsonl, eval: a.jsonl}
+  - {name: b, train: b.jsonl, eval: b.jsonl}
+"""
+
+
+@pytest.mark.parametrize(
+    "text, line, key, says",
+    [
+        (GOOD + "continual: {per_task_adapter: true}\n", 10, "continual.per_task_adapter", "only mode: continual"),
+        (GOOD + "multitask: {sampling: uniform}\n", 10, "multitask.sampling", "only mode: multitask"),
+        (TASKS + "forgetting: {original_tasks: [o.jsonl]}\n", 4, "forgetting.original_tasks", "does not score"),
+        (TASKS + "training: {eval_steps: 5}\n", 4, "training.eval_steps", "once it is trained"),
+        (GOOD.replace("strategy:\n  name: lora\n  r: 8", "strategy: full") + "  frozen_weights: bf16\n", 8,
+         "training.frozen_weights", "full, which changes base weights"),
+        (GOOD + "  frozen_weights: bf16\n  precision: fp32\n", 10, "training.frozen_weights", "not fp32"),
+    ],
+)  # fmt: skip
+def test_an_option_the_run_would_ignore_or_refuse_after_loading_is_refused_at_validation(
+    tmp_path, text, line, key, says
+):
+    (problem,) = problems(tmp_path, text)
+    assert problem.startswith(f"{tmp_path / 'cfg.yaml'}:{line}: {key}: ") and says in problem, problem
+
+
+def test_the_same_options_where_they_apply_validate(tmp_path):
+    load_config(write(tmp_path, TASKS + "continual: {per_task_adapter: true}\n"))
+    load_config(write(tmp_path, TASKS + "mode: multitask\ntraining: {eval_steps: 5}\n"))
+    load_config(write(tmp_path, TASKS + "mode: multitask\nmultitask: {sampling: uniform}\n"))
+    load_config(write(tmp_path, GOOD + "forgetting: {original_tasks: [o.jsonl]}\n"))
+    load_config(write(tmp_path, GOOD + "  frozen_weights: bf16\n"))  # lora: its frozen weights may be bf16
+    load_config(write(tmp_path, GOOD + "continual: {per_task_adapter: false}\n"))  # the default, said aloud
+
+
 def test_not_yaml_and_not_a_mapping(tmp_path):
     (p,) = problems(tmp_path, "data: [unclosed\n")
     assert "cfg.yaml:" in p and "not valid YAML" in p

@@ -408,6 +408,41 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _nothing_ignored(self) -> RunConfig:
+        """Options this run would accept and then ignore, or refuse only once the model has loaded: refused
+        here, before anything loads, each naming its key."""
+        if self.mode != "continual" and self.continual != ContinualConfig():
+            keys = ", ".join(f"continual.{k}" for k in sorted(self.continual.model_fields_set))
+            raise ValueError(f"{keys}: only mode: continual uses it (this run's mode is {self.mode})")
+        if self.mode != "multitask" and self.multitask != MultitaskConfig():
+            keys = ", ".join(f"multitask.{k}" for k in sorted(self.multitask.model_fields_set))
+            raise ValueError(f"{keys}: only mode: multitask uses it (this run's mode is {self.mode})")
+        if self.mode == "continual" and self.forgetting.original_tasks:
+            raise ValueError(
+                "forgetting.original_tasks: mode: continual does not score them; it scores every task of the "
+                "sequence before and after each one (continual.json). Score original tasks in mode single or "
+                "multitask, or give them as tasks"
+            )
+        if self.mode == "continual" and self.training.eval_steps:
+            raise ValueError(
+                "training.eval_steps: mode: continual scores each task once it is trained, not during training; "
+                "remove it"
+            )
+        if self.training.frozen_weights == "bf16":
+            from tunelab.strategies import get_strategy
+
+            if self.training.precision == "fp32":
+                raise ValueError("training.frozen_weights: bf16 needs training.precision bf16 or auto, not fp32")
+            changing = [s.name for s in self.strategy if get_strategy(s.name)(s).changes_base_weights]
+            if changing:
+                raise ValueError(
+                    f"training.frozen_weights: bf16 cannot be used with {', '.join(changing)}, which changes base "
+                    "weights: the model it saves carries the frozen weights at their own precision; use auto or "
+                    "fp32"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _distributable(self) -> RunConfig:
         mode = self.training.distributed
         if mode == "auto":
@@ -593,6 +628,8 @@ def format_errors(err: ValidationError, text: str | None, source: str | None, ex
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         key = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
+        if not loc and (named := re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", msg)):  # a whole-config check, on a key
+            key, loc, msg = named[1], tuple(named[1].split(".")), msg[named.end() :]
         if e["type"] == "extra_forbidden":
             allowed = e.get("ctx", {}).get("allowed") or _allowed_keys(loc)
             msg = "unknown key"
