@@ -166,18 +166,22 @@ def test_cast_frozen_linears_keeps_trained_tied_and_per_task_parts_in_fp32(tiny_
 
 
 @pytest.mark.parametrize(
-    "training, strategy, message",
+    "training, strategy, message, when",
     [
-        ({"frozen_weights": "bf16"}, "lora", "needs training.precision bf16"),
-        ({"frozen_weights": "bf16", "precision": "bf16"}, "full", "changes base weights"),
-        ({"loss_head": "positions"}, {"name": "distill", "alpha": 0.5}, "reads the training batch's logits"),
+        # known from the config alone: refused at validation, before anything loads
+        ({"frozen_weights": "bf16"}, "lora", "needs training.precision bf16", "validation"),
+        ({"frozen_weights": "bf16", "precision": "bf16"}, "full", "changes base weights", "validation"),
+        # known once the model is loaded (whether its loss head can take positions)
+        ({"loss_head": "positions"}, {"name": "distill", "alpha": 0.5}, "reads the training batch's logits", "load"),
     ],
 )
 def test_a_lever_that_cannot_work_here_is_refused_naming_it(
-    tiny_llama, memo_data, tmp_path, training, strategy, message
+    tiny_llama, memo_data, tmp_path, training, strategy, message, when
 ):
+    from tunelab.config import ConfigError
+
     strategies = ["lora", strategy] if isinstance(strategy, dict) else strategy
-    with pytest.raises(RunError, match=message):
+    with pytest.raises(ConfigError if when == "validation" else RunError, match=message):
         train(tiny_config(tiny_llama, memo_data, tmp_path / "run", strategies, **training))
 
 
