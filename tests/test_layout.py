@@ -202,3 +202,51 @@ def test_the_name_check_catches_what_it_is_for():
     assert len(_decides_by_name(bad, {"retention", "replay", "ewc", "lora"})) == 3
     fine = ast.parse('rows = [{"prompt": p}]\nif col == "prompt": pass')
     assert _decides_by_name(fine, {"prompt"}) == []
+
+
+#: Modules that read a finished run's results: they ask the run's mode (tunelab.modes.MODES[...]) what its
+#: summary says, never branch on the mode's name.
+READ_RESULTS = (
+    "tunelab.cli",
+    "tunelab.lab.report",
+    "tunelab.lab.results",
+    "tunelab.modelcard",
+    "tunelab.readback",
+)
+
+
+def _decides_by_mode(tree: ast.AST, names: set[str]) -> list[ast.AST]:
+    """``mode == "continual"``, ``"multitask" in s``, ``s["continual"]``, ``s.get("multitask")``."""
+
+    def named(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and node.value in names
+
+    hits = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Compare) and any(named(o) for o in [n.left, *n.comparators]):
+            hits.append(n)
+        elif isinstance(n, ast.Subscript) and named(n.slice):
+            hits.append(n)
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get":
+            if n.args and named(n.args[0]):
+                hits.append(n)
+    return hits
+
+
+def test_what_reads_results_asks_the_mode_and_never_branches_on_its_name():
+    from tunelab.modes import MODES
+
+    found = []
+    for name in READ_RESULTS:
+        tree = ast.parse(modules()[name].read_text())
+        found += [f"{name}:{n.lineno} decides by mode name" for n in _decides_by_mode(tree, set(MODES))]
+    assert found == []
+
+
+def test_the_mode_check_catches_what_it_is_for():
+    bad = ast.parse(
+        'if s["mode"] != "single": pass\nif "continual" in s: c = s["continual"]\nm = s.get("multitask")'
+    )
+    assert len(_decides_by_mode(bad, {"single", "continual", "multitask"})) == 4
+    fine = ast.parse('print(f"{s[\'mode\']}: outputs (continual.json)")\nMODES[s["mode"]].row_score(s)')
+    assert _decides_by_mode(fine, {"single", "continual", "multitask"}) == []

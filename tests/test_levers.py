@@ -172,7 +172,12 @@ def test_cast_frozen_linears_keeps_trained_tied_and_per_task_parts_in_fp32(tiny_
         ({"frozen_weights": "bf16"}, "lora", "needs training.precision bf16", "validation"),
         ({"frozen_weights": "bf16", "precision": "bf16"}, "full", "changes base weights", "validation"),
         # known once the model is loaded (whether its loss head can take positions)
-        ({"loss_head": "positions"}, {"name": "distill", "alpha": 0.5}, "reads the training batch's logits", "load"),
+        (
+            {"loss_head": "positions"},
+            {"name": "distill", "alpha": 0.5},
+            "reads the training batch's logits",
+            "load",
+        ),
     ],
 )
 def test_a_lever_that_cannot_work_here_is_refused_naming_it(

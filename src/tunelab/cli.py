@@ -44,8 +44,10 @@ def _train(args) -> int:
     from tunelab.run import train
 
     result = train(args.config, overrides=args.set, resume=args.resume, overwrite=args.overwrite)
-    if result.summary.get("outputs"):
-        _print_summary(result.summary)
+    if result.summary.get("outputs"):  # each mode says what its results are
+        from tunelab.modes import MODES
+
+        print("\n" + "\n".join(MODES[result.summary["mode"]].result_lines(result.summary)))
     return 0
 
 
@@ -338,53 +340,6 @@ def _fail(args, error, code: int) -> int:
     who = f" (process {rank} of {os.environ['WORLD_SIZE']})" if rank != "0" else ""  # torchrun: one line each
     print(f"tunelab {args.verb}{who}: error: {error}", file=sys.stderr)
     return code
-
-
-def _print_summary(s: dict) -> None:
-    p, t = s["parameters"], s.get("train")
-    if "continual" in s:
-        c = s["continual"]
-        print(
-            f"\ntrained {'+'.join(s['strategy'])} on tasks {', '.join(c['tasks'])}: average {c['metric']} "
-            f"{c['average_accuracy']:.3f}, backward transfer {c.get('backward_transfer', 0):+.3f}, "
-            f"forgetting {c.get('forgetting', 0):.3f}"
-        )
-        print(f"outputs: {s['outputs']['run_dir']} (continual.json, continual.png)")
-        return
-    if t is None:
-        print(f"\nscored {'+'.join(s['strategy'])} (nothing trained), {s['wall_time_s']:.0f} s")
-    else:
-        print(
-            f"\ntrained {'+'.join(s['strategy'])}: {t['steps']} steps, {t['tokens_seen']:,} tokens, "
-            f"{t['tokens_per_s']:.0f} tokens/s, peak memory {s['memory']['peak_mb']:.0f} MB, "
-            f"{s['wall_time_s']:.0f} s"
-        )
-    print(f"trainable parameters: {p['trainable']:,} / {p['total']:,} ({p['trainable_pct']:.3f}%)")
-    if "multitask" in s:
-        from tunelab.evaluate import headline
-
-        m = s["multitask"]
-        for name, sc in m["eval"].items():
-            metric, value = headline(sc)
-            before = f" (before: {headline(m['eval_before'][name])[1]:.3f})" if m["eval_before"] else ""
-            print(f"task {name}: eval loss {sc['loss']:.4f}, {metric} {value:.3f}{before}")
-    if "eval" in s:
-        from tunelab.evaluate import headline
-
-        h = headline(s["eval"])
-        line = f"eval loss {s['eval']['loss']:.4f}, perplexity {s['eval']['perplexity']:.3f}"
-        if h:
-            line += f", {h[0]} {h[1]:.3f}"
-            if "eval_before" in s and headline(s["eval_before"]):
-                line += f" (before: {headline(s['eval_before'])[1]:.3f})"
-        print(line)
-    if "forgetting" in s and "after" in s["forgetting"]:
-        f, b = s["forgetting"]["after"], s["forgetting"]["before"]
-        print(
-            f"forgetting: KL to base {f['kl']:.4f}, base-answer perplexity {b['base_answer_ppl']:.3f} -> "
-            f"{f['base_answer_ppl']:.3f}, base answers reproduced {f['exact_reproduction']:.0%}"
-        )
-    print(f"outputs: {s['outputs']['run_dir']}")
 
 
 if __name__ == "__main__":

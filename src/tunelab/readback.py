@@ -20,6 +20,7 @@ from tunelab.evaluate import generate_batch, score
 from tunelab.fsutil import atomic_dir
 from tunelab.integrity import check_files, read_json
 from tunelab.models import ModelNotFound, base_dtype, load_model, load_tokenizer, resolve_model, tunelab_home
+from tunelab.modes import MODES
 from tunelab.rundir import CONFIG, MODEL, SUMMARY, is_run_dir
 from tunelab.runtime import bf16_supported, device, resolve_precision
 
@@ -78,10 +79,7 @@ def evaluate(
     if loaded.cfg is not None and (Path(target) / SUMMARY).is_file():
         # classification prompts list the training label set, recorded in the run's summary
         recorded = read_json(Path(target) / SUMMARY, what="the run's summary")
-        if chosen is not None:
-            labels = ((recorded.get("multitask") or {}).get("labels") or {}).get(chosen.name)
-        else:
-            labels = (recorded.get("data") or {}).get("labels")
+        labels = MODES[recorded["mode"]].labels(recorded, chosen.name if chosen is not None else None)
     prepared = prepare_file(data, loaded.tokenizer, data_cfg, cfg.training.max_length, labels=labels)
     bf16 = resolve_precision(cfg.training.precision, dev) == "bf16"
     classify = None

@@ -24,6 +24,7 @@ from tunelab.lab.results import BROKEN, COLUMNS, RUN, collect, points, unfinishe
 from tunelab.lab.search import read_searches
 from tunelab.lab.stats import NO_INTERVAL, Verdict
 from tunelab.metrics import metric_name
+from tunelab.modes import MODES
 from tunelab.runtime import write_json_atomic
 
 # ----------------------------------------------------------------------------- figures as people read them
@@ -64,9 +65,7 @@ def cells(r: dict[str, Any]) -> dict[str, str]:
         vs = "best"
     elif tied:
         vs += " tied"
-    strategy = r["strategy"] or ""
-    if r["mode"] and r["mode"] != "single":
-        strategy += f" ({r['mode']}" + (f", + {r['extra_tasks']}" if r["extra_tasks"] else "") + ")"
+    strategy = (r["strategy"] or "") + (MODES[r["mode"]].row_note(r["extra_tasks"]) if r["mode"] else "")
     kl = r["kl_to_base"]
     trainable = r["trainable"]
     return {

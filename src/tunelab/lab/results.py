@@ -41,25 +41,12 @@ AVERAGED = ("base_answers_reproduced", "original_tasks_score", "peak_mb", "token
 
 
 def _score(s: dict, task: str | None = None) -> tuple[str | None, float | None]:
-    """The row's metric and score: the headline metric; a run over several tasks is scored on ``task`` (the
-    comparison's own data, when the other tasks are extra training) or else on all of them (a multi-task
-    run's mean, a continual run's average accuracy)."""
-    if s.get("multitask"):
-        m = s["multitask"]
-        if task is not None:
-            return _headline(m["eval"][task])
-        return m["metric"], m["mean_score"]
-    if s.get("continual"):
-        c = s["continual"]
-        if task is not None:  # after the whole sequence
-            return c["metric"], float(c["matrix"][-1][c["tasks"].index(task)])
-        return f"average {c['metric']}", c["average_accuracy"]
-    return _headline(s.get("eval") or {})
+    """The row's metric and score, as the run's mode reads its summary: the headline metric; a run over
+    several tasks is scored on ``task`` (the comparison's own data, when the other tasks are extra training)
+    or else on all of them (a multi-task run's mean, a continual run's average accuracy)."""
+    from tunelab.modes import MODES
 
-
-def _headline(scores: dict) -> tuple[str | None, float | None]:
-    h = headline(scores)
-    return (h[0], float(h[1])) if h else (None, None)
+    return MODES[s.get("mode", "single")].row_score(s, task)
 
 
 def _train_stats(s: dict) -> dict | None:

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from tunelab.config import RunConfig
 from tunelab.data import DataError, prepare_splits
 from tunelab.errors import RunError
+from tunelab.evaluate import headline
 from tunelab.forgetting import forgetting_summary
 from tunelab.rundir import RunDir, guarded
 from tunelab.runtime import is_main_process
@@ -25,6 +26,60 @@ class RunResult:
 class RunMode:
     name: ClassVar[str]
     resumable: ClassVar[bool] = True
+
+    # -- what a finished run's summary.json says, read by the CLI and the comparison's rows ---------------
+    @classmethod
+    def result_lines(cls, s: dict[str, Any]) -> list[str]:
+        """What ``tunelab train`` prints of a finished run of this mode (its ``summary.json``)."""
+        p, t = s["parameters"], s.get("train")
+        if t is None:
+            lines = [f"scored {'+'.join(s['strategy'])} (nothing trained), {s['wall_time_s']:.0f} s"]
+        else:
+            lines = [
+                f"trained {'+'.join(s['strategy'])}: {t['steps']} steps, {t['tokens_seen']:,} tokens, "
+                f"{t['tokens_per_s']:.0f} tokens/s, peak memory {s['memory']['peak_mb']:.0f} MB, "
+                f"{s['wall_time_s']:.0f} s"
+            ]
+        lines.append(f"trainable parameters: {p['trainable']:,} / {p['total']:,} ({p['trainable_pct']:.3f}%)")
+        lines += cls.task_lines(s)
+        if "eval" in s:
+            h = headline(s["eval"])
+            line = f"eval loss {s['eval']['loss']:.4f}, perplexity {s['eval']['perplexity']:.3f}"
+            if h:
+                line += f", {h[0]} {h[1]:.3f}"
+                if "eval_before" in s and headline(s["eval_before"]):
+                    line += f" (before: {headline(s['eval_before'])[1]:.3f})"
+            lines.append(line)
+        if "forgetting" in s and "after" in s["forgetting"]:
+            f, b = s["forgetting"]["after"], s["forgetting"]["before"]
+            lines.append(
+                f"forgetting: KL to base {f['kl']:.4f}, base-answer perplexity {b['base_answer_ppl']:.3f} -> "
+                f"{f['base_answer_ppl']:.3f}, base answers reproduced {f['exact_reproduction']:.0%}"
+            )
+        return [*lines, f"outputs: {s['outputs']['run_dir']}"]
+
+    @classmethod
+    def row_note(cls, extra_tasks: str | None) -> str:
+        """What a comparison row adds after its strategy for a run of this mode (and the tasks it trained
+        on beside the comparison's own data)."""
+        return f" ({cls.name}" + (f", + {extra_tasks}" if extra_tasks else "") + ")"
+
+    @classmethod
+    def labels(cls, s: dict[str, Any], task: str | None = None) -> list[str] | None:
+        """The label set a run of this mode recorded for its training data (``task``: that task's)."""
+        return None if task is not None else (s.get("data") or {}).get("labels")
+
+    @classmethod
+    def task_lines(cls, s: dict[str, Any]) -> list[str]:
+        """Lines of per-task scores, for the modes that score several tasks."""
+        return []
+
+    @classmethod
+    def row_score(cls, s: dict[str, Any], task: str | None = None) -> tuple[str | None, float | None]:
+        """A comparison row's metric and score: the eval split's headline metric (modes over several tasks:
+        ``task``'s score, the comparison's own data, or else their own summary of all tasks)."""
+        h = headline(s.get("eval") or {})
+        return (h[0], float(h[1])) if h else (None, None)
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, callbacks=None):
         self.cfg, self.resume, self.overwrite, self.callbacks = cfg, resume, overwrite, callbacks

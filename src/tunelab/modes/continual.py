@@ -79,6 +79,23 @@ class ContinualRun(RunMode):
     name = "continual"
     resumable = False  # a sequence restarts from its first task
 
+    @classmethod
+    def result_lines(cls, s: dict[str, Any]) -> list[str]:
+        c = s["continual"]
+        return [
+            f"trained {'+'.join(s['strategy'])} on tasks {', '.join(c['tasks'])}: average {c['metric']} "
+            f"{c['average_accuracy']:.3f}, backward transfer {c.get('backward_transfer', 0):+.3f}, "
+            f"forgetting {c.get('forgetting', 0):.3f}",
+            f"outputs: {s['outputs']['run_dir']} (continual.json, continual.png)",
+        ]
+
+    @classmethod
+    def row_score(cls, s: dict[str, Any], task: str | None = None) -> tuple[str | None, float | None]:
+        c = s["continual"]
+        if task is not None:  # after the whole sequence
+            return c["metric"], float(c["matrix"][-1][c["tasks"].index(task)])
+        return f"average {c['metric']}", c["average_accuracy"]
+
     def prepare_data(self) -> None:
         self.tasks = [(t.name, tr, ev) for t, tr, ev in self.prepare_tasks()]
         self.names = [name for name, _, _ in self.tasks]

@@ -104,6 +104,26 @@ def _tagged(prepared: Prepared, task: int) -> Prepared:
 class MultitaskRun(RunMode):
     name = "multitask"
 
+    @classmethod
+    def labels(cls, s: dict[str, Any], task: str | None = None) -> list[str] | None:
+        return (s["multitask"].get("labels") or {}).get(task) if task is not None else None
+
+    @classmethod
+    def task_lines(cls, s: dict[str, Any]) -> list[str]:
+        m, lines = s["multitask"], []
+        for name, sc in m["eval"].items():
+            metric, value = headline(sc)
+            before = f" (before: {headline(m['eval_before'][name])[1]:.3f})" if m["eval_before"] else ""
+            lines.append(f"task {name}: eval loss {sc['loss']:.4f}, {metric} {value:.3f}{before}")
+        return lines
+
+    @classmethod
+    def row_score(cls, s: dict[str, Any], task: str | None = None) -> tuple[str | None, float | None]:
+        m = s["multitask"]
+        if task is not None:
+            return super().row_score({"eval": m["eval"][task]})
+        return m["metric"], m["mean_score"]
+
     def prepare_data(self) -> None:
         s = self.session
         self.tasks = self.prepare_tasks()

@@ -17,6 +17,10 @@ from tunelab.summary import finish_summary
 class SingleRun(RunMode):
     name = "single"
 
+    @classmethod
+    def row_note(cls, extra_tasks: str | None) -> str:
+        return ""  # the default mode: its rows say nothing more
+
     def prepare_data(self) -> None:
         cfg, s = self.cfg, self.session
         self.train_data, self.eval_data = prepare_splits(
