@@ -177,3 +177,50 @@ def test_a_new_strategy_that_adds_modules_needs_no_edit_elsewhere(shift_strategy
         assert not torch.allclose(run.model(input_ids=ids).logits, base)
         with run.stack.disabled(run.model):
             assert torch.allclose(run.model(input_ids=ids).logits, base, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("training_lr", "want"),
+    [
+        # layer-wise's own lr wins over training.lr, which prefix takes; the top block at the base rate, the
+        # block below at lr_decay times it
+        (1e-2, {"layerwise/block1": 4e-4, "layerwise/block0": 2e-4, "prefix": 1e-2}),
+        # no training.lr: prefix falls back to its default
+        (None, {"layerwise/block1": 4e-4, "layerwise/block0": 2e-4, "prefix": "default"}),
+    ],
+)
+def test_the_learning_rate_walks_from_yaml_to_the_optimizer_groups(
+    tiny_llama, memo_data, tmp_path, training_lr, want
+):
+    """The rate is decided once (StrategyStack.rates): each optimizer group, Trainer's one rate and the
+    summary's learning_rate read it, from the YAML file as written."""
+    import yaml
+
+    from tunelab import fitter
+    from tunelab.config import load_config
+    from tunelab.session import Session
+    from tunelab.strategies import get_strategy
+
+    raw = tiny_config(
+        tiny_llama,
+        memo_data,
+        tmp_path / "run",
+        ["prefix", {"name": "layerwise", "blocks": [0, 1], "lr": 4e-4, "lr_decay": 0.5}],
+        max_steps=1,
+    )
+    raw["training"].pop("lr", None)
+    if training_lr is not None:
+        raw["training"]["lr"] = training_lr
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    want = {k: get_strategy("prefix").default_lr if v == "default" else v for k, v in want.items()}
+
+    session = Session(load_config(path), main=True, run_dir=tmp_path / "run")
+    session.load()
+    trainer = fitter.trainer(session, session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")
+    groups = {}
+    for g in trainer.create_optimizer().param_groups:  # split by weight decay: a name may come twice
+        assert groups.setdefault(g["name"], g["lr"]) == g["lr"]
+    assert groups == pytest.approx(want)
+    assert trainer.args.learning_rate == pytest.approx(want["prefix"])  # the first component's, in phase order
+    assert trainer.learning_rates() == pytest.approx({"prefix": want["prefix"], "layerwise": 4e-4})

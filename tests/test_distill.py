@@ -15,6 +15,7 @@ import yaml
 
 from conftest import WORDS, make_model_dir, tiny_config, write_jsonl
 from tunelab.config import load_config
+from tunelab.fitter import fit
 from tunelab.strategies.distill import divergence
 
 # ----------------------------------------------------------------------------- the divergences
@@ -112,7 +113,7 @@ def test_the_teacher_stays_frozen_and_is_never_saved(tiny_llama, teacher_dir, me
     session = Session(cfg, main=True, run_dir=tmp_path / "run")
     session.load()
     (tmp_path / "run").mkdir()
-    stats = session.fit(session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")
+    stats = fit(session, session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")
     assert stats["steps"] == 4
     teacher = next(s for s in session.stack if s.name == "distill").teacher
     fresh = load_model(teacher_dir)
@@ -189,13 +190,13 @@ def test_the_cached_teacher_runs_once_per_row_not_every_epoch(tiny_llama, teache
     session, distill, _ = prepared_distill(tiny_llama, teacher_dir, memo_data, tmp_path, top_k=16)
     (tmp_path / "run").mkdir()
     rows = session.ctx.load_rows(str(memo_data))  # 16 rows: 4 distinct, repeated
-    stats = session.fit(rows, None, tmp_path / "run")  # 8 steps of 4 rows: 2 epochs
+    stats = fit(session, rows, None, tmp_path / "run")  # 8 steps of 4 rows: 2 epochs
     assert stats["epochs"] == 2.0
     assert len(distill.cache) == 4
     assert distill.teacher_rows <= 16  # only batches holding an unseen row ran it
     live_session, live, _ = prepared_distill(tiny_llama, teacher_dir, memo_data, tmp_path / "live")
     (tmp_path / "live" / "run").mkdir(parents=True)
-    live_session.fit(rows, None, tmp_path / "live" / "run")
+    fit(live_session, rows, None, tmp_path / "live" / "run")
     assert live.teacher_rows == 32  # the live teacher: every row of every batch
 
 
@@ -243,7 +244,7 @@ def test_alpha_one_is_the_same_student_without_a_teacher(tiny_llama, memo_data, 
     distill = next(s for s in session.stack if s.name == "distill")
     assert distill.teacher is None and distill.kept == [0]
     (tmp_path / "run").mkdir()
-    assert session.fit(session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")["steps"] == 8
+    assert fit(session, session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")["steps"] == 8
 
 
 def test_a_cut_student_needs_full_and_options_are_checked(tiny_llama, memo_data, tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from conftest import tiny_config, write_jsonl
 from tunelab.config import load_config
+from tunelab.fitter import fit
 from tunelab.modes.continual import continual_metrics
 from tunelab.run import train
 from tunelab.session import Session
@@ -175,7 +176,7 @@ def test_the_frozen_reference_never_receives_gradients(after_a, tmp_path):
     from tunelab.data import prepare_file
 
     train_rows = prepare_file(b, session.tokenizer, cfg.data, 64).features
-    session.fit(train_rows, None, tmp_path / "run")
+    fit(session, train_rows, None, tmp_path / "run")
     copy = session.ctx.reference._copy
     assert copy is not None  # full fine-tuning changes base weights: a frozen copy was needed
     assert all(not p.requires_grad and p.grad is None for p in copy.parameters())
@@ -190,7 +191,7 @@ def test_adapter_strategies_need_no_second_model(tiny_llama, memo_data, tmp_path
     session = Session(cfg, main=True, run_dir=tmp_path / "run")
     session.load()
     (tmp_path / "run").mkdir()
-    session.fit(session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")
+    fit(session, session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")
     assert session.ctx.reference._copy is None  # base outputs came from the model with LoRA disabled
 
 

@@ -1,5 +1,7 @@
 """The Trainer callbacks every training run has: the progress bar (loss and tokens/s), ``metrics.jsonl`` in
-the run dir, the throughput both read, and the token budget (``training.max_tokens``)."""
+the run dir, the throughput both read, the token budget (``training.max_tokens``), TensorBoard, and
+:func:`attach`, which puts them (and the stack's and the mode's own) on a trainer in place of Trainer's
+printer and bar."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from tunelab.progress import enabled as progress_enabled
 
 
 class Throughput:
@@ -81,3 +85,27 @@ class MetricsCallback(TrainerCallback):
         record["tokens_per_s"] = round(self.throughput.rate(state), 2)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def attach(trainer, out_dir: Path, training, throughput: Throughput, schedules: list, extra: list) -> None:
+    """Replace the Trainer's bar and printer by tunelab's bar and ``out_dir/metrics.jsonl`` (the printer prints
+    every log as a dict; the Trainer takes it instead of its bar when tqdm is off, as under -q), and add
+    TensorBoard (into ``out_dir/tb``) when ``training.report_to`` names it, the strategies' ``schedules``,
+    the token budget, and the mode's ``extra``, in that order."""
+    from transformers.integrations import TensorBoardCallback
+
+    from tunelab.rundir import METRICS
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    tb = TensorBoardCallback()
+    tb.logging_dir = str(out_dir / "tb")
+    for cb in [
+        *([BarCallback(throughput)] if progress_enabled() else []),
+        MetricsCallback(out_dir / METRICS, throughput),
+        *([tb] if "tensorboard" in training.report_to else []),
+        *schedules,
+        *([TokenBudget(training.max_tokens)] if training.max_tokens else []),
+        *extra,
+    ]:
+        trainer.add_callback(cb)

@@ -89,7 +89,7 @@ class TunelabTrainer(Trainer):
         self,
         *args,
         stack,
-        lr: float | None = None,
+        rates: dict[str, float],
         sampler=None,
         tasks: list[str] | None = None,
         task_weights: list[float] | None = None,
@@ -97,14 +97,14 @@ class TunelabTrainer(Trainer):
         optimizer_impl: str = "fused",
         **kwargs,
     ):
-        """``stack`` is the run's :class:`~tunelab.strategies.stack.StrategyStack`; ``lr`` is ``training.lr``
-        as configured (None when unset): each strategy resolves its groups' rates from it once, its own
-        ``lr`` option and default winning in that order (Strategy.base_lr). Multi-task runs give
+        """``stack`` is the run's :class:`~tunelab.strategies.stack.StrategyStack`; ``rates`` its training
+        components' rates, as the stack resolved them once (:meth:`StrategyStack.rates`), from which each
+        component builds its optimizer groups. Multi-task runs give
         ``sampler(dataset, batch_size, seed)`` (the run mode's order), the task names a batch's ``task``
         indexes, and each task's loss weight."""
         super().__init__(*args, **kwargs)
         self.stack = stack
-        self.lr = lr
+        self.rates = rates
         self.positions_head, self.optimizer_impl = positions_head, optimizer_impl
         self.sampler, self.tasks = sampler, tasks or []
         self.task_weights = task_weights or [1.0] * len(self.tasks)
@@ -239,7 +239,7 @@ class TunelabTrainer(Trainer):
             decay = set(self.get_decay_parameter_names(model))
             names = {id(p): n for n, p in model.named_parameters()}
             groups, seen = [], set()
-            for g in self.stack.param_groups(model, self.lr):
+            for g in self.stack.param_groups(model, self.rates):
                 ids = {id(p) for p in g["params"]}
                 if ids & seen:
                     raise ValueError(f"parameter group '{g.get('name')}' repeats parameters of another group")
@@ -327,4 +327,4 @@ class TunelabTrainer(Trainer):
 
     def learning_rates(self) -> dict[str, float]:
         """The peak learning rate of each component, as resolved for the optimizer."""
-        return self.stack.learning_rates(self.model, self.lr)
+        return self.stack.learning_rates(self.model, self.rates)

@@ -32,6 +32,7 @@ import torch
 from tunelab.artefacts import save_artefact, write_manifest
 from tunelab.errors import RunError
 from tunelab.evaluate import headline
+from tunelab.fitter import fit
 from tunelab.forgetting import forgetting_summary
 from tunelab.fsutil import atomic_dir
 from tunelab.modes.base import RunMode
@@ -139,7 +140,7 @@ class ContinualRun(RunMode):
                 self._load_values(self.initial)  # a fresh adapter for every task
             task_dir = self.run_dir / "tasks" / f"{i}-{name}"
             task_dir.mkdir(parents=True, exist_ok=True)
-            self.stats.append({"task": name, **s.fit(tr.features, None, task_dir, callbacks=self.callbacks)})
+            self.stats.append({"task": name, **fit(s, tr.features, None, task_dir, callbacks=self.callbacks)})
             s.ctx.task_features = tr.features
             s.stack.on_task_end(s.model, s.ctx)
             s.ctx.previous_features = s.ctx.previous_features + tr.features

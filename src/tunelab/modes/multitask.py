@@ -36,6 +36,7 @@ import torch
 from tunelab.artefacts import save_artefact
 from tunelab.data import Prepared
 from tunelab.evaluate import headline
+from tunelab.fitter import fit
 from tunelab.forgetting import forgetting_summary
 from tunelab.modes.base import RunMode
 from tunelab.rundir import METRICS, MODEL
@@ -163,7 +164,8 @@ class MultitaskRun(RunMode):
             if cfg.training.eval_steps
             else None
         )
-        self.stats = s.fit(
+        self.stats = fit(
+            s,
             features,
             evals,
             self.run_dir,

@@ -8,6 +8,7 @@ from typing import Any
 
 from tunelab.artefacts import save_artefact
 from tunelab.data import prepare_splits
+from tunelab.fitter import fit
 from tunelab.forgetting import forgetting_summary
 from tunelab.modes.base import RunMode
 from tunelab.rundir import MODEL
@@ -44,8 +45,8 @@ class SingleRun(RunMode):
         if s.stack.baseline:  # nothing trains: the scores after are the untouched model's
             self.stats = None
             return
-        self.stats = s.fit(
-            self.train_data.features, self.eval_data, self.run_dir, resume=self.resume, callbacks=self.callbacks
+        self.stats = fit(
+            s, self.train_data.features, self.eval_data, self.run_dir, resume=self.resume, callbacks=self.callbacks
         )
 
     def save(self) -> dict[str, Any]:

@@ -190,14 +190,10 @@ class Strategy:
         """The parameters this strategy trains (after ``apply``), found by asking the modules."""
         raise NotImplementedError
 
-    def base_lr(self, lr: float | None) -> float:
-        """The strategy's ``lr`` option, else training.lr, else the strategy's default."""
-        return self.config.lr or lr or self.default_lr
-
-    def param_groups(self, model: torch.nn.Module, lr: float | None) -> list[dict[str, Any]]:
-        """Optimizer groups. ``lr`` is training.lr; the strategy's own ``lr`` option wins over it."""
+    def param_groups(self, model: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups; ``lr`` is this strategy's rate, as the stack resolved it (StrategyStack.rates)."""
         params = [p for _, p in self.own_parameters(model)]
-        return [{"params": params, "lr": self.base_lr(lr), "name": self.name}] if params else []
+        return [{"params": params, "lr": lr, "name": self.name}] if params else []
 
     def describe(self, model: torch.nn.Module) -> str | None:
         """A line printed before training saying what trains (e.g. the chosen layers); None for nothing."""
@@ -268,7 +264,7 @@ class Regularizer(Strategy):
     def own_parameters(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         return []
 
-    def param_groups(self, model: torch.nn.Module, lr: float | None) -> list[dict[str, Any]]:
+    def param_groups(self, model: torch.nn.Module, lr: float) -> list[dict[str, Any]]:
         return []
 
     @staticmethod

@@ -234,7 +234,7 @@ class Layerwise(Strategy):
         return line
 
     def param_groups(self, model, lr):
-        base, decay, top = self.base_lr(lr), self.config.lr_decay, self.n_blocks - 1
+        base, decay, top = lr, self.config.lr_decay, self.n_blocks - 1
         groups = [{"params": [p for _, p in self.top_extra], "lr": base, "name": "layerwise/top"}]
         seen = {id(p) for _, p in self.top_extra}
         for i in sorted(self.block_params, reverse=True):

@@ -40,10 +40,6 @@ class StrategyStack:
         return any(s.changes_base_weights for s in self.items)
 
     @property
-    def default_lr(self) -> float:
-        return next((s for s in self.items if s.trains), self.items[0]).default_lr
-
-    @property
     def baseline(self) -> bool:
         """A prompting baseline: the untouched model is scored, nothing trains."""
         return any(s.baseline for s in self.items)
@@ -147,15 +143,21 @@ class StrategyStack:
     def callbacks(self) -> list:
         return [c for s in self.items for c in s.callbacks()]
 
-    def param_groups(self, model: torch.nn.Module, lr: float | None) -> list[dict[str, Any]]:
-        """Every strategy's optimizer groups; ``lr`` is ``training.lr`` as configured (None when unset)."""
-        return [g for s in self.items for g in s.param_groups(model, lr)]
+    def rates(self, training_lr: float | None) -> dict[str, float]:
+        """The one place a learning rate is decided: for each training component, in application order, its
+        own ``lr`` option, else ``training.lr`` (``training_lr``, None when unset), else its ``default_lr``.
+        Every optimizer group, Trainer's single rate and the summary's ``learning_rate`` come from this."""
+        return {s.name: s.config.lr or training_lr or s.default_lr for s in self.items if s.trains}
 
-    def learning_rates(self, model: torch.nn.Module, lr: float | None) -> dict[str, float]:
+    def param_groups(self, model: torch.nn.Module, rates: dict[str, float]) -> list[dict[str, Any]]:
+        """Every training component's optimizer groups, each from its rate in ``rates`` (:meth:`rates`)."""
+        return [g for s in self.items if s.name in rates for g in s.param_groups(model, rates[s.name])]
+
+    def learning_rates(self, model: torch.nn.Module, rates: dict[str, float]) -> dict[str, float]:
         """Each training component's peak rate (its first group's)."""
         out = {}
         for s in self.items:
-            groups = s.param_groups(model, lr)
+            groups = s.param_groups(model, rates[s.name]) if s.name in rates else []
             if groups:
                 out[s.name] = groups[0]["lr"]
         return out
