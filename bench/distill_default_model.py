@@ -113,7 +113,8 @@ def main() -> None:
             "data": data,
             "strategy": [
                 "full",
-                {"name": "distill", "teacher": str(teacher_dir), "keep_every": 2, "alpha": alpha, "top_k": 64},
+                {"name": "student", "keep_every": 2},
+                {"name": "distill", "teacher": str(teacher_dir), "alpha": alpha, "top_k": 64},
             ],
             "training": {
                 "max_steps": a.steps,

@@ -95,7 +95,7 @@ def test_strategies_lists_every_registered_strategy_with_phase_summary_and_optio
     lines = p.stdout.splitlines()
     for name, cls in registered().items():
         row = next(line for line in lines if line.split()[:1] == [name])
-        assert row.split()[1] == cls.phase.name.lower() and cls.summary in row
+        assert row.split()[1] == cls.declares.phase.name.lower() and cls.summary in row
         options = lines[lines.index(row) + 1]
         assert all(f in options for f in cls.Config.model_fields if f != "name")
     p = tunelab("strategies", "lora")

@@ -74,10 +74,15 @@ def test_phases_order_a_hybrid_whatever_the_list_order():
     )
     ordered = build_strategies(cfg.strategy)
     assert [s.name for s in ordered] == ["lora", "prefix", "adapters", "ewc"]
-    assert [s.phase_of(s.config) for s in ordered] == [Phase.TUNER, Phase.PROMPT, Phase.NATIVE, Phase.REGULARIZER]
+    assert [s.declare(s.config).phase for s in ordered] == [
+        Phase.TUNER,
+        Phase.PROMPT,
+        Phase.NATIVE,
+        Phase.REGULARIZER,
+    ]
     peft = get_strategy("peft")
     as_prompt = load_config({"data": {"train": "t"}, "strategy": {"name": "peft", "type": "prefix_tuning"}})
-    assert peft.phase_of(as_prompt.strategy[0]) is Phase.PROMPT
+    assert peft.declare(as_prompt.strategy[0]).phase is Phase.PROMPT
 
 
 def test_load_config_never_mutates_its_input():
@@ -224,3 +229,31 @@ def test_the_learning_rate_walks_from_yaml_to_the_optimizer_groups(
     assert groups == pytest.approx(want)
     assert trainer.args.learning_rate == pytest.approx(want["prefix"])  # the first component's, in phase order
     assert trainer.learning_rates() == pytest.approx({"prefix": want["prefix"], "layerwise": 4e-4})
+
+
+def test_the_core_contract_is_small_and_every_other_hook_is_a_typed_capability():
+    """Strategy keeps at most 15 public members (its instance's config included); a hook the stack calls
+    beyond them belongs to a protocol of tunelab.strategies.capabilities, which the stack discovers."""
+    import inspect
+
+    from tunelab.strategies import capabilities as caps
+    from tunelab.strategies import registered
+    from tunelab.strategies.base import Strategy
+
+    core = {m for m in dir(Strategy) if not m.startswith("_")} | {"name", "config"}
+    assert len(core) <= 15, sorted(core)
+    protocols = [
+        c
+        for _, c in inspect.getmembers(caps, inspect.isclass)
+        if getattr(c, "_is_protocol", False) and c.__module__ == caps.__name__
+    ]
+    hooks = {m for p in protocols for m in p.__dict__ if not m.startswith("_")}
+    for cls in registered().values():
+        for p in protocols:  # a strategy with a capability's methods has the capability, and says so
+            members = {m for m in p.__dict__ if not m.startswith("_") and callable(getattr(p, m, None))}
+            if all(hasattr(cls, m) for m in members):
+                assert issubclass(cls, p), f"{cls.name} implements {p.__name__} without declaring it"
+        stray = {m for m in hooks if hasattr(cls, m)} - {
+            m for p in protocols if issubclass(cls, p) for m in p.__dict__
+        }
+        assert stray == set(), f"{cls.name} has hooks of a capability it does not declare: {stray}"

@@ -206,7 +206,11 @@ def test_a_student_cut_from_its_teacher(tiny_llama, memo_data, tmp_path):
     from tunelab.models import load_model
     from tunelab.run import generate, load_run, train
 
-    spec = ["full", {"name": "distill", "keep_layers": [1], "hidden_weight": 1.0, "alpha": 0.5}]
+    spec = [
+        "full",
+        {"name": "student", "keep_layers": [1]},
+        {"name": "distill", "hidden_weight": 1.0, "alpha": 0.5},
+    ]
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", spec, max_steps=6)
     s = train(cfg).summary
     teacher = load_model(tiny_llama)
@@ -220,7 +224,7 @@ def test_a_student_cut_from_its_teacher(tiny_llama, memo_data, tmp_path):
     assert generate(tmp_path / "run", "what is the colour of grass ?", max_new_tokens=3) is not None
 
     # the initialisation: the student's block is the teacher's block 1, before any step
-    from tunelab.strategies.distill import cut_blocks
+    from tunelab.strategies.student import cut_blocks, teacher_block
 
     cut = load_model(tiny_llama)
     cut_blocks(cut, [1])
@@ -229,6 +233,7 @@ def test_a_student_cut_from_its_teacher(tiny_llama, memo_data, tmp_path):
         for a, b in zip(cut.model.layers[0].parameters(), teacher.model.layers[1].parameters(), strict=True)
     )
     assert cut.model.layers[0].self_attn.layer_idx == 0  # its slot in the KV cache
+    assert teacher_block(cut.model.layers[0]) == 1  # what distillation's alignment asks of the model
     ids = torch.tensor([[1, 50, 60]])
     out = cut.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=3)
     assert out.shape[1] == 7
@@ -237,12 +242,17 @@ def test_a_student_cut_from_its_teacher(tiny_llama, memo_data, tmp_path):
 def test_alpha_one_is_the_same_student_without_a_teacher(tiny_llama, memo_data, tmp_path):
     from tunelab.session import Session
 
-    spec = ["full", {"name": "distill", "keep_layers": [0], "alpha": 1.0, "teacher": str(tmp_path / "nowhere")}]
+    spec = [
+        "full",
+        {"name": "student", "keep_layers": [0]},
+        {"name": "distill", "alpha": 1.0, "teacher": str(tmp_path / "nowhere")},
+    ]
     cfg = load_config(tiny_config(tiny_llama, memo_data, tmp_path / "run", spec))
     session = Session(cfg, main=True, run_dir=tmp_path / "run")
     session.load()  # the teacher path does not exist: it is never read
     distill = next(s for s in session.stack if s.name == "distill")
-    assert distill.teacher is None and distill.kept == [0]
+    assert distill.teacher is None
+    assert session.model.config.num_hidden_layers == 1  # the student strategy cut it
     (tmp_path / "run").mkdir()
     assert fit(session, session.ctx.load_rows(str(memo_data)), None, tmp_path / "run")["steps"] == 8
 
@@ -252,13 +262,13 @@ def test_a_cut_student_needs_full_and_options_are_checked(tiny_llama, memo_data,
 
     base = tiny_config(tiny_llama, memo_data, tmp_path / "run")
     for spec, says in [
-        (["lora", {"name": "distill", "keep_every": 2}], "train it with `full`"),
-        (
-            ["full", {"name": "distill", "keep_every": 2, "keep_layers": [0]}],
-            "keep_every or keep_layers, not both",
-        ),
-        (["full", {"name": "distill", "keep_layers": [1, 0]}], "increasing order"),
+        (["lora", {"name": "student", "keep_every": 2}, "distill"], "train it with `full`"),
+        (["full", {"name": "student", "keep_every": 2, "keep_layers": [0]}], "one of them, not both"),
+        (["full", {"name": "student"}], "one of them, not both"),
+        (["full", {"name": "student", "keep_layers": [1, 0]}], "increasing order"),
         (["full", {"name": "distill", "hidden_weight": 1.0}], "hidden_weight aligns a student cut"),
+        # the option's old home says where it went
+        (["full", {"name": "distill", "keep_every": 2}], "cutting the student is the student strategy's now"),
     ]:
         with pytest.raises(ConfigError, match=says):
             load_config({**base, "strategy": spec})

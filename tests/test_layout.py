@@ -135,7 +135,6 @@ def test_no_import_cycle_anywhere_in_tunelab():
 LONG = {
     "tunelab.config": "the one schema: every section's fields with their help texts, and its loader",
     "tunelab.data": "one reading, rendering and masking pipeline whose errors name the same file and line",
-    "tunelab.strategies.base": "the contract in one place: its text, the base class, registry and checks",
 }
 
 

@@ -64,7 +64,7 @@ CASES = {
     "lora+distill": ([LORA, {"name": "distill", "teacher": "<base>", "alpha": 0.7}], 2e-2, True),
     # a student cut from its teacher (the run's model), aligned on hidden states, trained whole
     "full+distill-cut-student": (
-        ["full", {"name": "distill", "keep_layers": [1], "hidden_weight": 1.0}],
+        ["full", {"name": "student", "keep_layers": [1]}, {"name": "distill", "hidden_weight": 1.0}],
         1e-2,
         False,
     ),

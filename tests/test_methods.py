@@ -137,3 +137,61 @@ def test_hybrid_summary_lists_each_component(tiny_llama, memo_data, tmp_path):
     # each component is its own PEFT adapter directory
     assert (tmp_path / "run" / "model" / "lora" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "model" / "prefix" / "adapter_config.json").is_file()
+
+
+def _renamed(module: torch.nn.Module, name: str) -> None:
+    """Give ``module`` a class of another name (same behaviour): the names tunelab must not rely on."""
+    module.__class__ = type(name, (type(module),), {})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_module_roles_are_asked_of_the_model_not_read_from_class_names(arch, tiny_llama, tiny_gpt2):
+    from tunelab.strategies.anatomy import role, transformer_blocks
+
+    model = load_model(tiny_llama if arch == "llama" else tiny_gpt2)
+    for block in transformer_blocks(model):
+        for child in block.children():
+            _renamed(child, "Mixer")  # no Attention, MLP or Norm in any name
+    block = transformer_blocks(model)[0]
+    roles = sorted(r for c in block.children() if (r := role(c)))
+    assert roles == ["attention", "mlp", "norms", "norms"]
+    # layer-wise kinds and adapters find the same parts through the roles
+    _, (s,), counts = build(model, {"name": "layerwise", "blocks": [-1], "kinds": ["attention"]})
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".attn." in n or ".self_attn." in n for n in trained)
+    with_adapters, _, counts = build(load_model(tiny_llama), {"name": "adapters", "placement": "houlsby"})
+    renamed = load_model(tiny_llama)
+    for b in transformer_blocks(renamed):
+        for child in b.children():
+            _renamed(child, "Mixer")
+    _, _, renamed_counts = build(renamed, {"name": "adapters", "placement": "houlsby"})
+    assert renamed_counts == counts
+
+
+def test_a_module_that_answers_nothing_falls_back_to_its_class_name():
+    from tunelab.strategies.anatomy import role
+
+    class CustomAttention(torch.nn.Module):  # no head attributes: the name is all there is
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(4, 4)
+
+    class Gate(torch.nn.Module):  # one matrix, no name pattern: no role
+        def __init__(self):
+            super().__init__()
+            self.g = torch.nn.Linear(4, 4)
+
+    assert role(CustomAttention()) == "attention"
+    assert role(Gate()) is None
+    assert role(torch.nn.LayerNorm(4)) == "norms"
+
+
+def test_dropout_on_an_attention_it_cannot_set_is_refused(tiny_llama):
+    from tunelab.strategies.anatomy import transformer_blocks
+
+    model = load_model(tiny_llama)
+    for block in transformer_blocks(model):
+        del block.self_attn.attention_dropout  # an attention without a rate tunelab knows how to set
+    with pytest.raises(StrategyError, match="dropout.attention: the attention of .* would do nothing"):
+        build(model, ["lora", {"name": "dropout", "attention": 0.1}])
+    build(load_model(tiny_llama), ["lora", {"name": "dropout", "attention": 0.1}])  # Llama's is set

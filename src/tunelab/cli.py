@@ -211,16 +211,16 @@ def _strategies(args) -> int:
 
     found = registered()
     if args.name is None:
-        for name, cls in sorted(found.items(), key=lambda kv: (kv[1].phase, kv[0])):
+        for name, cls in sorted(found.items(), key=lambda kv: (kv[1].declares.phase, kv[0])):
             options = [f for f in cls.Config.model_fields if f != "name"]
-            print(f"{name:<10} {cls.phase.name.lower():<11} {cls.summary}")
+            print(f"{name:<10} {cls.declares.phase.name.lower():<11} {cls.summary}")
             print(f"{'':<22} options: {', '.join(options)}")
         print("\n`tunelab strategies NAME` shows one strategy's options with their defaults.")
         return 0
     if args.name not in found:
         raise StrategyError(f"unknown strategy '{args.name}'; registered: {', '.join(sorted(found))}")
     cls = found[args.name]
-    print(f"{cls.name} ({cls.phase.name.lower()}): {cls.summary}")
+    print(f"{cls.name} ({cls.declares.phase.name.lower()}): {cls.summary}")
     for field, info in cls.Config.model_fields.items():
         if field != "name":
             default = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))

@@ -394,11 +394,12 @@ class RunConfig(Strict):
             raise ValueError(
                 "eval.split: dev scores a run on its dev split: give data.dev or data.dev_split (mode: single)"
             )
-        from tunelab.strategies import get_strategy
+        from tunelab.strategies.base import is_baseline
 
-        baseline = [s.name for s in self.strategy if get_strategy(s.name).baseline]
-        if baseline and self.mode != "single":
-            raise ValueError(f"{baseline[0]} scores one eval set without training: it runs in mode: single only")
+        if is_baseline(self.strategy) and self.mode != "single":
+            raise ValueError(
+                f"{self.strategy[0].name} scores one eval set without training: it runs in mode: single only"
+            )
         per_task = [s.name for s in self.strategy if getattr(s, "per_task", False)]
         if per_task and self.mode != "multitask":
             raise ValueError(
@@ -428,12 +429,13 @@ class RunConfig(Strict):
                 "training.eval_steps: mode: continual scores each task once it is trained, not during training; "
                 "remove it"
             )
-        if self.training.frozen_weights == "bf16":
-            from tunelab.strategies import get_strategy
+        from tunelab.strategies.base import check_in_mode, get_strategy
 
+        check_in_mode(self.strategy, self.mode)
+        if self.training.frozen_weights == "bf16":
             if self.training.precision == "fp32":
                 raise ValueError("training.frozen_weights: bf16 needs training.precision bf16 or auto, not fp32")
-            changing = [s.name for s in self.strategy if get_strategy(s.name)(s).changes_base_weights]
+            changing = [s.name for s in self.strategy if get_strategy(s.name).declare(s).changes_base_weights]
             if changing:
                 raise ValueError(
                     f"training.frozen_weights: bf16 cannot be used with {', '.join(changing)}, which changes base "

@@ -301,9 +301,9 @@ def comparison_task(base: dict, cfg: RunConfig | dict) -> str | None:
 
 def trains(cfg: RunConfig) -> bool:
     """Whether a variant trains at all (a prompt baseline does not)."""
-    from tunelab.strategies import get_strategy
+    from tunelab.strategies.base import is_baseline
 
-    return not any(get_strategy(c.name).baseline for c in cfg.strategy)
+    return not is_baseline(cfg.strategy)
 
 
 def _same_batch(path: Path, grid: Grid, configs: dict[str, RunConfig]) -> list[str]:
@@ -325,12 +325,13 @@ def _same_batch(path: Path, grid: Grid, configs: dict[str, RunConfig]) -> list[s
 
 def _with_baseline(grid: Grid) -> Grid:
     """The grid with a zero-shot prompt baseline first, unless it has one or ``baseline: false``."""
-    from tunelab.strategies import get_strategy, validate_strategy_specs
+    from tunelab.strategies import validate_strategy_specs
+    from tunelab.strategies.base import is_baseline as baseline
 
     def is_baseline(v: Variant) -> bool:
         spec = (v.__pydantic_extra__ or {}).get("strategy", grid.base.get("strategy"))
         try:
-            return any(get_strategy(c.name).baseline for c in validate_strategy_specs(spec))
+            return baseline(validate_strategy_specs(spec))
         except (ValueError, TypeError):
             return False  # an invalid spec is reported with the variant's other problems
 

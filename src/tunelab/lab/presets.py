@@ -132,7 +132,7 @@ def guide(
             },
             {
                 "name": "distilled-student",
-                "strategy": ["full", {**distill, "keep_layers": student}],
+                "strategy": ["full", {"name": "student", "keep_layers": student}, distill],
                 "set": ["training.lr=1.0e-4"],
             },
             {"name": "adapters+distill", "strategy": [{"name": "adapters", "placement": "houlsby"}, distill]},

@@ -18,6 +18,7 @@ from tunelab.strategies import (  # noqa: E402,F401
     prompting,
     replay,
     retention,
+    student,
 )
 from tunelab.strategies.base import (
     SHARDED,

@@ -43,6 +43,7 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import save_file
 
+from tunelab.strategies.anatomy import part
 from tunelab.strategies.base import (
     PerTaskConfig,
     Strategy,
@@ -52,6 +53,7 @@ from tunelab.strategies.base import (
     transformer_blocks,
     unwrap,
 )
+from tunelab.strategies.capabilities import PerTask
 
 CONFIG_FILE, WEIGHTS_FILE = "bottleneck_config.json", "bottleneck_adapters.safetensors"
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU, "tanh": torch.nn.Tanh}
@@ -77,6 +79,8 @@ class AdaptersConfig(PerTaskConfig):
 
 
 class BottleneckAdapter(torch.nn.Module):
+    tunelab_added = True  # anatomy.ADDED: no role in the block it sits in
+
     def __init__(self, hidden: int, bottleneck: int, activation: str, residual: bool, scale: float = 1.0):
         super().__init__()
         self.down = torch.nn.Linear(hidden, bottleneck)
@@ -96,6 +100,8 @@ class BottleneckAdapter(torch.nn.Module):
 class TaskAdapters(torch.nn.Module):
     """One adapter per task at one insertion point; acts as the selected task's adapter."""
 
+    tunelab_added = True  # anatomy.ADDED: no role in the block it sits in
+
     def __init__(self, tasks: list[str], make):
         super().__init__()
         self.tasks = torch.nn.ModuleDict({t: make() for t in tasks})
@@ -106,16 +112,6 @@ class TaskAdapters(torch.nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.tasks[self.active](h)
-
-
-def _child(block: torch.nn.Module, suffix: str) -> torch.nn.Module:
-    found = [m for m in block.children() if type(m).__name__.endswith(suffix)]
-    if len(found) != 1:
-        raise StrategyError(
-            f"block {type(block).__name__} has no single *{suffix} child; adapters support "
-            "Llama- and GPT-2-family blocks"
-        )
-    return found[0]
 
 
 def _serial_hook(adapter: BottleneckAdapter | TaskAdapters):
@@ -154,7 +150,7 @@ def insert_adapters(
 
     for block in transformer_blocks(inner):
         for where in PER_BLOCK[cfg.placement]:
-            target = _child(block, "Attention" if where == "attn" else "MLP")
+            target = part(block, "attention" if where == "attn" else "mlp")
             adapter = TaskAdapters(tasks, make) if tasks else make()
             adapter.to(device=next(target.parameters()).device)
             block.add_module(f"bottleneck_{where}", adapter)
@@ -172,7 +168,7 @@ def expected_parameters(hidden: int, layers: int, cfg: AdaptersConfig) -> int:
 
 
 @register_strategy
-class Adapters(Strategy):
+class Adapters(Strategy, PerTask):
     name = "adapters"
     summary = "Bottleneck adapters (Houlsby, Pfeiffer or parallel), native; the base stays frozen."
     Config = AdaptersConfig

@@ -1,40 +1,28 @@
-"""The strategy contract and its registry. This docstring is the one place the contract is written down.
+"""The core strategy contract and its registry. docs/design.md ("The strategy contract") is the one-page
+version; the optional capabilities are in :mod:`tunelab.strategies.capabilities`.
 
 A strategy is a class with a ``name``, a one-line ``summary``, a ``Config`` (its options, each with a help
-text) and a ``default_lr``, registered with :func:`register_strategy` next to its code. It **declares**, as class
-attributes or classmethods of its options (read before any model loads):
+text), a ``default_lr`` and a :class:`Declaration` (``declares``, or ``declare(config)`` where it depends on
+the options): its phase, whether it trains and saves, what its artefact is, whether it trains every
+parameter or changes base weights, what it needs from the run (:class:`Need`) and what it adds that
+another component's option may act on (:class:`Adds`). All of that is read before any model loads, and
+``check(config, stack)`` refuses an option that would do nothing in the stack.
 
-- ``phase_of(config)`` — a :class:`Phase`, where it applies in a hybrid;
-- ``needs(config)`` — what it needs from the run, a set of :class:`Need` (the retention set, the base
-  model's outputs); a teacher or any other model it loads itself, through ``ctx.load_model``;
-- ``trains``, ``saves``, ``artefact`` ("full", "peft" or "parts"), ``mergeable``, ``exclusive``,
-  ``changes_base_weights`` — what kind of strategy it is;
-- ``provides(config)`` / ``check_stack(config, provided)`` — what it adds that another component's
-  option may act on, and which of its own options would do nothing in a given stack (refused);
-- ``distributed_problem(config, mode)`` — why it cannot train in several processes under DDP, FSDP or
-  DeepSpeed, if it cannot (refused).
-
-and it **acts** through these hooks, all called by :class:`tunelab.strategies.stack.StrategyStack` (the
-engine and the run modes talk to the stack, never to a strategy or a strategy type):
+It **acts** through six methods, all called by :class:`tunelab.strategies.stack.StrategyStack` (the engine
+and the run modes talk to the stack, never to a strategy or a strategy type):
 
 1. ``apply(model)`` — what it does to the model (wrap it, insert modules); returns the model to train.
 2. ``own_parameters(model)`` / ``param_groups(model, lr)`` — which parameters it trains, found by asking the
-   modules (never by name strings), and at which rates (``lr`` is ``training.lr`` or None; its own ``lr``
-   option and ``default_lr`` decide otherwise). The stack freezes everything, then unfreezes exactly the
-   union of the strategies' own parameters.
-3. ``loss_terms(model, inputs, outputs)`` / ``task_loss_weight()`` — extra terms on training steps (never
-   on ``eval_loss``), and a factor on the task loss (distillation).
-4. ``prepare(model, ctx)`` / ``training_features(features, ctx)`` / ``on_task_end(model, ctx)`` /
-   ``callbacks()`` — set-up once the trainable set is known (EWC's Fisher), the training rows (replay),
-   the end of a continual task (online EWC), and ``TrainerCallback`` schedules (gradual unfreezing).
-   ``ctx`` is a :class:`tunelab.context.RunContext`.
-5. ``disabled(model)`` — a context in which its additions are switched off, so the model gives the base
+   modules (never by name strings), and their optimizer groups at the rate the stack resolved for it
+   (``StrategyStack.rates``). The stack freezes everything, then unfreezes exactly their union.
+3. ``disabled(model)`` — a context in which its additions are switched off, so the model gives the base
    model's outputs (for strategies that change base weights there is none: the run loads a frozen copy).
-6. ``save(model, out_dir)`` / ``load(base_model, out_dir)`` / ``merge(model)`` — the final artefact, how it
-   goes back on a fresh base model, and how it folds into plain weights.
-7. ``select_task(model, name)`` / ``classify(...)`` — multi-task: with ``per_task`` a strategy builds a copy
-   per task in ``apply`` (``self.tasks``) and routes the model here, acting on the model alone (so a model
-   read back from disk routes the same way); a classifier (heads) scores prompts without generating.
+4. ``save(model, out_dir)`` / ``load(base_model, out_dir)`` — the final artefact, and how it goes back on a
+   fresh base model.
+
+plus ``describe(model)``, the line printed before training. Everything else is an optional capability the
+stack discovers (``isinstance(s, LossTerm)``): extra loss terms, set-up, data hooks, schedules, task
+routing, classifying, merging, being a baseline, limits under sharding.
 
 Register a strategy with :func:`register_strategy` next to its code. The registry refuses duplicate or
 malformed names, and a config class that lacks the ``name`` field.
@@ -44,9 +32,6 @@ to the architecture first (a student cut from its teacher), then PEFT tuners tha
 IA3, ...), then PEFT prompt learners that wrap the model (prefix, prompt, P-tuning), then native
 strategies that edit the inner model (bottleneck adapters, layer-wise).
 :func:`validate_strategy_specs` refuses combinations that cannot work, saying why.
-
-Long because it is the contract in one place: this text, the base class with every hook's default, and the
-registry and combination checks that enforce it.
 """
 
 from __future__ import annotations
@@ -54,6 +39,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -61,9 +47,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from tunelab.data import Shots
 from tunelab.models import unwrap  # re-exported: strategies unwrap PEFT wrappers through base
 from tunelab.schema import StrictModel
+from tunelab.strategies.anatomy import StrategyError, transformer_blocks  # noqa: F401  (re-exported, as unwrap)
+from tunelab.strategies.capabilities import Baseline, Mergeable, ShardingLimits
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
@@ -71,10 +58,6 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 #: the training.distributed modes that shard the model across processes (the others hold it whole)
 SHARDED = ("fsdp", "deepspeed")
-
-
-class StrategyError(ValueError):
-    """A strategy cannot be applied to this model as configured (e.g. target modules that match nothing)."""
 
 
 class Phase(IntEnum):
@@ -95,6 +78,54 @@ class Need(Enum):
     LOGITS = "the training batch's logits at every position (``outputs.logits`` in ``loss_terms``)"
 
 
+class Adds(Enum):
+    """What a strategy adds to the model that another component's option may act on (``Declaration.adds``)."""
+
+    LORA_LAYERS = "LoRA layers (their dropout is the dropout regularizer's ``lora`` option)"
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What kind of strategy it is, read before any model loads (``Strategy.declares``, or
+    ``Strategy.declare(config)`` where it depends on the options)."""
+
+    #: application order in a hybrid (see :class:`Phase`)
+    phase: Phase = Phase.NATIVE
+    #: False for regularizers and baselines: they train nothing themselves
+    trains: bool = True
+    #: False when there is no artefact to write (regularizers, baselines, the student cut)
+    saves: bool = True
+    #: what ``save`` writes: "full" (a standalone model directory that transformers loads), "peft" (a PEFT
+    #: adapter directory that peft loads) or "parts" (tunelab's own files, put back on a base by ``load``)
+    artefact: Literal["full", "peft", "parts"] = "parts"
+    #: True when it trains every parameter, so combining it with another training strategy adds nothing
+    exclusive: bool = False
+    #: True when it changes base weights (full, layer-wise, a cut student): the base model's outputs then
+    #: need a frozen copy; otherwise disabling the added modules gives them
+    changes_base_weights: bool = False
+    #: what the run must provide to it (the retention set, the base model's outputs, the logits)
+    needs: frozenset[Need] = frozenset()
+    #: what it adds that another component's option may act on
+    adds: frozenset[Adds] = frozenset()
+
+
+@dataclass(frozen=True)
+class StackFacts:
+    """What ``Strategy.check`` may ask of the stack it is in: every component's declaration, and the run mode
+    once it is known (None while only the strategy list is checked)."""
+
+    declared: tuple[Declaration, ...]
+    mode: str | None = None
+
+    def adds(self, what: Adds) -> bool:
+        return any(what in d.adds for d in self.declared)
+
+    @property
+    def saves_whole_model(self) -> bool:
+        """Some component's artefact is the whole model (full fine-tuning)."""
+        return any(d.artefact == "full" for d in self.declared)
+
+
 class StrategyConfig(StrictModel):
     """Base of every strategy's options. Subclasses add fields, each with a description (its help text).
     Unknown keys fail, and no boolean is read as a number (tunelab.schema)."""
@@ -112,74 +143,31 @@ class PerTaskConfig(StrategyConfig):
 
 
 class Strategy:
-    """A fine-tuning strategy. Subclasses set ``name``, ``Config`` and ``default_lr`` and override hooks."""
+    """A fine-tuning strategy: the core contract (see the module docstring). Subclasses set ``name``,
+    ``summary``, ``Config``, ``default_lr`` and ``declares``, implement ``apply``, ``own_parameters``,
+    ``save`` and ``load`` (and ``disabled`` when they add modules that act on outputs), and take optional
+    capabilities from :mod:`tunelab.strategies.capabilities`."""
 
     name: ClassVar[str]
     #: One line for ``tunelab strategies``: what trains, and how.
     summary: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     default_lr: ClassVar[float] = 1e-4
-    #: What ``save`` writes: "full" (a standalone model directory that transformers loads), "peft" (a PEFT
-    #: adapter directory that peft loads) or "parts" (tunelab's own files, put back on a base by ``load``).
-    artefact: ClassVar[Literal["full", "peft", "parts"]] = "parts"
-    #: Application order in a hybrid (see :class:`Phase`); :meth:`phase_of` when it depends on the options.
-    phase: ClassVar[Phase] = Phase.NATIVE
-    #: True when the strategy trains every parameter, so combining it with another adds nothing.
-    exclusive: ClassVar[bool] = False
-    #: Whether ``merge`` can fold it into plain weights.
-    mergeable: ClassVar[bool] = False
-    #: False for regularizers: they train nothing themselves, they add loss terms, data or callbacks.
-    trains: ClassVar[bool] = True
-    #: False when there is no artefact to write (regularizers).
-    saves: ClassVar[bool] = True
-    #: True when it changes base weights (full, layer-wise): the base model's outputs then need a frozen
-    #: copy; otherwise disabling the added modules gives them.
-    changes_base_weights: ClassVar[bool] = False
-    #: True for a baseline that scores the untouched model (prompting): no training run, no artefact, and
-    #: ``prompt_examples(config)`` training rows shown in every scored prompt.
-    baseline: ClassVar[bool] = False
+    #: What kind of strategy it is (:class:`Declaration`); :meth:`declare` when it depends on the options.
+    declares: ClassVar[Declaration] = Declaration()
 
     def __init__(self, config: StrategyConfig):
-        self.config = config  # multi-task runs: the stack sets the task names and label sets before ``apply``
-        self.tasks: list[str] = []
-        self.task_labels: dict[str, list[str] | None] = {}
-
-    per_task = property(lambda self: bool(getattr(self.config, "per_task", False)))  # a copy per task
+        self.config = config
 
     @classmethod
-    def phase_of(cls, config: StrategyConfig) -> Phase:
-        """The phase for these options (the ``peft`` pass-through is a tuner or a prompt learner by type)."""
-        return cls.phase
+    def declare(cls, config: StrategyConfig) -> Declaration:
+        """What kind of strategy it is with these options (default: ``declares``)."""
+        return cls.declares
 
     @classmethod
-    def needs(cls, config: StrategyConfig) -> frozenset[Need]:
-        """What the run must provide to this strategy (read before the model loads)."""
-        return frozenset()
-
-    @classmethod
-    def prompt_examples(cls, config: StrategyConfig) -> Shots:
-        """Baselines: the training rows shown, as solved examples, before every scored prompt, and the
-        instruction it is scored with (:class:`tunelab.data.Shots`)."""
-        return Shots()
-
-    @classmethod
-    def provides(cls, config: StrategyConfig) -> frozenset[str]:
-        """What this strategy adds to the model that another component's option may act on
-        (``"lora-layers"``: LoRA layers, whose dropout the ``dropout`` regularizer can set)."""
-        return frozenset()
-
-    @classmethod
-    def check_stack(cls, config: StrategyConfig, provided: frozenset[str]) -> None:
-        """Refuse, with a ValueError saying why, an option that would do nothing in this stack;
-        ``provided`` is the union of every component's :meth:`provides`."""
-
-    @classmethod
-    def distributed_problem(cls, config: StrategyConfig, mode: str) -> str | None:
-        """Why this strategy cannot train in several processes under ``mode`` (``ddp``, ``fsdp``,
-        ``deepspeed``: ``training.distributed``), or None. DDP runs the model's forward in each process and
-        averages gradients in its backward; FSDP and DeepSpeed ZeRO-3 also replace the model's parameters
-        with shards while it trains."""
-        return None
+    def check(cls, config: StrategyConfig, stack: StackFacts) -> None:
+        """Refuse, with a ValueError saying why, an option that would do nothing or cannot work in this stack
+        (every component's declaration, this one's included) and, once it is known, this run mode."""
 
     # -- 1. the model ------------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -199,38 +187,13 @@ class Strategy:
         """A line printed before training saying what trains (e.g. the chosen layers); None for nothing."""
         return None
 
-    # -- 3. extra loss terms -----------------------------------------------------------------------
-    def loss_terms(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict[str, torch.Tensor]:
-        """Terms added to the loss of **training** steps only (never to ``eval_loss``), each logged as
-        ``loss_terms/<strategy>/<name>`` beside ``loss_terms/task``."""
-        return {}
-
-    def task_loss_weight(self) -> float:
-        """Factor on the task loss in training steps (distillation: ``α`` in ``α·CE + (1-α)·KL``)."""
-        return 1.0
-
-    def prepare(self, model: torch.nn.Module, ctx: Any) -> None:
-        """Called once the trainable set is known, before training (EWC estimates its Fisher here).
-        ``ctx`` is a :class:`tunelab.run.Context`: tokenizer, device, retention set, base reference, ..."""
-
-    def training_features(self, features: list[dict], ctx: Any) -> list[dict]:
-        """The tokenized training rows; replay mixes in earlier examples here."""
-        return features
-
-    def on_task_end(self, model: torch.nn.Module, ctx: Any) -> None:
-        """Continual learning: called after each task (online EWC accumulates its Fisher here)."""
-
-    # -- 4. callbacks ------------------------------------------------------------------------------
-    def callbacks(self) -> list:
-        return []
-
-    # -- 5. switching off ------------------------------------------------------------------------
+    # -- 3. switching off ------------------------------------------------------------------------
     @contextmanager
     def disabled(self, model: torch.nn.Module) -> Iterator[None]:
         """Its additions off for the duration (default: it adds nothing that acts on outputs)."""
         yield
 
-    # -- 6. artefacts ------------------------------------------------------------------------------
+    # -- 4. artefacts ------------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         raise NotImplementedError
 
@@ -238,25 +201,13 @@ class Strategy:
     def load(cls, base_model: torch.nn.Module, out_dir: Path) -> torch.nn.Module:
         raise NotImplementedError
 
-    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
-        raise NotImplementedError(f"strategy '{self.name}' has nothing to merge")
 
-    # -- 7. multi-task routing ----------------------------------------------------------------------
-    def select_task(self, model: torch.nn.Module, name: str) -> None:
-        """Route ``model`` to task ``name``'s parts (per-task strategies; a shared one does nothing)."""
-
-    def classify(self, model, input_ids, attention_mask, bf16: bool) -> torch.Tensor | None:
-        """Class logits ``[B, labels]`` for prompts, when the strategy adds a classifier (heads), else None."""
-
-
-class Regularizer(Strategy):
+class Regularizer(Strategy, Mergeable):
     """A strategy that trains nothing itself: it adds loss terms, data or callbacks to the strategies that
-    train, and acts on exactly their trainable parameters (so its memory is bounded by theirs)."""
+    train, and acts on exactly their trainable parameters (so its memory is bounded by theirs). It leaves
+    nothing in the weights to merge."""
 
-    phase = Phase.REGULARIZER
-    trains = False
-    saves = False
-    mergeable = True
+    declares = Declaration(phase=Phase.REGULARIZER, trains=False, saves=False)
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -335,9 +286,24 @@ def validate_strategy_specs(value: Any) -> list[StrategyConfig]:
 def check_distributed(configs: list[StrategyConfig], mode: str) -> None:
     """Refuse, saying why, strategies that cannot train under ``mode`` (``training.distributed``)."""
     for c in configs:
-        why = get_strategy(c.name).distributed_problem(c, mode)
+        cls = get_strategy(c.name)
+        why = cls.distributed_problem(c, mode) if issubclass(cls, ShardingLimits) else None
         if why:
             raise ValueError(f"strategy {c.name} cannot train with distributed: {mode}: {why}")
+
+
+def is_baseline(configs: Iterable[StrategyConfig]) -> bool:
+    """A prompting baseline (it combines with no other strategy): the untouched model is scored, nothing
+    trains. The one place this is asked."""
+    return any(issubclass(get_strategy(c.name), Baseline) for c in configs)
+
+
+def check_in_mode(configs: list[StrategyConfig], mode: str) -> None:
+    """Each component's :meth:`Strategy.check` again, now that the run mode is known."""
+    classes = [get_strategy(c.name) for c in configs]
+    facts = StackFacts(tuple(cls.declare(c) for cls, c in zip(classes, configs, strict=True)), mode)
+    for cls, c in zip(classes, configs, strict=True):
+        cls.check(c, facts)
 
 
 def check_combination(configs: list[StrategyConfig]) -> None:
@@ -346,27 +312,27 @@ def check_combination(configs: list[StrategyConfig]) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"a strategy appears twice: {names}")
     classes = [get_strategy(c.name) for c in configs]
-    baselines = [cls.name for cls in classes if cls.baseline]
-    if baselines and len(configs) > 1:
-        raise ValueError(
-            f"{baselines[0]} scores the untouched model without training; it combines with no other strategy "
-            f"(got {' + '.join(names)}): compare it with them instead"
-        )
-    if baselines:
+    if is_baseline(configs):
+        if len(configs) > 1:
+            first = next(cls.name for cls in classes if issubclass(cls, Baseline))
+            raise ValueError(
+                f"{first} scores the untouched model without training; it combines with no other strategy "
+                f"(got {' + '.join(names)}): compare it with them instead"
+            )
         return
-    if not any(cls.trains for cls in classes):
+    declared = [cls.declare(c) for cls, c in zip(classes, configs, strict=True)]
+    if not any(d.trains for d in declared):
         raise ValueError(
             f"{' + '.join(names)} train nothing by themselves; add a strategy that trains, "
             "e.g. [full, ewc] or [lora, retention]"
         )
-    provided = frozenset().union(*(cls.provides(c) for cls, c in zip(classes, configs, strict=True)))
     for cls, c in zip(classes, configs, strict=True):
-        cls.check_stack(c, provided)
+        cls.check(c, StackFacts(tuple(declared)))
     if len(configs) < 2:
         return
-    for cls in classes:
-        trained_too = [c.name for c in classes if c.trains and c is not cls]
-        if cls.exclusive and trained_too:
+    for cls, d in zip(classes, declared, strict=True):
+        trained_too = [o.name for o, od in zip(classes, declared, strict=True) if od.trains and o is not cls]
+        if d.exclusive and trained_too:
             others = " + ".join(trained_too)
             raise ValueError(
                 f"'{cls.name}' trains every parameter, so combining it with {others} adds nothing; "
@@ -376,7 +342,7 @@ def check_combination(configs: list[StrategyConfig]) -> None:
         (Phase.TUNER, "PEFT tuner (lora, ia3, peft ...)"),
         (Phase.PROMPT, "PEFT prompt learner (prefix, prompt, ptuning)"),
     ):
-        same = [cls.name for cls, c in zip(classes, configs, strict=True) if cls.phase_of(c) == phase]
+        same = [cls.name for cls, d in zip(classes, declared, strict=True) if d.phase == phase]
         if len(same) > 1:
             raise ValueError(
                 f"at most one {what} per run, got {' + '.join(same)}: PEFT cannot stack two of them "
@@ -387,16 +353,7 @@ def check_combination(configs: list[StrategyConfig]) -> None:
 def build_strategies(configs: Iterable[StrategyConfig]) -> list[Strategy]:
     """Strategy objects in application order (see the module docstring)."""
     strategies = [get_strategy(c.name)(c) for c in configs]
-    return sorted(strategies, key=lambda s: s.phase_of(s.config))
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks: the longest ModuleList whose length is the model's layer count."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return list(module)
-    raise StrategyError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+    return sorted(strategies, key=lambda s: s.declare(s.config).phase)
 
 
 def load_named_tensors(model: torch.nn.Module, path: Path, *, plain: bool = True) -> None:
@@ -421,7 +378,7 @@ def mark_trainable(model: torch.nn.Module, strategies: list[Strategy]) -> dict[s
         p.requires_grad_(False)
     counts, seen = {}, set()
     for s in strategies:
-        if not s.trains:
+        if not s.declare(s.config).trains:
             continue
         own = s.own_parameters(model)
         if not own:

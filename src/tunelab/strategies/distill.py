@@ -17,12 +17,11 @@ label token, temperature ``T`` and the chosen divergence ``D``::
 
 **The student** is whatever the run trains:
 
-- (a) a smaller model cut from the teacher, DistilBERT-style (Sanh et al., 2019, §3: "initialise the
-  student from the teacher by taking one layer out of two"): ``keep_every: k`` keeps blocks 0, k, 2k, ...
-  of the run's ``model``, ``keep_layers: [...]`` a chosen list; the embeddings, final norm and head are
-  the teacher's. Trained with ``full`` (the student is a new model, saved whole). ``hidden_weight`` adds
+- (a) a smaller model cut from the teacher by the ``student`` strategy (tunelab.strategies.student:
+  ``[full, {name: student, keep_every: 2}, distill]``), trained with ``full``. ``hidden_weight`` adds
   hidden-state alignment: ``1 - cos`` between student block i's output and the output of the teacher block
-  it was copied from, averaged over tokens and blocks (DistilBERT's cosine loss);
+  it was copied from (which the cut model's blocks say), averaged over tokens and blocks (DistilBERT's
+  cosine loss);
 - (b) any local model sharing the teacher's tokenizer: the run's ``model``, with ``teacher`` the larger one;
 - (c) the teacher's own architecture under LoRA, adapters or any other strategy (adapter + distillation).
 
@@ -52,6 +51,7 @@ the retention loss's idea on task data).
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -72,6 +72,8 @@ from tunelab.strategies.base import (
     transformer_blocks,
     unwrap,
 )
+from tunelab.strategies.capabilities import LossTerm, SetUp, ShardingLimits
+from tunelab.strategies.student import teacher_block
 
 
 class DistillConfig(StrategyConfig):
@@ -87,17 +89,11 @@ class DistillConfig(StrategyConfig):
         0.5, ge=0, le=1, description="Weight of the task loss; the distillation term gets 1 - alpha."
     )
     beta: float = Field(0.5, gt=0, lt=1, description="jsd only: the teacher's weight in the mixture m.")
-    keep_every: int | None = Field(
-        None, ge=2, description="Student = the run's model with blocks 0, k, 2k, ... kept (train it with full)."
-    )
-    keep_layers: list[int] | None = Field(
-        None, min_length=1, description="Student = the run's model with these blocks kept (0-based, in order)."
-    )
     hidden_weight: float = Field(
         0.0,
         ge=0,
         description="Weight of hidden-state alignment (1 - cos to the teacher block each student block came "
-        "from); needs keep_every or keep_layers.",
+        "from); needs a student cut from the teacher (the student strategy).",
     )
     top_k: int | None = Field(
         None, gt=0, description="Cache the teacher's top-k logits per row: it runs once per row, not each epoch."
@@ -108,49 +104,16 @@ class DistillConfig(StrategyConfig):
     max_new_tokens: int = Field(32, gt=0, description="on_policy: tokens the student samples per prompt.")
     sample_temperature: float = Field(1.0, gt=0, description="on_policy: the student's sampling temperature.")
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.keep_every is not None and self.keep_layers is not None:
-            raise ValueError("give keep_every or keep_layers, not both")
-        if self.keep_layers is not None and (
-            sorted(set(self.keep_layers)) != self.keep_layers or min(self.keep_layers) < 0
-        ):
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        moved = [k for k in ("keep_every", "keep_layers") if isinstance(data, dict) and k in data]
+        if moved:
             raise ValueError(
-                f"keep_layers must be distinct block indices >= 0 in increasing order, got {self.keep_layers}"
+                f"distill.{moved[0]}: cutting the student is the student strategy's now; write "
+                f"[full, {{name: student, {moved[0]}: ...}}, {{name: distill, ...}}]"
             )
-        if self.hidden_weight and not self.cuts:
-            raise ValueError("hidden_weight aligns a student cut from its teacher; set keep_every or keep_layers")
-        return self
-
-    @property
-    def cuts(self) -> bool:
-        return self.keep_every is not None or self.keep_layers is not None
-
-
-def cut_blocks(model: torch.nn.Module, keep: list[int]) -> None:
-    """Keep only blocks ``keep`` of ``model``, in place: the block list, the layer count in the config (and
-    its per-layer lists), and each kept block's layer index (its slot in the KV cache)."""
-    inner = unwrap(model)
-    n = len(transformer_blocks(inner))
-    if not keep or max(keep) >= n:
-        raise StrategyError(f"distill: the model has {n} blocks (0..{n - 1}); cannot keep {keep}")
-    holder, attr = next(
-        (parent, name)
-        for parent in inner.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, torch.nn.ModuleList) and len(child) == n
-    )
-    blocks = getattr(holder, attr)
-    setattr(holder, attr, torch.nn.ModuleList([blocks[i] for i in keep]))
-    for new, block in enumerate(getattr(holder, attr)):
-        for m in block.modules():
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = new
-    inner.config.num_hidden_layers = len(keep)
-    for key in ("layer_types",):  # per-layer lists in the config follow the kept blocks
-        values = getattr(inner.config, key, None)
-        if isinstance(values, list) and len(values) == n:
-            setattr(inner.config, key, [values[i] for i in keep])
+        return data
 
 
 def topk_divergence(student: torch.Tensor, idx: torch.Tensor, t_vals: torch.Tensor, kind, temperature, beta):
@@ -170,7 +133,7 @@ def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
 
 
 @register_strategy
-class Distill(Regularizer):
+class Distill(Regularizer, LossTerm, SetUp, ShardingLimits):
     name = "distill"
     summary = (
         "Regularizer: distill a frozen teacher into the student (KL, reverse KL, JSD; cut students, cached "
@@ -178,42 +141,15 @@ class Distill(Regularizer):
     )
     Config = DistillConfig
 
-    @classmethod
-    def phase_of(cls, config) -> Phase:
-        return Phase.STRUCTURE if config.cuts else Phase.REGULARIZER
+    declares = replace(Regularizer.declares, needs=frozenset({Need.LOGITS}))  # the student's logits too
 
     @classmethod
-    def check_stack(cls, config, provided) -> None:
-        if config.cuts and "whole-model" not in provided:
+    def check(cls, config, stack) -> None:
+        if config.hidden_weight and not any(d.phase is Phase.STRUCTURE for d in stack.declared):
             raise ValueError(
-                "distill.keep_every / keep_layers cut blocks out of the model: the student is a new, smaller "
-                "model, saved whole; train it with `full` (an adapter or layer-wise weights would need a base "
-                "model that exists nowhere)"
+                "distill.hidden_weight aligns a student cut from its teacher with the blocks it came from; add "
+                "{name: student, keep_every: k} (or keep_layers), or remove hidden_weight"
             )
-
-    @property
-    def changes_base_weights(self) -> bool:  # a cut student is not the base model
-        return self.config.cuts
-
-    # -- the student ----------------------------------------------------------------------------------
-    @classmethod
-    def needs(cls, config):
-        return frozenset({Need.LOGITS})  # the student's logits at the label positions, beside the teacher's
-
-    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        c = self.config
-        self.kept: list[int] | None = None
-        if c.cuts:
-            n = len(transformer_blocks(unwrap(model)))
-            self.kept = list(range(0, n, c.keep_every)) if c.keep_every else list(c.keep_layers)
-            cut_blocks(model, self.kept)
-        return model
-
-    def describe(self, model: torch.nn.Module) -> str | None:
-        if self.kept is None:
-            return None
-        how = "distilled" if self.uses_teacher else "alpha 1: trained on labels alone, no teacher"
-        return f"distill: the student keeps blocks {self.kept} ({len(self.kept)}) of its teacher; {how}"
 
     # -- the teacher ------------------------------------------------------------------------------------
     @property
@@ -272,7 +208,13 @@ class Distill(Regularizer):
         self.teacher_rows = 0  # rows the teacher has run on (with top_k: each distinct row once)
         self._hidden: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
         if c.hidden_weight:
-            self._capture(transformer_blocks(unwrap(model)), "student")
+            student_blocks = transformer_blocks(unwrap(model))
+            self.kept = [teacher_block(b) for b in student_blocks]  # asked of the cut model itself
+            if None in self.kept:
+                raise StrategyError(
+                    "distill.hidden_weight: the model's blocks were not cut by the student strategy"
+                )
+            self._capture(student_blocks, "student")
             t_blocks = transformer_blocks(unwrap(self.teacher))
             self._capture([t_blocks[i] for i in self.kept], "teacher")
 

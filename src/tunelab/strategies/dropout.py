@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from tunelab.strategies.base import Regularizer, StrategyConfig, register_strategy, transformer_blocks, unwrap
+from tunelab.strategies.anatomy import role
+from tunelab.strategies.base import (
+    Adds,
+    Regularizer,
+    StrategyConfig,
+    StrategyError,
+    register_strategy,
+    transformer_blocks,
+    unwrap,
+)
 
 
 class DropoutConfig(StrategyConfig):
@@ -45,8 +54,8 @@ class Dropout(Regularizer):
     Config = DropoutConfig
 
     @classmethod
-    def check_stack(cls, config, provided):
-        if config.lora is not None and "lora-layers" not in provided:
+    def check(cls, config, stack):
+        if config.lora is not None and not stack.adds(Adds.LORA_LAYERS):
             raise ValueError(
                 "dropout.lora: no strategy in this stack adds LoRA layers, so the option would do nothing; "
                 "add lora to the strategies or remove the option"
@@ -57,13 +66,19 @@ class Dropout(Regularizer):
         inner = unwrap(model)
         for block in transformer_blocks(inner):
             for child in block.children():
-                kind = type(child).__name__
-                if kind.endswith("Attention") and c.attention is not None:
+                kind = role(child)
+                if kind == "attention" and c.attention is not None:
                     if hasattr(child, "attention_dropout"):  # Llama family: a rate passed to the attention kernel
                         child.attention_dropout = c.attention
-                    if isinstance(getattr(child, "attn_dropout", None), torch.nn.Dropout):  # GPT-2 family
+                    elif isinstance(getattr(child, "attn_dropout", None), torch.nn.Dropout):  # GPT-2 family
                         child.attn_dropout.p = c.attention
-                if (kind.endswith("Attention") or kind.endswith("MLP")) and c.hidden is not None:
+                    else:
+                        raise StrategyError(
+                            f"dropout.attention: the attention of {type(block).__name__} ({type(child).__name__}) "
+                            "has neither an attention_dropout rate nor an attn_dropout module, so the option "
+                            "would do nothing; remove it (hidden dropout acts on any model)"
+                        )
+                if kind in ("attention", "mlp") and c.hidden is not None:
                     child.register_forward_hook(_hidden_hook(c.hidden))
         if c.lora is not None:
             from peft.tuners.lora import LoraLayer

@@ -20,6 +20,7 @@ the plain sum). Fisher and anchors exist only for trained parameters.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -28,7 +29,8 @@ from pydantic import Field
 
 from tunelab.data import IGNORE, Collator
 from tunelab.evaluate import autocast
-from tunelab.strategies.base import Need, StrategyConfig, register_strategy
+from tunelab.strategies.base import Declaration, Need, StrategyConfig, register_strategy
+from tunelab.strategies.capabilities import LossTerm, SetUp
 from tunelab.strategies.l2sp import Anchored
 
 
@@ -85,14 +87,15 @@ def ewc_penalty(params, anchors, fisher, lam: float) -> torch.Tensor:
 
 
 @register_strategy
-class EWC(Anchored):
+class EWC(Anchored, LossTerm, SetUp):
     name = "ewc"
     summary = "Regularizer: EWC, a Fisher-weighted pull towards the starting values (online with gamma)."
     Config = EWCConfig
 
     @classmethod
-    def needs(cls, config):
-        return frozenset({Need.RETENTION}) if config.data == "retention" else frozenset()
+    def declare(cls, config) -> Declaration:
+        needs = frozenset({Need.RETENTION}) if config.data == "retention" else frozenset()
+        return replace(cls.declares, needs=needs)
 
     def _features(self, ctx) -> list[dict]:
         feats = ctx.retention.features if self.config.data == "retention" else ctx.load_rows(self.config.data)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from tunelab.strategies.base import Strategy, StrategyConfig, register_strategy
+from tunelab.strategies.base import Declaration, Strategy, StrategyConfig, register_strategy
 
 
 class FullConfig(StrategyConfig):
@@ -25,13 +25,8 @@ class Full(Strategy):
     summary = "Every weight trains; the artefact is a standalone model."
     Config = FullConfig
     default_lr = 2e-5
-    artefact = "full"
-    exclusive = True
-    changes_base_weights = True
-
-    @classmethod
-    def provides(cls, config):
-        return frozenset({"whole-model"})  # its artefact is the whole model, whatever its architecture became
+    # its artefact is the whole model, whatever its architecture became (a cut student's too)
+    declares = Declaration(artefact="full", exclusive=True, changes_base_weights=True)
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

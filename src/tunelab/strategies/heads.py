@@ -28,7 +28,8 @@ from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 
 from tunelab.evaluate import autocast
-from tunelab.strategies.base import PerTaskConfig, Phase, Strategy, StrategyError, register_strategy, unwrap
+from tunelab.strategies.base import PerTaskConfig, Strategy, StrategyError, register_strategy, unwrap
+from tunelab.strategies.capabilities import Classifier, LossTerm, PerTask, ShardingLimits
 
 WEIGHTS_FILE, META_FILE = "heads.safetensors", "heads.json"
 
@@ -86,12 +87,11 @@ def _last_prompt_positions(labels: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @register_strategy
-class Heads(Strategy):
+class Heads(Strategy, PerTask, LossTerm, Classifier, ShardingLimits):
     name = "heads"
     summary = "One classification head per task on the shared body (mode: multitask); scored without generating."
     Config = HeadsConfig
     default_lr = 1e-3
-    phase = Phase.NATIVE
 
     @classmethod
     def distributed_problem(cls, config, mode):

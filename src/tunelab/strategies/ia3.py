@@ -15,7 +15,7 @@ from peft import IA3Config as PeftIA3Config
 from pydantic import Field
 
 from tunelab.strategies.base import PerTaskConfig, register_strategy
-from tunelab.strategies.peft_base import PeftStrategy
+from tunelab.strategies.peft_base import PeftMerge, PeftStrategy
 
 
 class IA3Config(PerTaskConfig):
@@ -28,7 +28,7 @@ class IA3Config(PerTaskConfig):
 
 
 @register_strategy
-class IA3(PeftStrategy):
+class IA3(PeftStrategy, PeftMerge):
     name = "ia3"
     summary = "Learned scales on keys, values and MLP activations (IA3), via PEFT; mergeable."
     Config = IA3Config

@@ -13,6 +13,7 @@ from pydantic import Field
 from transformers import TrainerCallback
 
 from tunelab.strategies.base import Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.capabilities import Scheduled, ShardingLimits
 
 
 class L2Config(StrategyConfig):
@@ -32,7 +33,7 @@ class _Decay(TrainerCallback):
 
 
 @register_strategy
-class L2(Regularizer):
+class L2(Regularizer, Scheduled, ShardingLimits):
     name = "l2"
     summary = "Regularizer: decoupled L2 weight decay on the trained parameters."
     Config = L2Config

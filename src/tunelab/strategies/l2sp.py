@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from tunelab.strategies.base import SHARDED, Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.capabilities import LossTerm, SetUp, ShardingLimits
 
 
 class L2SPConfig(StrategyConfig):
@@ -25,7 +26,7 @@ def l2sp_penalty(params: list[torch.Tensor], anchors: list[torch.Tensor], alpha:
     return 0.5 * alpha * total
 
 
-class Anchored(Regularizer):
+class Anchored(Regularizer, ShardingLimits):
     """A regularizer that pulls the trained weights towards their values before training (L2-SP, EWC)."""
 
     @classmethod
@@ -40,7 +41,7 @@ class Anchored(Regularizer):
 
 
 @register_strategy
-class L2SP(Anchored):
+class L2SP(Anchored, LossTerm, SetUp):
     name = "l2sp"
     summary = "Regularizer: L2-SP, a pull of the trained parameters towards their starting values."
     Config = L2SPConfig

@@ -37,8 +37,10 @@ from pydantic import Field, field_validator, model_validator
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
+from tunelab.strategies.anatomy import role
 from tunelab.strategies.base import (
     SHARDED,
+    Declaration,
     Strategy,
     StrategyConfig,
     StrategyError,
@@ -47,6 +49,7 @@ from tunelab.strategies.base import (
     transformer_blocks,
     unwrap,
 )
+from tunelab.strategies.capabilities import Mergeable, Scheduled, ShardingLimits
 
 WEIGHTS_FILE = "layerwise.safetensors"
 KINDS = ("attention", "mlp", "norms")
@@ -128,24 +131,12 @@ def _block_indices(cfg: LayerwiseConfig, n: int) -> list[int]:
     return sorted(chosen)
 
 
-def _kind(module: torch.nn.Module) -> str | None:
-    name = type(module).__name__
-    if name.endswith("Attention"):
-        return "attention"
-    if name.endswith("MLP"):
-        return "mlp"
-    if "Norm" in name:
-        return "norms"
-    return None
-
-
-class Layerwise(Strategy):
+class Layerwise(Strategy, Scheduled, Mergeable, ShardingLimits):
     name = "layerwise"
     summary = "Chosen blocks and kinds of base weights train, with per-block LR decay and gradual unfreezing."
     Config = LayerwiseConfig
     default_lr = 5e-5
-    mergeable = True
-    changes_base_weights = True
+    declares = Declaration(changes_base_weights=True)  # merging: its weights are the model's own already
 
     @classmethod
     def distributed_problem(cls, config, mode):
@@ -169,7 +160,7 @@ class Layerwise(Strategy):
         for i in chosen:
             params = []
             for child in blocks[i].children():
-                if _kind(child) in self.config.kinds:
+                if role(child) in self.config.kinds:
                     params += [(names[id(p)], p) for p in child.parameters() if id(p) in names]
             self.block_params[i] = params
         extra: list[tuple[str, torch.nn.Parameter]] = []
@@ -206,9 +197,7 @@ class Layerwise(Strategy):
     @staticmethod
     def _final_norm(inner, blocks):
         last = blocks[-1]
-        norms = [
-            m for m in inner.modules() if "Norm" in type(m).__name__ and all(m is not x for x in last.modules())
-        ]
+        norms = [m for m in inner.modules() if role(m) == "norms" and all(m is not x for x in last.modules())]
         if not norms:
             raise StrategyError("layerwise: final_norm requested but the model has no norm outside its blocks")
         return norms[-1]

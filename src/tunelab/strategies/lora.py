@@ -15,14 +15,15 @@ Saved as a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.saf
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from pydantic import Field
 
-from tunelab.strategies.base import PerTaskConfig, register_strategy
-from tunelab.strategies.peft_base import PeftStrategy
+from tunelab.strategies.base import Adds, PerTaskConfig, register_strategy
+from tunelab.strategies.peft_base import PeftMerge, PeftStrategy
 
 
 class LoraConfig(PerTaskConfig):
@@ -42,15 +43,12 @@ class LoraConfig(PerTaskConfig):
 
 
 @register_strategy
-class Lora(PeftStrategy):
+class Lora(PeftStrategy, PeftMerge):
     name = "lora"
     summary = "Low-rank updates on chosen linear layers (DoRA and rsLoRA switches), via PEFT; mergeable."
     Config = LoraConfig
     default_lr = 2e-4
-
-    @classmethod
-    def provides(cls, config):
-        return frozenset({"lora-layers"})
+    declares = replace(PeftStrategy.declares, adds=frozenset({Adds.LORA_LAYERS}))
 
     def peft_config(self, model) -> PeftLoraConfig:
         c = self.config

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, model_validator
 
-from tunelab.strategies.base import PerTaskConfig, Phase, register_strategy
-from tunelab.strategies.peft_base import PeftStrategy
+from tunelab.strategies.base import Adds, Declaration, PerTaskConfig, Phase, register_strategy
+from tunelab.strategies.peft_base import PeftMerge, PeftStrategy
 
 
 def peft_config_class(kind: str):
@@ -46,23 +46,23 @@ class PeftAnyConfig(PerTaskConfig):
 
 
 @register_strategy
-class PeftAny(PeftStrategy):
+class PeftAny(PeftStrategy, PeftMerge):
     name = "peft"
     summary = "Any other PEFT method by its PEFT config (LoHa, LoKr, VeRA, OFT, ...)."
     Config = PeftAnyConfig
     default_lr = 2e-4
 
     @classmethod
-    def provides(cls, config):
+    def declare(cls, config) -> Declaration:
+        """A tuner or a prompt learner by its PEFT type; LoRA's relatives add LoRA layers."""
         from peft.tuners.lora import LoraConfig
 
-        return (
-            frozenset({"lora-layers"}) if issubclass(peft_config_class(config.type), LoraConfig) else frozenset()
+        peft_cls = peft_config_class(config.type)
+        return dataclasses.replace(
+            cls.declares,
+            phase=Phase.PROMPT if peft_cls().is_prompt_learning else Phase.TUNER,
+            adds=frozenset({Adds.LORA_LAYERS}) if issubclass(peft_cls, LoraConfig) else frozenset(),
         )
-
-    @classmethod
-    def phase_of(cls, config) -> Phase:
-        return Phase.PROMPT if peft_config_class(config.type)().is_prompt_learning else Phase.TUNER
 
     def peft_config(self, model):
         return peft_config_class(self.config.type)(task_type="CAUSAL_LM", **self.config.options())

@@ -26,15 +26,14 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 
-from tunelab.strategies.base import Phase, Strategy, StrategyError, unwrap
+from tunelab.strategies.base import Declaration, Phase, Strategy, StrategyError, unwrap
+from tunelab.strategies.capabilities import Mergeable, PerTask, ShardingLimits
 
 TASKS_FILE = "tasks.json"
 
 
-class PeftStrategy(Strategy):
-    phase = Phase.TUNER
-    mergeable = True
-    artefact = "peft"
+class PeftStrategy(Strategy, PerTask, ShardingLimits):
+    declares = Declaration(phase=Phase.TUNER, artefact="peft")
 
     def peft_config(self, model: torch.nn.Module) -> PeftConfig:
         raise NotImplementedError
@@ -93,7 +92,7 @@ class PeftStrategy(Strategy):
         so a model read back from disk, where PEFT wrappers may nest, is routed the same way."""
         if not self.per_task:
             return
-        if self.phase_of(self.config) is Phase.PROMPT:
+        if self.declare(self.config).phase is Phase.PROMPT:
             wrapper = model
             while isinstance(wrapper, PeftModel):
                 if name in wrapper.peft_config and wrapper.peft_config[name].is_prompt_learning:
@@ -120,7 +119,7 @@ class PeftStrategy(Strategy):
 
     @classmethod
     def distributed_problem(cls, config, mode):
-        if mode == "fsdp" and cls.phase_of(config) is Phase.PROMPT:
+        if mode == "fsdp" and cls.declare(config).phase is Phase.PROMPT:
             # measured (peft 0.21, accelerate 1.15): get_peft_model_state_dict runs the prompt encoder's
             # embedding on the sharded weight, "aten.embedding.default got mixed torch.Tensor and DTensor"
             return (
@@ -133,7 +132,7 @@ class PeftStrategy(Strategy):
     def disabled(self, model: torch.nn.Module) -> Iterator[None]:
         """A prompt learner: its wrapper's ``disable_adapter()`` (no virtual tokens); a tuner: every tuner
         layer off (one PEFT tuner per run, so every such layer is this strategy's)."""
-        if self.phase_of(self.config) is Phase.PROMPT:
+        if self.declare(self.config).phase is Phase.PROMPT:
             wrapper = model
             while isinstance(wrapper, PeftModel):
                 if wrapper.peft_config[wrapper.active_adapter].is_prompt_learning:
@@ -166,6 +165,10 @@ class PeftStrategy(Strategy):
         for name in others:
             model.load_adapter(out_dir / name, adapter_name=name)
         return model
+
+
+class PeftMerge(Mergeable):
+    """PEFT tuners whose updates fold into the weights (LoRA, IA3, other layer-injecting methods)."""
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.merge_and_unload()

@@ -17,6 +17,7 @@ merged into weights.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,8 +31,7 @@ from tunelab.strategies.peft_base import PeftStrategy
 
 
 class PromptLearning(PeftStrategy):
-    phase = Phase.PROMPT
-    mergeable = False
+    declares = replace(PeftStrategy.declares, phase=Phase.PROMPT)  # virtual tokens: nothing to merge
     default_lr = 1e-2
 
     # PEFT's generate() for virtual-token methods disagrees with its own forward pass with this peft and

@@ -25,7 +25,8 @@ import torch
 from pydantic import Field
 
 from tunelab.data import Shots
-from tunelab.strategies.base import Phase, Strategy, StrategyConfig, register_strategy
+from tunelab.strategies.base import Declaration, Strategy, StrategyConfig, register_strategy
+from tunelab.strategies.capabilities import Baseline
 
 
 class PromptOnlyConfig(StrategyConfig):
@@ -42,17 +43,13 @@ class PromptOnlyConfig(StrategyConfig):
 
 
 @register_strategy
-class PromptOnly(Strategy):
+class PromptOnly(Strategy, Baseline):
     name = "prompt-only"
     summary = (
         "Baseline: the untouched model prompted zero- or few-shot (k training rows as examples); no training."
     )
     Config = PromptOnlyConfig
-    phase = Phase.NATIVE
-    baseline = True
-    trains = False
-    saves = False
-    mergeable = False
+    declares = Declaration(trains=False, saves=False)
 
     @classmethod
     def prompt_examples(cls, config) -> Shots:

@@ -9,10 +9,12 @@ training rows of earlier tasks.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from pydantic import Field
 
-from tunelab.strategies.base import Need, Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.base import Declaration, Need, Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.capabilities import DataHook
 
 
 class ReplayConfig(StrategyConfig):
@@ -22,14 +24,23 @@ class ReplayConfig(StrategyConfig):
 
 
 @register_strategy
-class Replay(Regularizer):
+class Replay(Regularizer, DataHook):
     name = "replay"
     summary = "Regularizer: a share of retention-set or earlier-task rows mixed into training."
     Config = ReplayConfig
 
     @classmethod
-    def needs(cls, config):
-        return frozenset({Need.RETENTION}) if config.retention else frozenset()
+    def declare(cls, config) -> Declaration:
+        return replace(cls.declares, needs=frozenset({Need.RETENTION}) if config.retention else frozenset())
+
+    @classmethod
+    def check(cls, config, stack) -> None:
+        if not config.retention and stack.mode not in (None, "continual"):
+            raise ValueError(
+                f"replay.retention: false leaves only earlier tasks' rows to replay, which only mode: continual "
+                f"has (this run's mode is {stack.mode}), so replay would add nothing; replay the retention set "
+                "or remove replay"
+            )
 
     def training_features(self, features, ctx):
         pool = []

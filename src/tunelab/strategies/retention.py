@@ -13,11 +13,14 @@ gradients.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pydantic import Field
 
 from tunelab.evaluate import autocast
 from tunelab.forgetting import token_kl
 from tunelab.strategies.base import Need, Regularizer, StrategyConfig, register_strategy
+from tunelab.strategies.capabilities import LossTerm, SetUp
 
 
 class RetentionConfig(StrategyConfig):
@@ -27,14 +30,12 @@ class RetentionConfig(StrategyConfig):
 
 
 @register_strategy
-class Retention(Regularizer):
+class Retention(Regularizer, LossTerm, SetUp):
     name = "retention"
     summary = "Regularizer: KL to the base model on interleaved retention batches (LwF)."
     Config = RetentionConfig
 
-    @classmethod
-    def needs(cls, config):
-        return frozenset({Need.RETENTION, Need.BASE_OUTPUTS})
+    declares = replace(Regularizer.declares, needs=frozenset({Need.RETENTION, Need.BASE_OUTPUTS}))
 
     def prepare(self, model, ctx) -> None:
         self.ctx = ctx

@@ -18,13 +18,40 @@ from typing import Any
 import torch
 
 from tunelab.data import Shots
-from tunelab.strategies.base import Need, Strategy, StrategyConfig, StrategyError, build_strategies, mark_trainable
+from tunelab.strategies.base import (
+    Declaration,
+    Need,
+    Strategy,
+    StrategyConfig,
+    StrategyError,
+    build_strategies,
+    mark_trainable,
+)
+from tunelab.strategies.capabilities import (
+    Baseline,
+    Classifier,
+    DataHook,
+    LossTerm,
+    Mergeable,
+    Scheduled,
+    SetUp,
+    TaskRouter,
+)
 
 
 class StrategyStack:
     def __init__(self, configs: Iterable[StrategyConfig]):
         self.items: list[Strategy] = build_strategies(configs)  # in application (phase) order
         self.components: dict[str, int] = {}  # trainable parameters per strategy, after apply()
+        self.declared: dict[str, Declaration] = {s.name: s.declare(s.config) for s in self.items}
+        self._terms = self._with(LossTerm)  # asked once: training_loss runs every step
+
+    def _with(self, capability: type) -> list:
+        """The components that have ``capability`` (a protocol of tunelab.strategies.capabilities)."""
+        return [s for s in self.items if isinstance(s, capability)]
+
+    def _trains(self, s: Strategy) -> bool:
+        return self.declared[s.name].trains
 
     def __iter__(self) -> Iterator[Strategy]:
         return iter(self.items)
@@ -32,37 +59,42 @@ class StrategyStack:
     # -- what the stack is ------------------------------------------------------------------------
     @property
     def needs(self) -> frozenset[Need]:
-        return frozenset().union(*(type(s).needs(s.config) for s in self.items))
+        return frozenset().union(*(d.needs for d in self.declared.values()))
 
     @property
     def changes_base_weights(self) -> bool:
         """True when base weights train: the base model's outputs then need a frozen copy."""
-        return any(s.changes_base_weights for s in self.items)
+        return any(d.changes_base_weights for d in self.declared.values())
 
     @property
     def baseline(self) -> bool:
         """A prompting baseline: the untouched model is scored, nothing trains."""
-        return any(s.baseline for s in self.items)
+        return bool(self._with(Baseline))
 
     @property
     def prompt_examples(self) -> Shots:
         """What the baseline shows before each scored prompt (a baseline combines with no other strategy)."""
-        return next((x for s in self.items if (x := type(s).prompt_examples(s.config)) != Shots()), Shots())
+        return next((type(s).prompt_examples(s.config) for s in self._with(Baseline)), Shots())
 
     @property
     def standalone(self) -> bool:
         """The artefact is a whole model (full fine-tuning), not additions to a base model."""
-        return bool(self._savers) and all(s.artefact == "full" for s in self._savers)
+        return bool(self._savers) and all(self.declared[s.name].artefact == "full" for s in self._savers)
 
     @property
     def not_mergeable(self) -> list[str]:
         """Components that cannot fold into plain weights (per-task parts: which task's would it be?)."""
-        return [s.name for s in self.items if not s.mergeable or s.per_task]
+        return [s.name for s in self.items if not isinstance(s, Mergeable) or s in self._routers]
 
     @property
     def routes_tasks(self) -> bool:
         """Some component keeps one copy per task: the model must be routed to a task before use."""
-        return any(s.per_task for s in self.items)
+        return bool(self._routers)
+
+    @property
+    def _routers(self) -> list[Strategy]:
+        """The components that keep one copy per task."""
+        return [s for s in self._with(TaskRouter) if s.per_task]
 
     @property
     def artefact_kind(self) -> str:
@@ -76,12 +108,13 @@ class StrategyStack:
             return "model"
         if self.routes_tasks:
             return "per-task"
-        return "peft" if len(self._savers) == 1 and self._savers[0].artefact == "peft" else "parts"
+        one_peft = len(self._savers) == 1 and self.declared[self._savers[0].name].artefact == "peft"
+        return "peft" if one_peft else "parts"
 
     @property
     def task_names(self) -> list[str]:
         """The tasks of a component that keeps one copy per task (multi-task), else none."""
-        return next((list(s.tasks) for s in self.items if s.per_task), [])
+        return next((list(s.tasks) for s in self._routers), [])
 
     @property
     def saved_specs(self) -> list[dict[str, Any]]:
@@ -91,18 +124,18 @@ class StrategyStack:
 
     @property
     def _savers(self) -> list[Strategy]:
-        return [s for s in self.items if s.saves]
+        return [s for s in self.items if self.declared[s.name].saves]
 
     # -- the model ----------------------------------------------------------------------------------
     def set_tasks(self, names: list[str], labels: dict[str, list[str] | None] | None = None) -> None:
         """Multi-task runs: the task names (and label sets), before ``apply``: per-task components build a
         copy per task."""
-        for s in self.items:
-            s.tasks, s.task_labels = list(names), dict(labels or {})
+        for s in self._with(TaskRouter):
+            s.set_tasks(names, dict(labels or {}))
 
     def classify(self, model: torch.nn.Module, input_ids, attention_mask, bf16: bool) -> torch.Tensor | None:
         """Class logits from the first component that classifies (heads), else None."""
-        for s in self.items:
+        for s in self._with(Classifier):
             logits = s.classify(model, input_ids, attention_mask, bf16)
             if logits is not None:
                 return logits
@@ -110,7 +143,7 @@ class StrategyStack:
 
     def select_task(self, model: torch.nn.Module, name: str) -> None:
         """Route every per-task component of ``model`` to task ``name``."""
-        for s in self.items:
+        for s in self._with(TaskRouter):
             s.select_task(model, name)
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -121,33 +154,33 @@ class StrategyStack:
         return model
 
     def own_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        return [p for s in self.items if s.trains for _, p in s.own_parameters(model)]
+        return [p for s in self.items if self._trains(s) for _, p in s.own_parameters(model)]
 
     def describe(self, model: torch.nn.Module) -> list[str]:
         return [line for s in self.items if (line := s.describe(model))]
 
     # -- training -----------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, ctx: Any) -> None:
-        for s in self.items:
+        for s in self._with(SetUp):
             s.prepare(model, ctx)
 
     def training_features(self, features: list[dict], ctx: Any) -> list[dict]:
-        for s in self.items:
+        for s in self._with(DataHook):
             features = s.training_features(features, ctx)
         return features
 
     def on_task_end(self, model: torch.nn.Module, ctx: Any) -> None:
-        for s in self.items:
+        for s in self._with(SetUp):
             s.on_task_end(model, ctx)
 
     def callbacks(self) -> list:
-        return [c for s in self.items for c in s.callbacks()]
+        return [c for s in self._with(Scheduled) for c in s.callbacks()]
 
     def rates(self, training_lr: float | None) -> dict[str, float]:
         """The one place a learning rate is decided: for each training component, in application order, its
         own ``lr`` option, else ``training.lr`` (``training_lr``, None when unset), else its ``default_lr``.
         Every optimizer group, Trainer's single rate and the summary's ``learning_rate`` come from this."""
-        return {s.name: s.config.lr or training_lr or s.default_lr for s in self.items if s.trains}
+        return {s.name: s.config.lr or training_lr or s.default_lr for s in self.items if self._trains(s)}
 
     def param_groups(self, model: torch.nn.Module, rates: dict[str, float]) -> list[dict[str, Any]]:
         """Every training component's optimizer groups, each from its rate in ``rates`` (:meth:`rates`)."""
@@ -165,9 +198,10 @@ class StrategyStack:
     def training_loss(self, model, inputs, outputs, task_loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``w · task loss + Σ terms`` and the named parts (``task``, ``<strategy>/<term>``)."""
         parts = {"task": task_loss}
-        weight = math.prod(s.task_loss_weight() for s in self.items)
+        terms = self._terms
+        weight = math.prod(s.task_loss_weight() for s in terms)
         loss = weight * task_loss if weight != 1.0 else task_loss
-        for s in self.items:
+        for s in terms:
             for name, value in s.loss_terms(model, inputs, outputs).items():
                 parts[f"{s.name}/{name}"] = value
                 loss = loss + value
