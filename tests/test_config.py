@@ -108,6 +108,8 @@ tasks:
         (GOOD.replace("strategy:\n  name: lora\n  r: 8", "strategy: full") + "  frozen_weights: bf16\n", 8,
          "training.frozen_weights", "full, which changes base weights"),
         (GOOD + "  frozen_weights: bf16\n  precision: fp32\n", 10, "training.frozen_weights", "not fp32"),
+        (GOOD.replace("strategy:\n  name: lora\n  r: 8", "strategy:\n  - lora\n  - {name: replay, retention: false}"),
+         6, "strategy.1", "replay.retention: false leaves only earlier tasks' rows"),
     ],
 )  # fmt: skip
 def test_an_option_the_run_would_ignore_or_refuse_after_loading_is_refused_at_validation(
@@ -124,6 +126,7 @@ def test_the_same_options_where_they_apply_validate(tmp_path):
     load_config(write(tmp_path, GOOD + "forgetting: {original_tasks: [o.jsonl]}\n"))
     load_config(write(tmp_path, GOOD + "  frozen_weights: bf16\n"))  # lora: its frozen weights may be bf16
     load_config(write(tmp_path, GOOD + "continual: {per_task_adapter: false}\n"))  # the default, said aloud
+    load_config(write(tmp_path, TASKS + "strategy: [lora, {name: replay, retention: false}]\n"))  # earlier tasks
 
 
 def test_not_yaml_and_not_a_mapping(tmp_path):
@@ -273,7 +276,10 @@ def _word_options() -> list[tuple[str, str]]:
                 walk(ann, f"{prefix}{name}.")
             out.extend((f"{prefix}{name}", w) for w in sorted(words(ann)))
 
-    walk(RunConfig, "")
+    from tunelab.config import MODE_CONFIGS
+
+    for cls in MODE_CONFIGS.values():  # each mode's own options too
+        walk(cls, "")
     for cls in registered().values():
         walk(cls.Config, f"strategy.{cls.name}.")
     return out
@@ -298,3 +304,30 @@ def test_every_word_an_option_allows_reads_as_that_word_unquoted(tmp_path):
     c = load_config(write(tmp_path, GOOD), ["forgetting.enabled=off", "allow_pickle=yes"])
     assert c.forgetting.enabled is False and c.allow_pickle is True
     assert safe_load("a: true\nb: False\nc: yes\nd: null\n") == {"a": True, "b": False, "c": "yes", "d": None}
+
+
+def test_the_config_is_a_union_on_mode_so_a_modes_options_exist_only_in_it(tmp_path):
+    from tunelab.config import ContinualRunConfig, MultitaskRunConfig, RunConfig, SingleRunConfig
+
+    single = load_config(write(tmp_path, GOOD))
+    multitask = load_config(write(tmp_path, TASKS + "mode: multitask\nmultitask: {sampling: uniform}\n"))
+    continual = load_config(write(tmp_path, TASKS + "continual: {per_task_adapter: true}\n"))
+    assert type(single) is SingleRunConfig and type(multitask) is MultitaskRunConfig
+    assert type(continual) is ContinualRunConfig and all(isinstance(c, RunConfig) for c in (single, continual))
+    assert not hasattr(single, "continual") and not hasattr(single, "multitask")
+    assert multitask.multitask.sampling == "uniform" and not hasattr(multitask, "continual")
+    assert continual.continual.per_task_adapter and not hasattr(continual, "multitask")
+    assert "continual" not in single.to_dict() and "multitask" in multitask.to_dict()
+    # the resolved config.yaml of an older single run listed the other modes' defaults: it still loads
+    old = {**single.to_dict(), "continual": {"per_task_adapter": False}, "multitask": {"sampling": "proportional"}}
+    assert type(load_config(old)) is SingleRunConfig
+    # errors inside a mode's class name the key and its line, as anywhere else
+    (p,) = problems(tmp_path, TASKS + "mode: multitask\nmultitask:\n  temperature: 0.5\n")
+    assert p.startswith(
+        f"{tmp_path / 'cfg.yaml'}:6: multitask.temperature: Input should be greater than or equal to 1"
+    )
+    (p,) = problems(tmp_path, GOOD + "mode: sequential\n")
+    assert (
+        p
+        == f"{tmp_path / 'cfg.yaml'}:10: mode: Input should be 'single', 'multitask', 'continual' (got 'sequential')"
+    )

@@ -35,11 +35,20 @@ def test_every_mode_writes_a_summary_that_fits_the_schema(mode, tiny_llama, tmp_
     assert s.summary_version == SUMMARY_VERSION and s.mode == mode
     assert isinstance(s.train, list) == (mode == "continual")
     if mode == "continual":
-        assert [t.task for t in s.train] == ["a", "b"] and s.continual["tasks"] == ["a", "b"]
+        assert [t.task for t in s.train] == ["a", "b"] and s.continual.tasks == ["a", "b"]
     elif mode == "multitask":
-        assert s.multitask["tasks"] == ["a", "b"] and set(s.multitask["eval"]) == set(s.multitask["eval_before"])
+        assert s.multitask.tasks == ["a", "b"] and set(s.multitask.eval) == set(s.multitask.eval_before)
     else:
         assert s.eval is not None and s.eval_before is not None and s.data is not None
+    # the mode's own section says what its headline scores are, and the model card shows them
+    rows = s.headline()
+    if mode == "single":
+        assert rows and all(k in s.eval for k, _, _ in rows)
+    else:
+        assert [k.split(":")[0] for k, _, _ in rows[:2]] == ["a", "b"]
+        assert all(after is not None for _, _, after in rows)
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "## Scores" in card and all(f"| {k} |" in card for k, _, _ in rows)
 
 
 def test_the_schema_refuses_what_it_does_not_know():

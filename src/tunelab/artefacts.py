@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tunelab.config import RunConfig, load_config
+from tunelab.config import ContinualRunConfig, RunConfig, load_config
 from tunelab.errors import ModelError, NonFiniteError, RunError, first_line
 from tunelab.fsutil import atomic_dir
 from tunelab.integrity import check_files, check_loaded, read_json
@@ -83,7 +83,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if not (run_dir / CONFIG).is_file() or not (run_dir / MODEL).is_dir():
         raise RunError(f"{run_dir} is not a finished tunelab run (needs {CONFIG} and {MODEL}/)")
     cfg = load_config(run_dir / CONFIG)
-    if cfg.tasks is not None and cfg.continual.per_task_adapter:
+    if isinstance(cfg, ContinualRunConfig) and cfg.continual.per_task_adapter:
         raise RunError(
             f"{run_dir} holds one adapter per task under {MODEL}/<task>/; load one with "
             f"PeftModel.from_pretrained(base, '{run_dir / MODEL}/<task>/<strategy>') or evaluate a task "

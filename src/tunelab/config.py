@@ -21,10 +21,19 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tunelab.schema import StrictModel
 from tunelab.trackers import TRACKER_PACKAGES
@@ -333,6 +342,10 @@ class ContinualConfig(Strict):
 
 
 class RunConfig(Strict):
+    """What every run's config holds. A config is one of its modes' classes (:class:`SingleRunConfig`,
+    :class:`MultitaskRunConfig`, :class:`ContinualRunConfig`: a union discriminated by ``mode``), so the
+    options of one mode exist only in it; ``RunConfig.model_validate`` picks the class."""
+
     mode: Literal["single", "continual", "multitask"] = Field(
         None,
         validate_default=False,
@@ -353,8 +366,6 @@ class RunConfig(Strict):
         description="Named tasks, each with its own train and eval data: trained in order (continual) or "
         "together (multitask).",
     )
-    continual: ContinualConfig = Field(default_factory=ContinualConfig)
-    multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
     forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig)
     strategy: list[Any] = Field(
         default_factory=lambda: [{"name": "lora"}],
@@ -365,11 +376,26 @@ class RunConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field("runs/latest", description="Run directory; must not hold another run (see --resume).")
 
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> RunConfig:
+        if cls is RunConfig:  # the union: the mode's own class
+            return _RUN.validate_python(obj, *args, **kwargs)
+        return super().model_validate(obj, *args, **kwargs)
+
     @model_validator(mode="before")
     @classmethod
     def _default_mode(cls, raw: Any) -> Any:
         if isinstance(raw, dict) and raw.get("mode") is None:
-            raw = {**raw, "mode": "continual" if raw.get("tasks") is not None else "single"}
+            raw = {**raw, "mode": _mode_of(raw)}
+        if isinstance(raw, dict):  # a section of another mode: refused, unless it only says the defaults
+            for section, model in MODE_SECTIONS.items():
+                if section in raw and raw["mode"] != section:
+                    if _is_default(model, raw[section]):
+                        raw = {k: v for k, v in raw.items() if k != section}  # e.g. an older run's config.yaml
+                        continue
+                    given = raw[section] if isinstance(raw[section], dict) else {}
+                    keys = ", ".join(f"{section}.{k}" for k in sorted(given)) or section
+                    raise ValueError(f"{keys}: only mode: {section} uses it (this run's mode is {raw['mode']})")
         return raw
 
     @model_validator(mode="after")
@@ -412,23 +438,6 @@ class RunConfig(Strict):
     def _nothing_ignored(self) -> RunConfig:
         """Options this run would accept and then ignore, or refuse only once the model has loaded: refused
         here, before anything loads, each naming its key."""
-        if self.mode != "continual" and self.continual != ContinualConfig():
-            keys = ", ".join(f"continual.{k}" for k in sorted(self.continual.model_fields_set))
-            raise ValueError(f"{keys}: only mode: continual uses it (this run's mode is {self.mode})")
-        if self.mode != "multitask" and self.multitask != MultitaskConfig():
-            keys = ", ".join(f"multitask.{k}" for k in sorted(self.multitask.model_fields_set))
-            raise ValueError(f"{keys}: only mode: multitask uses it (this run's mode is {self.mode})")
-        if self.mode == "continual" and self.forgetting.original_tasks:
-            raise ValueError(
-                "forgetting.original_tasks: mode: continual does not score them; it scores every task of the "
-                "sequence before and after each one (continual.json). Score original tasks in mode single or "
-                "multitask, or give them as tasks"
-            )
-        if self.mode == "continual" and self.training.eval_steps:
-            raise ValueError(
-                "training.eval_steps: mode: continual scores each task once it is trained, not during training; "
-                "remove it"
-            )
         from tunelab.strategies.base import check_in_mode, get_strategy
 
         check_in_mode(self.strategy, self.mode)
@@ -449,13 +458,8 @@ class RunConfig(Strict):
         mode = self.training.distributed
         if mode == "auto":
             return self  # the launch decides; the run checks what it chose (tunelab.session)
-        from tunelab.strategies import SHARDED, check_distributed
+        from tunelab.strategies import check_distributed
 
-        if mode in SHARDED and self.mode == "continual":
-            raise ValueError(
-                f"training.distributed: {mode} is for mode single and multitask; continual learning trains task "
-                "after task on one model: use ddp"
-            )
         check_distributed(self.strategy, mode)
         return self
 
@@ -474,6 +478,78 @@ class RunConfig(Strict):
         d = self.model_dump(mode="json")
         d["strategy"] = [s.model_dump(mode="json") for s in self.strategy]
         return d
+
+
+class SingleRunConfig(RunConfig):
+    mode: Literal["single"] = Field("single", description=RunConfig.model_fields["mode"].description)
+
+
+class MultitaskRunConfig(RunConfig):
+    mode: Literal["multitask"] = Field("multitask", description=RunConfig.model_fields["mode"].description)
+    multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
+
+
+class ContinualRunConfig(RunConfig):
+    mode: Literal["continual"] = Field("continual", description=RunConfig.model_fields["mode"].description)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
+
+    @model_validator(mode="after")
+    def _continual_scores(self) -> ContinualRunConfig:
+        if self.forgetting.original_tasks:
+            raise ValueError(
+                "forgetting.original_tasks: mode: continual does not score them; it scores every task of the "
+                "sequence before and after each one (continual.json). Score original tasks in mode single or "
+                "multitask, or give them as tasks"
+            )
+        if self.training.eval_steps:
+            raise ValueError(
+                "training.eval_steps: mode: continual scores each task once it is trained, not during training; "
+                "remove it"
+            )
+        from tunelab.strategies import SHARDED
+
+        if self.training.distributed in SHARDED:
+            raise ValueError(
+                f"training.distributed: {self.training.distributed} is for mode single and multitask; continual "
+                "learning trains task after task on one model: use ddp"
+            )
+        return self
+
+
+#: the options only one mode has, by the mode's name
+MODE_SECTIONS: dict[str, type[BaseModel]] = {"continual": ContinualConfig, "multitask": MultitaskConfig}
+#: the config classes by mode
+MODE_CONFIGS: dict[str, type[RunConfig]] = {
+    "single": SingleRunConfig,
+    "multitask": MultitaskRunConfig,
+    "continual": ContinualRunConfig,
+}
+
+
+def _mode_of(raw: Any) -> str:
+    """The mode a config states, or its default (continual when ``tasks`` is given, else single)."""
+    mode = raw.get("mode") if isinstance(raw, dict) else getattr(raw, "mode", None)
+    if mode is None:
+        tasks = raw.get("tasks") if isinstance(raw, dict) else getattr(raw, "tasks", None)
+        return "continual" if tasks is not None else "single"
+    return mode if isinstance(mode, str) and mode in MODE_CONFIGS else "single"  # an unknown one: refused there
+
+
+def _is_default(model: type[BaseModel], value: Any) -> bool:
+    try:
+        return model.model_validate(value if value is not None else {}) == model()
+    except ValidationError:
+        return False
+
+
+_RUN: TypeAdapter = TypeAdapter(
+    Annotated[
+        Annotated[SingleRunConfig, Tag("single")]
+        | Annotated[MultitaskRunConfig, Tag("multitask")]
+        | Annotated[ContinualRunConfig, Tag("continual")],
+        Discriminator(_mode_of),
+    ]
+)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -628,10 +704,13 @@ def format_errors(err: ValidationError, text: str | None, source: str | None, ex
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        if loc and loc[0] in MODE_CONFIGS:  # the union's tag: the mode's own class
+            loc = loc[1:]
         key = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
-        if not loc and (named := re.match(r"([a-z_]+(?:\.[a-z_]+)+): ", msg)):  # a whole-config check, on a key
-            key, loc, msg = named[1], tuple(named[1].split(".")), msg[named.end() :]
+        if not loc and (named := re.match(r"([a-z_]+(?:\.(?:[a-z_]+|\d+))+): ", msg)):  # a whole-config check
+            key, msg = named[1], msg[named.end() :]
+            loc = tuple(int(p) if p.isdigit() else p for p in key.split("."))  # strategy.1: the list's second
         if e["type"] == "extra_forbidden":
             allowed = e.get("ctx", {}).get("allowed") or _allowed_keys(loc)
             msg = "unknown key"
@@ -642,6 +721,8 @@ def format_errors(err: ValidationError, text: str | None, source: str | None, ex
                     msg += f" (did you mean '{close[0]}'?)"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif loc == ("mode",) and e["type"] == "literal_error":  # each mode's class allows its own name only
+            msg = f"Input should be {', '.join(repr(m) for m in MODE_CONFIGS)} (got {e['input']!r})"
         elif "input" in e and not isinstance(e["input"], dict | list):
             msg += f" (got {e['input']!r})"
         line = lines.line(loc)

@@ -15,6 +15,8 @@ import yaml
 
 from tunelab.evaluate import fmt
 from tunelab.models import KNOWN_MODELS
+from tunelab.rundir import CONFIG, MODEL
+from tunelab.summary import Summary
 
 CARD = "README.md"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -93,10 +95,10 @@ def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str
         + (", ".join(f"`{v}` ({k})" for k, v in files.items()) or "see `tunelab_config.yaml`")
         + ".",
     ]
-    before, after = record.get("eval_before", {}), record.get("eval", {})
-    if after:
+    scores = Summary.model_validate(summary).headline()  # the mode's own section says what its scores are
+    if scores:
         lines += ["", "## Scores", "", "| metric | before | after |", "|---|---:|---:|"]
-        lines += [f"| {k} | {fmt(before.get(k))} | {fmt(v)} |" for k, v in after.items()]
+        lines += [f"| {k} | {fmt(before)} | {fmt(after)} |" for k, before, after in scores]
     if record.get("forgetting"):
         f = record["forgetting"]
         lines += ["", "## Forgetting (against the untouched base model, on general prompts)", ""]
@@ -152,6 +154,12 @@ def _loading(kind: str, tasks: list[str], model: str) -> str:
     if tasks:
         lines.append(f"# one set of parts per task: task= is one of {', '.join(tasks)}")
     return "\n".join(lines)
+
+
+def write_run(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The card of a finished run, beside its weights (a run without a model dir, a baseline's, has none)."""
+    if (run_dir / MODEL).is_dir() and (run_dir / CONFIG).is_file():
+        write(summary, yaml.safe_load((run_dir / CONFIG).read_text()), run_dir / MODEL)
 
 
 def write(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> None:

@@ -24,6 +24,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: one row of a run's headline scores: what was scored, before training, after it
+Score = tuple[str, float | None, float | None]
+
+
+def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
+    return {k: v for k, v in (d or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 class Parameters(_Section):
     trainable: int
     total: int
@@ -66,6 +74,54 @@ class Memory(_Section):
     kind: Literal["cpu_peak_rss", "cuda_max_allocated"]
 
 
+class ContinualSection(_Section):
+    """``continual``: the tasks in order, the accuracy matrix (row i: every task's score after task i) and
+    its metrics (tunelab.modes.continual.continual_metrics)."""
+
+    tasks: list[str]
+    metric: str
+    before: list[float]  #: every task's score before training
+    matrix: list[list[float]]
+    average_accuracy: float
+    backward_transfer: float | None = None  #: absent with a single task
+    forgetting: float | None = None
+    forgetting_max: float | None = None
+    per_task_adapter: bool
+
+    def headline(self) -> list[Score]:
+        """Each task's score before the sequence and at its end."""
+        final = self.matrix[-1] if self.matrix else [None] * len(self.tasks)
+        return [(f"{t}: {self.metric}", b, a) for t, b, a in zip(self.tasks, self.before, final, strict=True)]
+
+
+class MultitaskSection(_Section):
+    """``multitask``: how the tasks were mixed and each task's scores before and after."""
+
+    tasks: list[str]
+    sampling: Literal["proportional", "uniform", "temperature", "round_robin"]
+    temperature: float | None  #: only with sampling: temperature
+    probabilities: dict[str, float] | None  #: each task's share of batches (round_robin: none)
+    weights: dict[str, float]
+    train_rows: dict[str, int]
+    labels: dict[str, list[str] | None]
+    per_task_parts: bool
+    eval_before: dict[str, Any] | None
+    eval: dict[str, Any]
+    metric: str
+    mean_score: float
+
+    def headline(self) -> list[Score]:
+        """Each task's headline metric before and after training, then their mean after."""
+        from tunelab.evaluate import headline
+
+        rows: list[Score] = []
+        for t in self.tasks:
+            after, before = headline(self.eval.get(t) or {}), headline((self.eval_before or {}).get(t) or {})
+            what = after[0] if after else self.metric
+            rows.append((f"{t}: {what}", float(before[1]) if before else None, float(after[1]) if after else None))
+        return [*rows, (f"mean {self.metric}", None, self.mean_score)]
+
+
 class Summary(_Section):
     summary_version: Literal[2]
     mode: Literal["single", "continual", "multitask"]
@@ -84,11 +140,20 @@ class Summary(_Section):
     eval_before: dict[str, Any] | None = None  #: scores of the untouched model (eval.before)
     eval: dict[str, Any] | None = None  #: scores after training (tunelab.evaluate.score)
     forgetting: dict[str, Any] | None = None  #: before / after / delta on the retention set, original tasks
-    continual: dict[str, Any] | None = None  #: the accuracy matrix and ACC / BWT / forgetting
-    multitask: dict[str, Any] | None = None  #: tasks, sampling, weights, per-task scores before/after
+    continual: ContinualSection | None = None  #: the accuracy matrix and ACC / BWT / forgetting
+    multitask: MultitaskSection | None = None  #: tasks, sampling, weights, per-task scores before/after
     memory: Memory
     wall_time_s: float
     outputs: dict[str, str]  #: paths of what the run wrote
+
+    def headline(self) -> list[Score]:
+        """The run's scores as a model card or report shows them: the mode's own typed section's, when its
+        mode has one (continual, multitask), else every eval metric before and after."""
+        section = getattr(self, self.mode, None)
+        if section is not None:
+            return section.headline()
+        before, after = _numbers(self.eval_before), _numbers(self.eval)
+        return [(k, before.get(k), v) for k, v in after.items()]
 
 
 def finish_summary(summary: dict[str, Any], device: str, run_dir: Path, t_start: float, **outputs: Path) -> dict:
@@ -103,10 +168,4 @@ def finish_summary(summary: dict[str, Any], device: str, run_dir: Path, t_start:
     except ValidationError as e:  # a bug in a mode, not a user error: say which key
         raise RunError(f"internal: summary.json does not fit its schema: {e.errors()[0]}") from None
     write_json_atomic(run_dir / SUMMARY, summary)
-    if (run_dir / MODEL).is_dir() and (run_dir / CONFIG).is_file():
-        import yaml
-
-        from tunelab import modelcard
-
-        modelcard.write(summary, yaml.safe_load((run_dir / CONFIG).read_text()), run_dir / MODEL)
     return summary

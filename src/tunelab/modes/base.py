@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tunelab import modelcard
 from tunelab.config import RunConfig
 from tunelab.data import DataError, prepare_splits
 from tunelab.errors import RunError
@@ -103,6 +104,8 @@ class RunMode:
             # -- train, save
             self.train()
             summary = self.save() if self.main else {}
+            if summary:
+                modelcard.write_run(self.run_dir, summary)
         # -- clean up
         self.clean_up()
         return RunResult(self.run_dir, summary)

@@ -299,11 +299,15 @@ def is_baseline(configs: Iterable[StrategyConfig]) -> bool:
 
 
 def check_in_mode(configs: list[StrategyConfig], mode: str) -> None:
-    """Each component's :meth:`Strategy.check` again, now that the run mode is known."""
+    """Each component's :meth:`Strategy.check` again, now that the run mode is known; a refusal names the
+    component by its place in the list (``strategy.1: ...``), which the config error maps to its line."""
     classes = [get_strategy(c.name) for c in configs]
     facts = StackFacts(tuple(cls.declare(c) for cls, c in zip(classes, configs, strict=True)), mode)
-    for cls, c in zip(classes, configs, strict=True):
-        cls.check(c, facts)
+    for i, (cls, c) in enumerate(zip(classes, configs, strict=True)):
+        try:
+            cls.check(c, facts)
+        except ValueError as e:
+            raise ValueError(f"strategy.{i}: {e}") from None
 
 
 def check_combination(configs: list[StrategyConfig]) -> None:
