@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from conftest import tiny_config, write_jsonl
 from tunelab.config import load_config
@@ -230,23 +231,26 @@ def test_per_task_adapters_with_routing_cannot_forget(tiny_llama, tmp_path):
     m = s["continual"]["matrix"]
     assert m[1][0] == m[0][0]  # task A still scored with A's own adapter
     assert s["continual"]["forgetting"] == 0
-    assert (tmp_path / "run" / "model" / "A" / "lora" / "adapter_config.json").is_file()
-    assert (tmp_path / "run" / "model" / "B" / "lora" / "adapter_config.json").is_file()
-    from tunelab.run import RunError, load_run
-
-    with pytest.raises(RunError, match="one adapter per task"):
-        load_run(tmp_path / "run")
-    # the artefact alone: each task's adapter back on the base, as PEFT itself loads it
+    # one per-task mechanism: LoRA's own copy per task (per_task, set from continual.per_task_adapter), saved
+    # as a multi-task run's per-task parts are
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["strategy"][0]["per_task"] is True
+    assert (tmp_path / "run" / "model" / "A" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "model" / "B" / "adapter_config.json").is_file()
     from peft import PeftModel
 
     from tunelab.models import load_model
-    from tunelab.run import load_artefact
+    from tunelab.run import RunError, evaluate, load_artefact
 
+    with pytest.raises(RunError, match="has parts per task; choose one with --task"):
+        evaluate(tmp_path / "run")
+    # each task read back on its own copy scores what the run recorded for it after the sequence
+    assert evaluate(tmp_path / "run", task="A")["exact_match"] == pytest.approx(m[1][0])
+    # the artefact alone: each task's adapter back on the base, as PEFT itself loads it
     model_dir, ids = tmp_path / "run" / "model", torch.tensor([[1, 50, 60, 70, 2]])
     with torch.no_grad():
         for task in ("A", "B"):
             ours = load_artefact(model_dir, base=tiny_llama, task=task).model
-            peft = PeftModel.from_pretrained(load_model(tiny_llama), model_dir / task / "lora").eval()
+            peft = PeftModel.from_pretrained(load_model(tiny_llama), model_dir / task).eval()
             assert torch.equal(ours(input_ids=ids).logits, peft(input_ids=ids).logits), task
     with pytest.raises(RunError, match="give task= one of A, B"):
         load_artefact(model_dir, base=tiny_llama)
@@ -263,6 +267,15 @@ def test_continual_config_checks():
         load_config({"tasks": [{"name": "a", "train": "x"}, {"name": "b", "train": "y", "eval": "z"}]})
     with pytest.raises(ConfigError, match="either data"):
         load_config({"data": {"train": "x"}, "tasks": [{"name": "a", "train": "x", "eval": "y"}] * 2})
+    tasks = [{"name": n, "train": "x", "eval": "y"} for n in "ab"]
+    # one copy per task is the strategies' per_task: refused, before loading, for one that changes base weights
+    with pytest.raises(ConfigError, match=r"continual.per_task_adapter needs strategies .*; full cannot"):
+        load_config({"tasks": tasks, "strategy": "full", "continual": {"per_task_adapter": True}})
+    with pytest.raises(ConfigError, match="continual takes from continual.per_task_adapter"):
+        load_config({"tasks": tasks, "strategy": {"name": "lora", "per_task": True}})
+    routed = load_config({"tasks": tasks, "strategy": ["lora", "ewc"], "continual": {"per_task_adapter": True}})
+    assert [getattr(c, "per_task", None) for c in routed.strategy] == [True, None]  # the regularizer keeps none
+    assert type(load_config(routed.to_dict())) is type(routed)  # the resolved config reads back
 
 
 # ----------------------------------------------------------------------------- dropout and decoupled L2

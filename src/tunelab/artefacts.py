@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tunelab.config import ContinualRunConfig, RunConfig, load_config
+from tunelab.config import RunConfig, load_config
 from tunelab.errors import ModelError, NonFiniteError, RunError, first_line
 from tunelab.fsutil import atomic_dir
 from tunelab.integrity import check_files, check_loaded, read_json
@@ -35,7 +35,7 @@ MANIFEST = "tunelab.json"
 
 
 def write_manifest(
-    folder: Path, stack: StrategyStack, base: tuple[str, Path], tasks: list[str] | None = None, **extra: Any
+    folder: Path, stack: StrategyStack, base: tuple[str, Path], tasks: list[str] | None = None
 ) -> None:
     """``folder/tunelab.json`` for the artefact ``stack`` saved there; ``base`` is the run's ``model`` as
     configured and the directory it resolved to."""
@@ -44,7 +44,7 @@ def write_manifest(
     info = {"kind": stack.artefact_kind, "base_model": base_model_name(*base), "strategy": stack.saved_specs}
     if tasks:
         info["tasks"] = list(tasks)
-    write_json_atomic(folder / MANIFEST, {**info, **extra})
+    write_json_atomic(folder / MANIFEST, info)
 
 
 def save_artefact(
@@ -83,12 +83,6 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if not (run_dir / CONFIG).is_file() or not (run_dir / MODEL).is_dir():
         raise RunError(f"{run_dir} is not a finished tunelab run (needs {CONFIG} and {MODEL}/)")
     cfg = load_config(run_dir / CONFIG)
-    if isinstance(cfg, ContinualRunConfig) and cfg.continual.per_task_adapter:
-        raise RunError(
-            f"{run_dir} holds one adapter per task under {MODEL}/<task>/; load one with "
-            f"PeftModel.from_pretrained(base, '{run_dir / MODEL}/<task>/<strategy>') or evaluate a task "
-            "from continual.json"
-        )
     stack = StrategyStack(cfg.strategy)
     tokenizer = load_tokenizer(run_dir / MODEL)
 
@@ -137,9 +131,8 @@ def load_artefact(path: str | Path, base: str | Path | None = None, task: str | 
             )
         return load_model(resolve_model(str(base if base is not None else known)))
 
-    snapshots = info.get("snapshots", False)  # continual: each task's parts in their own directory
-    model = stack.load(base_model, path / task if snapshots else path, per_component=snapshots)
-    if task and not snapshots:
+    model = stack.load(base_model, path)
+    if task:
         stack.select_task(model, task)
     check_loaded(model, path)
     return LoadedRun(None, model.eval(), load_tokenizer(path), stack)

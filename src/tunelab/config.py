@@ -427,7 +427,7 @@ class RunConfig(Strict):
                 f"{self.strategy[0].name} scores one eval set without training: it runs in mode: single only"
             )
         per_task = [s.name for s in self.strategy if getattr(s, "per_task", False)]
-        if per_task and self.mode != "multitask":
+        if per_task and self.mode == "single":
             raise ValueError(
                 f"strategy {', '.join(per_task)}: per_task gives one copy per task of a multi-task run; "
                 f"this run's mode is {self.mode} (set mode: multitask with tasks, or per_task: false)"
@@ -492,6 +492,33 @@ class MultitaskRunConfig(RunConfig):
 class ContinualRunConfig(RunConfig):
     mode: Literal["continual"] = Field("continual", description=RunConfig.model_fields["mode"].description)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+
+    @model_validator(mode="after")
+    def _one_copy_per_task(self) -> ContinualRunConfig:
+        """``continual.per_task_adapter`` is the strategies' own per-task mechanism (``per_task: true``, as in
+        multi-task runs): every training component keeps a copy per task, and each task trains and is scored
+        on its own; set here, so the resolved config says it."""
+        from tunelab.strategies.base import get_strategy
+
+        trains = [c for c in self.strategy if get_strategy(c.name).declare(c).trains]
+        if not self.continual.per_task_adapter:
+            per_task = [c.name for c in self.strategy if getattr(c, "per_task", False)]
+            if per_task:
+                raise ValueError(
+                    f"continual.per_task_adapter: strategy {', '.join(per_task)} sets per_task, which mode: "
+                    "continual takes from continual.per_task_adapter: true"
+                )
+            return self
+        cannot = [c.name for c in trains if "per_task" not in type(c).model_fields]
+        if cannot:
+            raise ValueError(
+                "continual.per_task_adapter needs strategies that keep one copy per task (lora, ia3, peft, "
+                f"adapters, prefix, prompt, ptuning); {', '.join(cannot)} cannot (it changes the base weights)"
+            )
+        for i, c in enumerate(self.strategy):  # in place: assigning the field would validate the model again
+            if c in trains:
+                self.strategy[i] = c.model_copy(update={"per_task": True})
+        return self
 
     @model_validator(mode="after")
     def _continual_scores(self) -> ContinualRunConfig:

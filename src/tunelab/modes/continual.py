@@ -17,9 +17,13 @@ Methods are the strategies and regularizers: naive (just a strategy), ``ewc`` (o
 ``continual.per_task_adapter: true`` — one fresh adapter (e.g. LoRA) per task on the frozen base, with each
 task's evaluation routed to its own adapter (task identity known at test time), which cannot forget.
 
+``continual.per_task_adapter`` is the strategies' own per-task mechanism, the one multi-task runs use
+(``per_task: true``, which the config sets on every training component): each keeps a copy per task, the
+model is routed to a task's copy to train and to score it, and the artefact holds every task's copy as a
+multi-task run's does (``--task`` picks one when it is read back).
+
 Writes ``continual.json`` and ``continual.png`` (a heatmap of the matrix) to the run dir, each task's
-training logs under ``tasks/<i>-<name>/``, and the final artefact (per-task adapters under
-``model/<task>/``).
+training logs under ``tasks/<i>-<name>/``, and the final artefact under ``model/``.
 """
 
 from __future__ import annotations
@@ -27,14 +31,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from tunelab.artefacts import save_artefact, write_manifest
-from tunelab.errors import RunError
+from tunelab.artefacts import save_artefact
 from tunelab.evaluate import headline
 from tunelab.fitter import fit
 from tunelab.forgetting import forgetting_summary
-from tunelab.fsutil import atomic_dir
 from tunelab.modes.base import RunMode
 from tunelab.rundir import MODEL
 from tunelab.runtime import write_json_atomic
@@ -98,56 +98,44 @@ class ContinualRun(RunMode):
         return f"average {c['metric']}", c["average_accuracy"]
 
     def prepare_data(self) -> None:
-        self.tasks = [(t.name, tr, ev) for t, tr, ev in self.prepare_tasks()]
+        prepared = self.prepare_tasks()
+        self.tasks = [(t.name, tr, ev) for t, tr, ev in prepared]
         self.names = [name for name, _, _ in self.tasks]
+        self.routed = self.cfg.continual.per_task_adapter
+        if self.routed:  # the strategies' own copy per task (per_task, set by the config), as in multitask
+            self.session.stack.set_tasks(self.names, {t.name: tr.labels for t, tr, _ in prepared})
 
-    # -- routing: one adapter per task (continual.per_task_adapter) --------------------------------
-    def _load_values(self, values: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.own, values, strict=True):
-                p.copy_(v)
-
-    def _evaluate_all(self, routed_after: int | None) -> list[float]:
-        """Every task's headline score; with routing, each task on its own adapter (or the initial one)."""
+    def _evaluate_all(self, current: str | None) -> list[float]:
+        """Every task's headline score; routed, each task on its own copy (a task not yet trained: its
+        untouched copy), and then back to ``current``'s."""
         s, row = self.session, []
-        for j, (name, _, ev) in enumerate(self.tasks):
-            if routed_after is not None:
-                self._load_values(self.snapshots[j] if j < len(self.snapshots) else self.initial)
+        for name, _, ev in self.tasks:
+            if self.routed:
+                s.stack.select_task(s.model, name)
             # the rows scored after the last task stay in predictions/<task>.jsonl (earlier ones are replaced)
             self.metric, value = headline(s.score(ev, record=name))
             row.append(float(value))
-        if routed_after is not None:
-            self._load_values(self.snapshots[-1])
+        if self.routed and current is not None:
+            s.stack.select_task(s.model, current)
         return row
 
     def train(self) -> None:
-        s, cfg = self.session, self.cfg
-        self.routed = cfg.continual.per_task_adapter
-        if self.routed and s.stack.changes_base_weights:
-            raise RunError(
-                "continual.per_task_adapter needs strategies that add modules (lora, adapters, prefix ...); "
-                f"{'+'.join(cfg.strategy_names())} changes base weights"
-            )
-        self.own = s.stack.own_parameters(s.model)
-        self.initial = [p.detach().clone() for p in self.own]
-        self.snapshots: list[list[torch.Tensor]] = []
+        s = self.session
         self.metric = "exact_match"
         self.before_retention = s.retention_before() if self.main else None
         self.before_row = self._evaluate_all(None) if self.main else []
         self.matrix, self.stats = [], []
         for i, (name, tr, _) in enumerate(self.tasks):
             if self.routed:
-                self._load_values(self.initial)  # a fresh adapter for every task
+                s.stack.select_task(s.model, name)  # its own, untouched copy trains
             task_dir = self.run_dir / "tasks" / f"{i}-{name}"
             task_dir.mkdir(parents=True, exist_ok=True)
             self.stats.append({"task": name, **fit(s, tr.features, None, task_dir, callbacks=self.callbacks)})
             s.ctx.task_features = tr.features
             s.stack.on_task_end(s.model, s.ctx)
             s.ctx.previous_features = s.ctx.previous_features + tr.features
-            if self.routed:
-                self.snapshots.append([p.detach().clone() for p in self.own])
             if self.main:
-                self.matrix.append(self._evaluate_all(i if self.routed else None))
+                self.matrix.append(self._evaluate_all(name))
                 scores = ", ".join(f"{n} {v:.3f}" for n, v in zip(self.names, self.matrix[-1], strict=True))
                 print(f"after task {name}: {scores}", flush=True)
 
@@ -169,17 +157,7 @@ class ContinualRun(RunMode):
             f"ACC {metrics['average_accuracy']:.2f}, BWT {metrics.get('backward_transfer', 0):+.2f}"
         )
         heatmap(self.matrix, self.before_row, self.names, run_dir / "continual.png", title)
-        if self.routed:
-            with atomic_dir(run_dir / MODEL) as tmp:
-                for name, values in zip(self.names, self.snapshots, strict=True):
-                    self._load_values(values)
-                    s.stack.save(s.model, tmp / name, per_component=True)
-                s.tokenizer.save_pretrained(tmp)
-                write_manifest(
-                    tmp, s.stack, (s.cfg.model, s.model_dir), self.names, kind="per-task", snapshots=True
-                )
-        else:
-            save_artefact(s.stack, s.model, s.tokenizer, run_dir / MODEL, (s.cfg.model, s.model_dir))
+        save_artefact(s.stack, s.model, s.tokenizer, run_dir / MODEL, (s.cfg.model, s.model_dir))
         summary = s.summary_head(self.name)
         summary["continual"] = {k: v for k, v in result.items() if k != "train"}
         summary["train"] = self.stats
