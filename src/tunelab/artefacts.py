@@ -14,7 +14,7 @@ from tunelab.errors import ModelError, NonFiniteError, RunError, first_line
 from tunelab.fsutil import atomic_dir
 from tunelab.integrity import check_files, check_loaded, read_json
 from tunelab.models import KNOWN_MODELS, load_model, load_tokenizer, resolve_model
-from tunelab.rundir import CONFIG, MODEL, complete_checkpoints, is_run_dir
+from tunelab.rundir import CONFIG, MANIFEST, MODEL, complete_checkpoints, is_run_dir
 from tunelab.runtime import write_json_atomic
 from tunelab.strategies.base import validate_strategy_specs
 from tunelab.strategies.stack import StrategyStack
@@ -31,7 +31,6 @@ def check_finite(model: torch.nn.Module) -> None:
 #: What an artefact directory is, beside its files: its kind (``StrategyStack.artefact_kind``), the options of
 #: the components that saved something, the base model's public name (never a local path: ``push`` publishes
 #: it), and for one set of parts per task, the tasks. :func:`load_artefact` and the model card read it.
-MANIFEST = "tunelab.json"
 
 
 def write_manifest(

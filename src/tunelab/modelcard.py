@@ -15,7 +15,7 @@ import yaml
 
 from tunelab.evaluate import fmt
 from tunelab.models import KNOWN_MODELS
-from tunelab.rundir import CONFIG, MODEL
+from tunelab.rundir import CONFIG, MANIFEST, MODEL
 from tunelab.summary import Summary
 
 CARD = "README.md"
@@ -122,7 +122,7 @@ LIBRARY = {"model": "transformers", "peft": "peft"}
 def _artefact(model_dir: Path) -> tuple[str, list[str]]:
     """The artefact's kind and tasks, from its manifest (an artefact written before manifests: by its files)."""
     try:
-        info = json.loads((model_dir / "tunelab.json").read_text())
+        info = json.loads((model_dir / MANIFEST).read_text())
         return info["kind"], list(info.get("tasks") or [])
     except (OSError, ValueError, KeyError):
         return ("peft" if (model_dir / "adapter_config.json").is_file() else "model"), []

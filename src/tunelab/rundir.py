@@ -48,6 +48,7 @@ CONFIG, SUMMARY, METRICS, MODEL, CHECKPOINTS = (
 )
 MARKER, LOCK = ".tunelab-run", ".tunelab.lock"
 PREDICTIONS = "predictions"  #: every scored eval row's answer, one JSON Lines file per split (evaluate.py)
+MANIFEST = "tunelab.json"  #: in MODEL/: what kind of artefact it is and what loads it (artefacts.py)
 #: Every top-level name a run writes. Anything else in a run dir was put there by someone else.
 OURS = frozenset(
     {
