@@ -177,8 +177,7 @@ def rebuilt(base: torch.nn.Module, specs: list, trained_stack, state: dict[str, 
     from tunelab.strategies.stack import StrategyStack
 
     stack = StrategyStack(specs)
-    first = trained_stack.items[0]
-    stack.set_tasks(first.tasks, first.task_labels)  # multi-task: the same per-task parts
+    stack.set_tasks(*trained_stack.given_tasks)  # multi-task: the same per-task parts
     model = stack.apply(base)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n in missing if n.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()

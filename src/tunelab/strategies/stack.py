@@ -117,6 +117,13 @@ class StrategyStack:
         return next((list(s.tasks) for s in self._routers), [])
 
     @property
+    def given_tasks(self) -> tuple[list[str], dict[str, list[str] | None]]:
+        """The task names and label sets :meth:`set_tasks` gave the task routers (none outside multi-task runs,
+        or in a stack without routers)."""
+        routers = self._with(TaskRouter)
+        return (list(routers[0].tasks), dict(routers[0].task_labels)) if routers else ([], {})
+
+    @property
     def saved_specs(self) -> list[dict[str, Any]]:
         """The options of the components that save something: with the base model, all that loading the
         artefact needs (a regularizer's options, a teacher's path among them, are not)."""
