@@ -498,9 +498,8 @@ class ContinualRunConfig(RunConfig):
         """``continual.per_task_adapter`` is the strategies' own per-task mechanism (``per_task: true``, as in
         multi-task runs): every training component keeps a copy per task, and each task trains and is scored
         on its own; set here, so the resolved config says it."""
-        from tunelab.strategies.base import get_strategy
+        from tunelab.strategies.base import PerTaskConfig, get_strategy
 
-        trains = [c for c in self.strategy if get_strategy(c.name).declare(c).trains]
         if not self.continual.per_task_adapter:
             per_task = [c.name for c in self.strategy if getattr(c, "per_task", False)]
             if per_task:
@@ -509,7 +508,8 @@ class ContinualRunConfig(RunConfig):
                     "continual takes from continual.per_task_adapter: true"
                 )
             return self
-        cannot = [c.name for c in trains if "per_task" not in type(c).model_fields]
+        trains = [c for c in self.strategy if get_strategy(c.name).declare(c).trains]
+        cannot = [c.name for c in trains if not isinstance(c, PerTaskConfig)]
         if cannot:
             raise ValueError(
                 "continual.per_task_adapter needs strategies that keep one copy per task (lora, ia3, peft, "

@@ -28,6 +28,7 @@ from tunelab.runtime import world_size
 from tunelab.trackers import scoped_env, tracker_env
 
 if TYPE_CHECKING:
+    from tunelab.callbacks import Throughput
     from tunelab.session import Session
 
 
@@ -104,17 +105,19 @@ def trainer(
     eval_data: Prepared | dict[str, Prepared] | None,
     out_dir: Path,
     callbacks: list | None = None,
+    throughput: Throughput | None = None,
     **multitask: Any,
 ):
     """The Trainer for ``s``'s model over ``train_features``, its optimizer's rates resolved once
-    (:meth:`StrategyStack.rates`), with every callback attached, not yet trained. ``multitask`` holds the
-    engine's multi-task arguments (``sampler``, ``tasks``, ``task_weights``, see TunelabTrainer)."""
+    (:meth:`StrategyStack.rates`), with every callback attached (the bar and metrics.jsonl reading
+    ``throughput``), not yet trained. ``multitask`` holds the engine's multi-task arguments (``sampler``,
+    ``tasks``, ``task_weights``, see TunelabTrainer)."""
     from tunelab.callbacks import Throughput, attach
     from tunelab.engine import TunelabTrainer
 
     cfg = s.cfg
     rates = s.stack.rates(cfg.training.lr)
-    throughput = Throughput()
+    throughput = throughput or Throughput()
     t = TunelabTrainer(
         model=s.model,
         args=training_arguments(
@@ -139,7 +142,6 @@ def trainer(
         **multitask,
     )
     attach(t, out_dir, cfg.training, throughput, s.stack.callbacks(), callbacks or [])
-    t.throughput = throughput
     return t
 
 
@@ -161,12 +163,14 @@ def fit(
     if data_hooks:
         train_features = s.stack.training_features(train_features, s.ctx)
     env = tracker_env(cfg.training.report_to, s.run_dir)
-    tr = trainer(s, train_features, eval_data, out_dir, callbacks, **multitask)
+    from tunelab.callbacks import Throughput
+
+    throughput = Throughput()
+    tr = trainer(s, train_features, eval_data, out_dir, callbacks, throughput, **multitask)
     checkpoint, skipped = resume_point(out_dir, s.distributed, s.main) if resume else (None, [])
     t = cfg.training
-    planned = (
-        t.max_steps
-        or token_budget_steps(cfg, train_features)
+    planned = (  # the horizon the trainer was given (max_steps, or the token budget's), else the epochs'
+        (tr.args.max_steps if tr.args.max_steps > 0 else None)
         or math.ceil(math.ceil(len(train_features) / (t.batch_size * world_size())) / t.grad_accum * t.epochs)
     )
     with levers.compiled(s.model, levers.compile_pays(s.levers, t.compile, planned)), scoped_env(env):
@@ -179,7 +183,7 @@ def fit(
         "train_loss": out.training_loss,
         "rows": len(train_features),
         "tokens_seen": int(state.num_input_tokens_seen),
-        "tokens_per_s": round(tr.throughput.rate(state), 2),
+        "tokens_per_s": round(throughput.rate(state), 2),
         "train_time_s": round(out.metrics.get("train_runtime", 0.0), 2),
         "resumed_from": checkpoint.path.name if checkpoint else None,
         "skipped_checkpoints": [f"{c.path.name}: {c.problem}" for c in skipped],

@@ -16,7 +16,7 @@ import yaml
 from tunelab.evaluate import fmt
 from tunelab.models import KNOWN_MODELS
 from tunelab.rundir import CONFIG, MANIFEST, MODEL
-from tunelab.summary import Summary
+from tunelab.summary import Summary, numbers
 
 CARD = "README.md"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -40,10 +40,6 @@ def base_model_name(model: str, model_dir: Path) -> str:
     return base_model_id(model, model_dir) or Path(model_dir).name or str(model)
 
 
-def _scores(d: dict | None) -> dict[str, float]:
-    return {k: v for k, v in (d or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
 def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str:
     """The card's text for a run with this summary and resolved config; ``model_dir`` is the run's model/."""
     kind, tasks = _artefact(model_dir)
@@ -62,10 +58,10 @@ def render(summary: dict[str, Any], cfg: dict[str, Any], model_dir: Path) -> str
         "parameters": {k: summary["parameters"][k] for k in ("trainable", "total")},
     }
     if summary.get("eval_before") is not None:
-        record["eval_before"] = _scores(summary["eval_before"])
+        record["eval_before"] = numbers(summary["eval_before"])
     if summary.get("eval") is not None:
-        record["eval"] = _scores(summary["eval"])
-    forgetting = {k: _scores(v) for k, v in (summary.get("forgetting") or {}).items() if isinstance(v, dict)}
+        record["eval"] = numbers(summary["eval"])
+    forgetting = {k: numbers(v) for k, v in (summary.get("forgetting") or {}).items() if isinstance(v, dict)}
     if any(forgetting.values()):
         record["forgetting"] = forgetting  # before / after / delta, each measure on the retention set
     if train:

@@ -28,7 +28,8 @@ class _Section(BaseModel):
 Score = tuple[str, float | None, float | None]
 
 
-def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
+def numbers(d: dict[str, Any] | None) -> dict[str, float]:
+    """The numeric entries of a scores mapping (booleans and text left out)."""
     return {k: v for k, v in (d or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
@@ -152,7 +153,7 @@ class Summary(_Section):
         section = getattr(self, self.mode, None)
         if section is not None:
             return section.headline()
-        before, after = _numbers(self.eval_before), _numbers(self.eval)
+        before, after = numbers(self.eval_before), numbers(self.eval)
         return [(k, before.get(k), v) for k, v in after.items()]
 
 

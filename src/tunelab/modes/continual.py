@@ -14,13 +14,11 @@ The score of a task is its headline metric (accuracy for classification, else ex
 
 Methods are the strategies and regularizers: naive (just a strategy), ``ewc`` (online with ``gamma`` < 1),
 ``replay`` (earlier tasks' rows mixed in), ``retention`` (KL to the base), and
-``continual.per_task_adapter: true`` — one fresh adapter (e.g. LoRA) per task on the frozen base, with each
-task's evaluation routed to its own adapter (task identity known at test time), which cannot forget.
-
-``continual.per_task_adapter`` is the strategies' own per-task mechanism, the one multi-task runs use
-(``per_task: true``, which the config sets on every training component): each keeps a copy per task, the
-model is routed to a task's copy to train and to score it, and the artefact holds every task's copy as a
-multi-task run's does (``--task`` picks one when it is read back).
+``continual.per_task_adapter: true`` — one fresh adapter (e.g. LoRA) per task on the frozen base, each task
+trained and scored on its own (task identity known at test time), which cannot forget. It is the
+strategies' own per-task mechanism, the one multi-task runs use (``per_task: true``, which the config sets
+on every training component): the model is routed to a task's copy to train and to score it, and the
+artefact holds every task's copy as a multi-task run's does (``--task`` picks one when it is read back).
 
 Writes ``continual.json`` and ``continual.png`` (a heatmap of the matrix) to the run dir, each task's
 training logs under ``tasks/<i>-<name>/``, and the final artefact under ``model/``.

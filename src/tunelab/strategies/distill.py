@@ -136,8 +136,8 @@ def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
 class Distill(Regularizer, LossTerm, SetUp, ShardingLimits):
     name = "distill"
     summary = (
-        "Regularizer: distill a frozen teacher into the student (KL, reverse KL, JSD; cut students, cached "
-        "top-k, on-policy)."
+        "Regularizer: distill a frozen teacher into the student (KL, reverse KL, JSD; hidden alignment for a "
+        "cut student, cached top-k, on-policy)."
     )
     Config = DistillConfig
 
@@ -154,8 +154,8 @@ class Distill(Regularizer, LossTerm, SetUp, ShardingLimits):
     # -- the teacher ------------------------------------------------------------------------------------
     @property
     def uses_teacher(self) -> bool:
-        """``alpha: 1`` with no alignment and no on-policy batches is the task loss alone: with ``keep_*``, the
-        same student trained on labels only, and no teacher is loaded."""
+        """``alpha: 1`` with no alignment and no on-policy batches is the task loss alone: with a
+        ``student`` cut, the same student trained on labels only, and no teacher is loaded."""
         c = self.config
         return c.alpha < 1 or bool(c.hidden_weight) or c.on_policy > 0
 
