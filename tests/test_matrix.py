@@ -47,6 +47,8 @@ CASES = {
         1e-2,
         False,
     ),
+    "layerwise-select-auto": ({"name": "layerwise", "select": "auto", "budget": 1, "head": True}, 1e-2, False),
+    "layerwise-lisa": ({"name": "layerwise", "sample": 1, "every": 2}, 1e-2, False),
     "hybrid-layerwise+prefix": ([LAYERWISE, {"name": "prefix", "num_virtual_tokens": 4}], 1e-2, False),
     "hybrid-prefix+lora": ([{"name": "prefix", "num_virtual_tokens": 4}, {"name": "lora", "r": 8}], 2e-2, True),
     "hybrid-adapters+lora": ([{"name": "adapters", "bottleneck": 8}, {"name": "lora", "r": 8}], 1e-2, True),

@@ -128,6 +128,10 @@ VARIANTS = {
         {"name": "lora", "r": 8},
         {"name": "distill", "top_k": 16, "on_policy": 0.5, "max_new_tokens": 4},
     ],
+    # LISA: the blocks drawn for the period and their optimizer state come back (resumed mid-period: 7 -> 5)
+    "layerwise LISA": {"name": "layerwise", "sample": 1, "every": 3},
+    # drawn by measured importance, resumed at a period's start (5, 10): RUN/layers.json is read back
+    "layerwise LISA by importance": {"name": "layerwise", "sample": 1, "every": 5, "sample_by": "importance"},
     # compiled blocks draw dropout from inductor's own random stream, which must resume too
     "lora with dropout, compiled": {"name": "lora", "dropout": 0.3},
 }

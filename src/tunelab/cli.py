@@ -1,5 +1,5 @@
-"""``tunelab`` command line: train | validate | eval | generate | merge | export | compare | report | strategies
-| demo.
+"""``tunelab`` command line: train | validate | eval | generate | merge | export | push | compare | report |
+layers | strategies | demo.
 
 Each verb is one entry of :data:`VERBS` and a thin layer over the Python API of the same name (``tunelab.train``
 etc.). Errors a user can fix (bad config, bad data, missing model, occupied output dir, an unreadable or full
@@ -57,12 +57,13 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(args) -> int:
-    from tunelab.config import load_config
+    from tunelab.config import check_model_fit, load_config
     from tunelab.lab.grid import check_grid, is_grid
 
     if is_grid(args.config):  # a comparison grid: every variant's runs, as compare would build them
         return print(check_grid(args.config, args.set)) or 0
     cfg = load_config(args.config, args.set)
+    check_model_fit(cfg)  # options that ask more of the model than it has (its config.json alone)
     what = f"{cfg.mode}: {'+'.join(cfg.strategy_names())} on {cfg.model}"
     print(f"{args.config}: ok ({what}, output_dir {cfg.output_dir})")
     return 0
@@ -189,6 +190,29 @@ def _report(args) -> int:
     return 0
 
 
+def _layers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a run config: its model, its training data (dev split) and training.seed")
+    _overrides(p)
+    p.add_argument("--out", default=".", help="where layers.json and layers.png go (default: here)")
+    p.add_argument(
+        "--by",
+        default="grad_norm,fisher,probe",
+        help="estimators, comma-separated: grad_norm, fisher, probe (default: all three)",
+    )
+
+
+def _layers(args) -> int:
+    from tunelab.layers import CHART, measure_layers
+
+    estimators = tuple(e.strip() for e in args.by.split(",") if e.strip())
+    scores, path = measure_layers(args.config, args.set, args.out, estimators)
+    print(scores.table())
+    took = ", ".join(f"{e} {s:.0f} s" for e, s in scores.seconds.items())
+    print(f"\nwritten: {path}, {path.parent / CHART} ({took})")
+    print("use it: layerwise: {select: auto, by: ESTIMATOR, budget: 0.25, scores: " + str(path) + "}")
+    return 0
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=60)
@@ -246,6 +270,9 @@ VERBS: dict[str, Verb] = {
     "push": Verb("upload a run's model/ (weights, tokenizer, model card) to a model hub", _push_args, _push),
     "compare": Verb("run several strategies on the same data and budget, and report", _compare_args, _compare),
     "report": Verb("rebuild a comparison's report from its files", _report_args, _report),
+    "layers": Verb(
+        "measure how much each block matters for a config's task (layerwise select)", _layers_args, _layers
+    ),
     "strategies": Verb("list the strategies: phase, summary, options", _strategies_args, _strategies),
     "demo": Verb("LoRA on the default model for support-ticket triage, before vs after", _demo_args, _demo),
 }

@@ -28,6 +28,7 @@ from pydantic import (
     BaseModel,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     TypeAdapter,
     ValidationError,
@@ -345,6 +346,8 @@ class RunConfig(Strict):
     """What every run's config holds. A config is one of its modes' classes (:class:`SingleRunConfig`,
     :class:`MultitaskRunConfig`, :class:`ContinualRunConfig`: a union discriminated by ``mode``), so the
     options of one mode exist only in it; ``RunConfig.model_validate`` picks the class."""
+
+    _source: str | None = PrivateAttr(None)  #: the YAML file it was read from (for errors found later)
 
     mode: Literal["single", "continual", "multitask"] = Field(
         None,
@@ -793,4 +796,31 @@ def load_config(source: str | os.PathLike | dict, overrides: list[str] | None = 
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_errors(e, text, name), name) from None
+    cfg._source = name
     return cfg
+
+
+def check_model_fit(cfg: RunConfig, model_dir: Path | None = None) -> None:
+    """Refuse, as a config error at the option's line, strategy options that cannot fit the model in
+    ``model_dir`` (more blocks asked for than it has, no recognisable blocks); built on the meta device
+    from its config.json alone, so nothing is loaded. A no-op unless a component checks the model
+    (tunelab.strategies.capabilities.Measured)."""
+    from tunelab.strategies.stack import checks_model, model_problems
+
+    if not checks_model(cfg.strategy):
+        return
+    if model_dir is None:
+        from tunelab.models import resolve_model
+
+        model_dir = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    problems = model_problems(cfg.strategy, model_dir)
+    if problems:
+        name = cfg._source
+        text = Path(name).read_text(encoding="utf-8") if name and Path(name).is_file() else None
+        lines = _Lines(text)
+        out = []
+        for loc, msg in problems:
+            line = lines.line(loc)
+            where = f"{name}:{line}: " if name and line else (f"{name}: " if name else "")
+            out.append(f"{where}{'.'.join(map(str, loc))}: {msg}")
+        raise ConfigError(out, name)

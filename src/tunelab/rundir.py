@@ -62,6 +62,7 @@ OURS = frozenset(
         "tasks",
         "continual.json",
         "continual.png",
+        "layers.json",
         PREDICTIONS,
         MARKER,
         LOCK,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tunelab import distributed, levers
-from tunelab.config import RunConfig
+from tunelab.config import RunConfig, check_model_fit
 from tunelab.context import RunContext
 from tunelab.data import Prepared, prepare_file
 from tunelab.errors import RunError
@@ -39,6 +39,7 @@ class Session:
         self.precision = resolve_precision(cfg.training.precision, self.device)
         self.bf16 = self.precision == "bf16"
         self.model_dir = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
+        check_model_fit(cfg, self.model_dir)  # options that ask more of the model than it has, before loading
         self.tokenizer = load_tokenizer(self.model_dir)
         self.data_cfg = cfg.data if cfg.data is not None else cfg.tasks[0]
         self.stack = StrategyStack(cfg.strategy)
@@ -84,6 +85,8 @@ class Session:
                 tunelab_home(),
                 self.retention_prompts,
             )
+        if Need.LAYER_SCORES in self.needs:  # on the untouched model, before anything is applied
+            self.stack.measured(self.layer_scores())
         set_seed(cfg.training.seed)
         self.model = self.stack.apply(self.model).to(self.device)
         self.trainable, self.total = count_parameters(self.model)
@@ -121,6 +124,25 @@ class Session:
             allow_pickle=cfg.allow_pickle,
         )
         self.stack.prepare(self.model, self.ctx)
+
+    def layer_scores(self):
+        """The blocks measured for the task (tunelab.layers), written to RUN/layers.json; a resumed run reads
+        its own file back (when model, data and settings are unchanged), so it chooses what it chose."""
+        from tunelab.layers import LAYERS, measure_run, run_key
+        from tunelab.strategies import LayerScores, MeasureSettings
+
+        path = self.run_dir / LAYERS
+        estimators = self.stack.estimators()
+        if path.is_file():
+            kept = LayerScores.load(path)
+            settings = MeasureSettings(estimators=tuple(kept.settings["estimators"]), seed=self.cfg.training.seed)
+            if kept.key == run_key(self.cfg, self.model_dir, settings) and set(estimators) <= set(kept.scores):
+                return kept
+        say = status if self.main else None
+        scores = measure_run(self.cfg, self.model, self.tokenizer, self.model_dir, self.bf16, estimators, say)
+        if self.main:
+            scores.save(path)
+        return scores
 
     # -- scores of the untouched model and after training ----------------------------------------
     def score_base(self, prepared: Prepared) -> dict[str, Any]:
@@ -195,4 +217,5 @@ class Session:
                 "trainable_pct": round(100 * self.trainable / self.total, 4),
                 "components": self.stack.components,
             },
+            **({"strategies": reports} if (reports := self.stack.reports()) else {}),
         }

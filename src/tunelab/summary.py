@@ -135,6 +135,8 @@ class Summary(_Section):
     distributed: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
     levers: Levers | None = None  #: absent for baselines that load no training session
     parameters: Parameters
+    #: what components decided, by name (layerwise select: auto: the scores, the chosen blocks and why)
+    strategies: dict[str, dict[str, Any]] | None = None
     data: dict[str, Any] | None = None  #: single: format, labels, train/eval row counts
     #: single, multitask: one fit; continual: one per task; absent for a prompting baseline (nothing trains)
     train: TrainStats | list[TaskTrainStats] | None = None

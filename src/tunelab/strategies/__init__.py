@@ -37,9 +37,16 @@ from tunelab.strategies.base import (
     unwrap,
     validate_strategy_specs,
 )
+from tunelab.strategies.importance import ESTIMATORS, LayerScores
+from tunelab.strategies.importance import Settings as MeasureSettings
+from tunelab.strategies.importance import measure as measure_blocks
 
 __all__ = [
+    "ESTIMATORS",
     "SHARDED",
+    "LayerScores",
+    "MeasureSettings",
+    "measure_blocks",
     "Need",
     "Phase",
     "Regularizer",

@@ -76,6 +76,7 @@ class Need(Enum):
     RETENTION = "the retention set: general prompts with the untouched base model's answers"
     BASE_OUTPUTS = "the base model's outputs: the model with additions disabled, or a frozen copy"
     LOGITS = "the training batch's logits at every position (``outputs.logits`` in ``loss_terms``)"
+    LAYER_SCORES = "each block's importance for the task, measured on the untouched model (tunelab.layers)"
 
 
 class Adds(Enum):

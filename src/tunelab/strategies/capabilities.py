@@ -15,7 +15,10 @@ is :class:`tunelab.strategies.base.Strategy`; docs/design.md has the whole contr
 - :class:`Mergeable`: ``tunelab merge`` folds it into plain weights (LoRA, IA3, layer-wise, regularizers);
 - :class:`Baseline`: no training; the untouched model is scored with these prompts (prompting);
 - :class:`ShardingLimits`: why it cannot train under DDP, FSDP or DeepSpeed, refused at validation
-  (layer-wise, L2, L2-SP, EWC, distillation, PEFT, heads).
+  (layer-wise, L2, L2-SP, EWC, distillation, PEFT, heads);
+- :class:`Measured`: chooses what trains from a measurement of the blocks taken before ``apply``, and
+  checks its options against the model's block count before loading (layer-wise ``select: auto``, LISA);
+- :class:`Reports`: what it decided, for ``summary.json`` (layer-wise: the scores, the chosen blocks, why).
 """
 
 from __future__ import annotations
@@ -141,3 +144,30 @@ class ShardingLimits(Protocol):
         runs the model's forward in each process and averages gradients in its backward; FSDP and DeepSpeed
         ZeRO-3 also replace the model's parameters with shards while it trains."""
         ...
+
+
+@runtime_checkable
+class Measured(Protocol):
+    """Chooses what trains from how much each block matters for the task (:mod:`tunelab.layers`)."""
+
+    def estimators(self) -> tuple[str, ...]:
+        """The measurements it needs taken on the untouched model before ``apply`` (empty: none, e.g. it was
+        given a measurement file); the run asks for them with ``Need.LAYER_SCORES``."""
+        ...
+
+    def measured(self, scores: Any) -> None:
+        """The measurement (:class:`tunelab.layers.LayerScores`), before ``apply``."""
+        ...
+
+    @classmethod
+    def fits(cls, config: Any, n_blocks: int) -> None:
+        """Refuse, with a ValueError naming the option, options that cannot fit a model of ``n_blocks``
+        blocks; called before the model loads (from its config alone), and by ``tunelab validate``."""
+        ...
+
+
+@runtime_checkable
+class Reports(Protocol):
+    """Has decisions worth keeping in ``summary.json`` (under ``strategies.<name>``)."""
+
+    def report(self) -> dict[str, Any]: ...

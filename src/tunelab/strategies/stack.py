@@ -25,14 +25,18 @@ from tunelab.strategies.base import (
     StrategyConfig,
     StrategyError,
     build_strategies,
+    get_strategy,
     mark_trainable,
+    transformer_blocks,
 )
 from tunelab.strategies.capabilities import (
     Baseline,
     Classifier,
     DataHook,
     LossTerm,
+    Measured,
     Mergeable,
+    Reports,
     Scheduled,
     SetUp,
     TaskRouter,
@@ -153,6 +157,19 @@ class StrategyStack:
         for s in self._with(TaskRouter):
             s.select_task(model, name)
 
+    # -- measured choices (tunelab.layers) ----------------------------------------------------------
+    def estimators(self) -> tuple[str, ...]:
+        """The block measurements the components need before ``apply`` (Need.LAYER_SCORES)."""
+        return tuple(sorted({e for s in self._with(Measured) for e in s.estimators()}))
+
+    def measured(self, scores: Any) -> None:
+        for s in self._with(Measured):
+            s.measured(scores)
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """What the components decided, for summary.json (``strategies.<name>``)."""
+        return {s.name: r for s in self._with(Reports) if (r := s.report())}
+
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Each strategy applies itself in phase order; then exactly their own parameters train."""
         for s in self.items:
@@ -264,3 +281,33 @@ class StrategyStack:
         for s in reversed(self.items):
             model = s.merge(model)
         return model
+
+
+def checks_model(configs: list[StrategyConfig]) -> bool:
+    """Some component checks its options against the model's blocks (:meth:`Measured.fits`)."""
+    return any(issubclass(get_strategy(c.name), Measured) for c in configs)
+
+
+def model_problems(configs: list[StrategyConfig], model_dir: Path) -> list[tuple[tuple, str]]:
+    """``(key path, message)`` for each option of a component that does not fit the model in ``model_dir``
+    (:meth:`Measured.fits`), the model built from its config.json on the meta device: no weight is read."""
+    checked = [(i, c, cls) for i, c in enumerate(configs) if issubclass(cls := get_strategy(c.name), Measured)]
+    if not checked:
+        return []
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    problems: list[tuple[tuple, str]] = []
+    try:
+        n = len(transformer_blocks(model))
+    except StrategyError as e:
+        return [(("strategy", i), f"{c.name} needs transformer blocks: {e}") for i, c, _ in checked]
+    for i, c, cls in checked:
+        try:
+            cls.fits(c, n)
+        except ValueError as e:
+            key, _, msg = str(e).partition(": ")
+            problems.append((("strategy", i, key), msg))
+    return problems
