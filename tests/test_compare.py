@@ -255,7 +255,7 @@ def test_the_guide_preset_runs_every_variant_end_to_end(tiny_llama, tmp_path, ca
     status = json.loads((out / "status.json").read_text())
     assert {n: s for n, s in status.items() if s["state"] != "done"} == {}
     rows = means(out)
-    assert len(rows) == 20 and [r["variant"] for r in rows][:2] == ["zero-shot", "4-shot"]
+    assert len(rows) == 21 and [r["variant"] for r in rows][:2] == ["zero-shot", "4-shot"]
     assert all(r["score"] != "" and r["kl_to_base"] != "" for r in rows)
     by = {r["variant"]: r for r in rows}
     assert (
@@ -264,7 +264,7 @@ def test_the_guide_preset_runs_every_variant_end_to_end(tiny_llama, tmp_path, ca
     )
     # continuing skips what ran; the preset again with another budget is refused (its base differs)
     compare(path)
-    assert capsys.readouterr().out.count("done earlier, skipped") == 20
+    assert capsys.readouterr().out.count("done earlier, skipped") == 21
     argv = ["compare", "--preset", "guide", "--output-dir", str(out), "--steps", "3", "--model", str(tiny_llama)]
     assert main(argv) == 2
     assert "different base config" in capsys.readouterr().err

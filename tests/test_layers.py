@@ -265,3 +265,18 @@ def test_tunelab_layers_writes_its_files_and_never_replaces_a_file_of_yours(tiny
     p = subprocess.run([*cmd, "--out", str(mine)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "is not a tunelab measurement" in p.stderr
     assert (mine / "layers.json").read_text() == "my notes"
+
+
+def test_tunelab_strategies_layerwise_documents_every_option():
+    from tunelab.strategies.layerwise import LayerwiseConfig
+
+    p = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "strategies", "layerwise"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    for field in ("select", "budget", "by", "scores", "sample", "every", "sample_by"):
+        help_text = LayerwiseConfig.model_fields[field].description
+        assert help_text and f"  {field} = " in p.stdout and help_text in p.stdout, field

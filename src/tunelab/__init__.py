@@ -12,6 +12,7 @@ The Python API mirrors the CLI::
     tunelab.export(result.run_dir, "model.gguf")                   # tunelab export
     tunelab.compare("grid.yaml")                                   # tunelab compare
     tunelab.report("runs/compare", within=5)                       # tunelab report
+    tunelab.measure_layers("cfg.yaml", out="m/")                   # tunelab layers
 """
 
 import warnings
@@ -30,6 +31,7 @@ from tunelab.run import (  # noqa: E402
     generate,
     load_artefact,
     load_run,
+    measure_layers,
     merge,
     push,
     report,
@@ -49,6 +51,7 @@ __all__ = [
     "load_config",
     "load_artefact",
     "load_run",
+    "measure_layers",
     "merge",
     "export",
     "push",

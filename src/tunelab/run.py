@@ -28,6 +28,7 @@ from tunelab.artefacts import LoadedRun, load_artefact, load_run
 from tunelab.errors import RunError
 from tunelab.lab.compare import compare
 from tunelab.lab.report import write_report as report
+from tunelab.layers import measure_layers
 from tunelab.modes import RunResult, train
 from tunelab.readback import evaluate, export, generate, merge, push, push_files
 
@@ -38,6 +39,7 @@ __all__ = [
     "compare",
     "evaluate",
     "generate",
+    "measure_layers",
     "load_artefact",
     "load_run",
     "merge",

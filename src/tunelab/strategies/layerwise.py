@@ -192,7 +192,7 @@ class LayerwiseConfig(StrategyConfig):
 
 class Layerwise(MeasuredChoice, Strategy, Scheduled, Mergeable, ShardingLimits, SetUp):
     name = "layerwise"
-    summary = "Chosen blocks and kinds of base weights train, with per-block LR decay and gradual unfreezing."
+    summary = "Chosen blocks train (by hand, measured: select auto, or LISA), with LR decay and unfreezing."
     Config = LayerwiseConfig
     default_lr = 5e-5
     declares = Declaration(changes_base_weights=True)  # merging: its weights are the model's own already
@@ -245,8 +245,7 @@ class Layerwise(MeasuredChoice, Strategy, Scheduled, Mergeable, ShardingLimits, 
             kinds_of = self.selection.parts
         else:
             kinds_of = {i: self.config.kinds for i in by_hand(self.config, len(blocks))}
-        if self.config.sample is not None:
-            self.sampling_weights()  # a missing or mismatched measurement fails now, not at the first draw
+        self.sampling_weights()  # LISA by importance: a missing or mismatched measurement fails now
         # groups: (lr exponent, parameters, label); block i has exponent L-1-i
         self.block_params: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
         names = {id(p): n for n, p in inner.named_parameters()}
