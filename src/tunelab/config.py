@@ -755,10 +755,13 @@ def format_errors(err: ValidationError, text: str | None, source: str | None, ex
             msg = f"Input should be {', '.join(repr(m) for m in MODE_CONFIGS)} (got {e['input']!r})"
         elif "input" in e and not isinstance(e["input"], dict | list):
             msg += f" (got {e['input']!r})"
-        line = lines.line(loc)
-        where = f"{source}:{line}: " if source and line else (f"{source}: " if source else "")
-        out.append(f"{where}{key}: {msg}")
+        out.append(f"{_where(source, lines.line(loc))}{key}: {msg}")
     return out
+
+
+def _where(source: str | None, line: int | None) -> str:
+    """``file:line: `` (or ``file: ``, or nothing) before a config problem."""
+    return f"{source}:{line}: " if source and line else (f"{source}: " if source else "")
 
 
 def load_config(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> RunConfig:
@@ -818,9 +821,6 @@ def check_model_fit(cfg: RunConfig, model_dir: Path | None = None) -> None:
         name = cfg._source
         text = Path(name).read_text(encoding="utf-8") if name and Path(name).is_file() else None
         lines = _Lines(text)
-        out = []
-        for loc, msg in problems:
-            line = lines.line(loc)
-            where = f"{name}:{line}: " if name and line else (f"{name}: " if name else "")
-            out.append(f"{where}{'.'.join(map(str, loc))}: {msg}")
-        raise ConfigError(out, name)
+        raise ConfigError(
+            [f"{_where(name, lines.line(loc))}{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems], name
+        )

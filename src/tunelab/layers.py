@@ -70,9 +70,9 @@ def measure_layers(
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     out = Path(out)
     json_path, png_path = out / LAYERS, out / CHART
-    for p in (json_path, png_path):  # never replace a file tunelab did not write
-        if p.exists() and not _ours(json_path):
-            raise RunError(f"{p} exists and is not a tunelab measurement; give another --out")
+    taken = [p for p in (json_path, png_path) if p.exists()]
+    if taken and not _ours(json_path):  # never replace a file tunelab did not write
+        raise RunError(f"{taken[0]} exists and is not a tunelab measurement; give another --out")
     model_dir = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
     tokenizer = load_tokenizer(model_dir)
     dev = device()

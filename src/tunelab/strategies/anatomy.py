@@ -35,13 +35,21 @@ class StrategyError(ValueError):
     model without recognisable blocks)."""
 
 
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks: the ModuleList whose length is the model's layer count (its config's)."""
+def block_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """Where the transformer blocks are held: the module and attribute of the ModuleList whose length is the
+    model's layer count (its config's), the first one in module order."""
     n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for module in model.modules():
+    for path, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return list(module)
+            owner, _, attr = path.rpartition(".")
+            return model.get_submodule(owner), attr
     raise StrategyError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks (:func:`block_list`)."""
+    owner, attr = block_list(model)
+    return list(getattr(owner, attr))
 
 
 def _declares_heads(module: torch.nn.Module) -> bool:

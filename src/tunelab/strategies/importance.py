@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from tunelab.data import Collator
+from tunelab.data import Collator, batches
 from tunelab.evaluate import autocast
 from tunelab.models import unwrap
-from tunelab.strategies.anatomy import role, transformer_blocks
+from tunelab.strategies.anatomy import block_list, role, transformer_blocks
 from tunelab.strategies.ewc import estimate_fisher
 
 ESTIMATORS = ("grad_norm", "fisher", "probe")
@@ -123,11 +123,7 @@ def _count(params) -> int:
 
 def _batches(features: list[dict], settings: Settings, device: str, pad_id: int) -> list[dict]:
     collate = Collator(pad_id)
-    out = []
-    for k in range(0, len(features), settings.batch_size):
-        batch = collate(features[k : k + settings.batch_size])
-        out.append({n: v.to(device) for n, v in batch.items()})
-    return out
+    return [{n: v.to(device) for n, v in collate(b).items()} for b in batches(features, settings.batch_size)]
 
 
 def _draw(features: list[dict], n: int, seed: int) -> list[dict]:
@@ -173,14 +169,7 @@ class _Upper:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        inner = unwrap(model)
-        blocks = transformer_blocks(inner)
-        self.owner, self.attr = next(
-            (m, name)
-            for m in inner.modules()
-            for name, child in m.named_children()
-            if isinstance(child, torch.nn.ModuleList) and len(child) == len(blocks) and child[0] is blocks[0]
-        )
+        self.owner, self.attr = block_list(unwrap(model))
         self.blocks = getattr(self.owner, self.attr)
 
     def inputs(self, batches: list[dict], bf16: bool) -> list[list[torch.Tensor]]:
@@ -279,7 +268,7 @@ def measure(
     parts = block_parts(model)
     rows = _draw(train, settings.rows, settings.seed)
     dev_rows = _draw(dev, settings.dev_rows, settings.seed + 1)
-    batches = _batches(rows, settings, device, pad_id)
+    train_batches = _batches(rows, settings, device, pad_id)
     dev_batches = _batches(dev_rows, settings, device, pad_id)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was = model.training
@@ -294,19 +283,17 @@ def measure(
             if say:
                 say(f"measuring the blocks: {est}")
             t = time.perf_counter()
-            if est == "grad_norm":
-                for b in parts:
-                    for p in b["block"]:
-                        p.requires_grad_(True)
-                scores[est] = _grad_norm(model, parts, batches, bf16)
-            elif est == "fisher":
-                for b in parts:
-                    for p in b["block"]:
-                        p.requires_grad_(True)
-                scores[est] = _fisher(model, parts, rows, pad_id, settings.seed, bf16)
-            else:
-                probe, shortcut = _probe(model, parts, batches, dev_batches, settings, bf16)
+            if est == "probe":  # trains one block at a time itself
+                probe, shortcut = _probe(model, parts, train_batches, dev_batches, settings, bf16)
                 scores[est] = {"block": probe}
+            else:  # the gradient estimators: of every block's weights at once
+                for b in parts:
+                    for p in b["block"]:
+                        p.requires_grad_(True)
+                if est == "grad_norm":
+                    scores[est] = _grad_norm(model, parts, train_batches, bf16)
+                else:
+                    scores[est] = _fisher(model, parts, rows, pad_id, settings.seed, bf16)
             seconds[est] = round(time.perf_counter() - t, 2)
             for p in model.parameters():
                 p.requires_grad_(False)

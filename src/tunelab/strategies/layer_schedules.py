@@ -69,16 +69,15 @@ class LayerSampling(TrainerCallback):
 
     def __init__(self, strategy: Any, seed: int):  # the layer-wise strategy (its drawn blocks' parameters)
         self.s, self.seed = strategy, seed
-        self.active: list[int] = []
 
     def _period(self, step: int) -> int:
         return step // self.s.draw_every
 
     def _set(self, period: int) -> None:
         c = self.s.config
-        self.active = draw(self.s.n_blocks, c.sample, self.seed, period, self.s.sampling_weights())
+        active = draw(self.s.n_blocks, c.sample, self.seed, period, self.s.sampling_weights())
         for i, params in self.s.block_params.items():
-            on = i in self.active
+            on = i in active
             for _, p in params:
                 p.requires_grad_(on)
                 if not on:
