@@ -40,10 +40,9 @@ from pathlib import Path
 
 import torch
 
-from common import OUT, StepClock, report, run_child
-from common import ticket_rows as rows
+from common import MAX_LEN, OUT, SHAPES, StepClock, report, run_child, shape_rows
 
-R, ALPHA, MAX_LEN, SEED = 16, 32, 192, 42
+R, ALPHA, SEED = 16, 32, 42
 LR = {"lora": 1e-3, "full": 5e-5}
 LEVERS_OFF = {
     "compile": "off",
@@ -56,16 +55,21 @@ ROWS = {
     "lora": ["tunelab", "tunelab-compiled", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],
     "full": ["tunelab", "tunelab-compiled", "trl-default", "trl-bf16-no-gc", "trl-same-batches"],
 }
+#: the rows run unless --rows or --all-rows says otherwise: each side's defaults, and the loss check
+DEFAULT_ROWS = ("tunelab", "trl-default", "trl-same-batches")
+#: the targets of issue 23: tunelab's whole-run tokens/s at least this many times TRL's default, and its
+#: whole-process peak at most this share of TRL's
+TARGETS = {"lora": (4.0, 0.75), "full": (2.5, 1.0)}
 #: rows that are tunelab with options on top of the bench's --tunelab ones
 TUNELAB_ROWS = {"tunelab": {}, "tunelab-compiled": {"compile": "on"}}
 
 
 # -- the children ----------------------------------------------------------------------------------------
-def run_tunelab(method: str, model_dir: str, steps: int, bs: int, work: Path, extra: dict) -> dict:
+def run_tunelab(method: str, shape: str, model_dir: str, steps: int, bs: int, work: Path, extra: dict) -> dict:
     from tunelab.demo import write_jsonl
     from tunelab.run import train
 
-    data = write_jsonl(rows(steps * bs), work / "train.jsonl")
+    data = write_jsonl(shape_rows(shape, steps * bs), work / "train.jsonl")
     strategy = (
         {"name": "lora", "r": R, "alpha": ALPHA, "dropout": 0.0, "target_modules": "all-linear"}
         if method == "lora"
@@ -79,7 +83,7 @@ def run_tunelab(method: str, model_dir: str, steps: int, bs: int, work: Path, ex
             "max_steps": steps,
             "batch_size": bs,
             "lr": LR[method],
-            "max_length": MAX_LEN,
+            "max_length": MAX_LEN[shape],
             "save_steps": 10 * steps,
             "logging_steps": 1,
             "seed": SEED,
@@ -105,7 +109,9 @@ def run_tunelab(method: str, model_dir: str, steps: int, bs: int, work: Path, ex
     }
 
 
-def run_trl(method: str, variant: str, model_dir: str, steps: int, bs: int, work: Path, order: list[int]) -> dict:
+def run_trl(
+    method: str, variant: str, shape: str, model_dir: str, steps: int, bs: int, work: Path, order: list[int]
+) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,7 +129,7 @@ def run_trl(method: str, variant: str, model_dir: str, steps: int, bs: int, work
                 "prompt": [{"role": "user", "content": r["prompt"]}],
                 "completion": [{"role": "assistant", "content": r["completion"]}],
             }
-            for r in rows(steps * bs)
+            for r in shape_rows(shape, steps * bs)
         ]
     )
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -134,7 +140,7 @@ def run_trl(method: str, variant: str, model_dir: str, steps: int, bs: int, work
         max_steps=steps,
         per_device_train_batch_size=bs,
         learning_rate=LR[method],
-        max_length=MAX_LEN,
+        max_length=MAX_LEN[shape],
         seed=SEED,
         save_strategy="no",
         report_to="none",
@@ -166,10 +172,11 @@ def run_trl(method: str, variant: str, model_dir: str, steps: int, bs: int, work
 def child(a) -> None:
     with tempfile.TemporaryDirectory() as d:
         if a.row == "tunelab":
-            result = run_tunelab(a.method, a.model_dir, a.steps, a.batch_size, Path(d), json.loads(a.extra))
+            extra = json.loads(a.extra)
+            result = run_tunelab(a.method, a.shape, a.model_dir, a.steps, a.batch_size, Path(d), extra)
         else:
             order = json.loads(Path(a.order).read_text())
-            result = run_trl(a.method, a.row, a.model_dir, a.steps, a.batch_size, Path(d), order)
+            result = run_trl(a.method, a.row, a.shape, a.model_dir, a.steps, a.batch_size, Path(d), order)
     report(result)
 
 
@@ -203,7 +210,7 @@ def matmul_weights(model_dir: str) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def tunelab_order(model_dir: str, steps: int, bs: int) -> list[int]:
+def tunelab_order(model_dir: str, shape: str, steps: int, bs: int) -> list[int]:
     """The batch order tunelab's sampler draws for this data and seed (epoch 0)."""
     from tunelab.config import DataConfig
     from tunelab.data import prepare_file
@@ -212,8 +219,9 @@ def tunelab_order(model_dir: str, steps: int, bs: int) -> list[int]:
     from tunelab.models import load_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        path = write_jsonl(rows(steps * bs), Path(d) / "train.jsonl")
-        prepared = prepare_file(path, load_tokenizer(Path(model_dir)), DataConfig(train=str(path)), MAX_LEN)
+        path = write_jsonl(shape_rows(shape, steps * bs), Path(d) / "train.jsonl")
+        tok = load_tokenizer(Path(model_dir))
+        prepared = prepare_file(path, tok, DataConfig(train=str(path)), MAX_LEN[shape])
     return list(EpochLengthGroupedSampler([f["length"] for f in prepared.features], bs, SEED))
 
 
@@ -223,6 +231,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--only", choices=list(ROWS))
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--rows", help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)})")
+    ap.add_argument(
+        "--all-rows", action="store_true", help="every row: also tunelab compiled, TRL bf16 without gc"
+    )
+    ap.add_argument(
+        "--numerics", action="store_true", help="also the first batch's loss in fp32, compiled and eager"
+    )
     ap.add_argument(
         "--tunelab", default="{}", help="extra tunelab training options (JSON), e.g. to turn a lever off"
     )
@@ -233,6 +249,7 @@ def main() -> None:
     )
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--method", choices=list(ROWS))
+    ap.add_argument("--shape", choices=SHAPES, default="tickets")
     ap.add_argument("--row")
     ap.add_argument("--model-dir")
     ap.add_argument("--order")
@@ -252,7 +269,7 @@ def main() -> None:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     inductor = Path(cache_dir())
-    cache = "warm" if any(p.name != "locks" for p in inductor.iterdir()) else "cold"
+    cache = "warm" if inductor.is_dir() and any(p.name != "locks" for p in inductor.iterdir()) else "cold"
     print(f"compiled kernels cache ({inductor}): {cache} at the start")
     results: dict = {
         "peak_tflops": peak,
@@ -260,46 +277,58 @@ def main() -> None:
         "steps": a.steps,
         "batch_size": a.batch_size,
         "inductor_cache": cache,
+        "shapes": {},
     }
-    with tempfile.TemporaryDirectory() as d:
-        order_file = Path(d) / "order.json"
-        order_file.write_text(json.dumps(tunelab_order(model_dir, a.steps, a.batch_size)))
-        for method in [a.only] if a.only else list(ROWS):
-            results[method] = {}
-            base = json.loads(a.tunelab)
-            rows_here = [(row, json.dumps({**base, **TUNELAB_ROWS.get(row, {})})) for row in ROWS[method]]
-            if a.levers:
-                rows_here = [("tunelab", a.tunelab)] + [
-                    (f"{k}={v}", json.dumps({**json.loads(a.tunelab), k: v})) for k, v in LEVERS_OFF.items()
+    wanted = a.rows.split(",") if a.rows else None
+    for shape in a.shapes.split(","):
+        results["shapes"][shape] = by_method = {}
+        with tempfile.TemporaryDirectory() as d:
+            order_file = Path(d) / "order.json"
+            order_file.write_text(json.dumps(tunelab_order(model_dir, shape, a.steps, a.batch_size)))
+            for method in [a.only] if a.only else list(ROWS):
+                by_method[method] = {}
+                base = json.loads(a.tunelab)
+                names = wanted or (ROWS[method] if a.all_rows else DEFAULT_ROWS)
+                rows_here = [
+                    (r, json.dumps({**base, **TUNELAB_ROWS.get(r, {})})) for r in ROWS[method] if r in names
                 ]
-            for row, extra in rows_here:
-                print(f"running {method} / {row} ...", flush=True)
-                r = run_child(
-                    __file__,
-                    *("--child", "--method", method),
-                    *("--row", "tunelab" if "=" in row or row in TUNELAB_ROWS else row),
-                    *("--model-dir", model_dir, "--steps", str(a.steps), "--batch-size", str(a.batch_size)),
-                    *("--order", str(order_file), "--extra", extra),
-                )
-                flops = (6 if method == "full" else 4) * n * r["tokens_per_s"]
-                r["mfu_pct"] = round(100 * flops / (peak["bfloat16"] * 1e12), 2)
-                results[method][row] = r
-            if not a.levers:
-                results[method]["numerics"] = first_losses(method, model_dir, a, order_file)
+                if a.levers:
+                    rows_here = [("tunelab", a.tunelab)] + [
+                        (f"{k}={v}", json.dumps({**json.loads(a.tunelab), k: v})) for k, v in LEVERS_OFF.items()
+                    ]
+                for row, extra in rows_here:
+                    print(f"running {shape} / {method} / {row} ...", flush=True)
+                    r = run_child(
+                        __file__,
+                        *("--child", "--method", method, "--shape", shape),
+                        *("--row", "tunelab" if "=" in row or row in TUNELAB_ROWS else row),
+                        *("--model-dir", model_dir, "--steps", str(a.steps), "--batch-size", str(a.batch_size)),
+                        *("--order", str(order_file), "--extra", extra),
+                    )
+                    # model FLOPs over the peak of the precision the row computed in, measured on this machine
+                    flops = (6 if method == "full" else 4) * n * r["tokens_per_s"]
+                    dtype = "bfloat16" if r["precision"] == "bf16" else "float32"
+                    r["mfu_pct"] = round(100 * flops / (peak[dtype] * 1e12), 2)
+                    r["steady_mfu_pct"] = round(
+                        100 * flops / r["tokens_per_s"] * (r["steady_tokens_per_s"] or 0) / (peak[dtype] * 1e12), 2
+                    )
+                    by_method[method][row] = r
+                if a.numerics and not a.levers:
+                    by_method[method]["numerics"] = first_losses(method, shape, model_dir, a, order_file)
     OUT.mkdir(exist_ok=True)
     (OUT / ("levers.json" if a.levers else "vs_trl.json")).write_text(json.dumps(results, indent=2))
     print_table(results)
 
 
-def first_losses(method: str, model_dir: str, a, order_file: Path) -> dict[str, float]:
+def first_losses(method: str, shape: str, model_dir: str, a, order_file: Path) -> dict[str, float]:
     """tunelab's first-step loss on the same first batch in fp32 (the value both sides' bf16 approximates),
     with compiled and with eager blocks: compiling must not change the maths, only where bf16 rounds."""
     out = {}
     for mode in ("on", "off"):
-        print(f"running {method} / first-step loss in fp32, compile {mode} ...", flush=True)
+        print(f"running {shape} / {method} / first-step loss in fp32, compile {mode} ...", flush=True)
         r = run_child(
             __file__,
-            *("--child", "--method", method, "--row", "tunelab", "--model-dir", model_dir),
+            *("--child", "--method", method, "--shape", shape, "--row", "tunelab", "--model-dir", model_dir),
             *("--steps", str(a.steps), "--batch-size", str(a.batch_size), "--order", str(order_file)),
             *("--extra", json.dumps({"precision": "fp32", "compile": mode, "max_steps": 2})),
         )
@@ -308,56 +337,55 @@ def first_losses(method: str, model_dir: str, a, order_file: Path) -> dict[str, 
 
 
 def print_table(results: dict) -> None:
-    for method in (m for m in ROWS if m in results):
-        rs = results[method]
-        base = rs.get("trl-default") or rs["tunelab"]
-        ref = "trl-default" if "trl-default" in rs else "tunelab"
-        print(f"\n{method}: {results['steps']} steps of batch {results['batch_size']}; ×ref: against {ref}")
-        head = (
-            "row",
-            "prec",
-            "gc",
-            "tokens",
-            "train s",
-            "tok/s",
-            "×ref",
-            "1st s",
-            "steady",
-            "×ref",
-            "peak MB",
-            "×ref",
-            "MFU %",
-            "loss 1",
-            "loss N",
-        )
-        print("{:16}{:>6}{:>5}{:>8}{:>9}{:>8}{:>7}{:>7}{:>8}{:>7}{:>9}{:>7}{:>7}{:>9}{:>9}".format(*head))
-        for row, r in rs.items():
-            if row == "numerics":
-                continue
+    verdicts = []
+    for shape, by_method in results["shapes"].items():
+        for method in (m for m in ROWS if m in by_method):
+            rs = by_method[method]
+            base = rs.get("trl-default") or rs["tunelab"]
+            ref = "trl-default" if "trl-default" in rs else "tunelab"
             print(
-                f"{row:16}{r['precision']:>6}{'yes' if r['gradient_checkpointing'] else 'no':>5}{r['tokens']:>8}"
-                f"{r['train_time_s']:>9.1f}{r['tokens_per_s']:>8.1f}"
-                f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}{r['first_step_s']:>7.1f}"
-                f"{r['steady_tokens_per_s']:>8.1f}{r['steady_tokens_per_s'] / base['steady_tokens_per_s']:>7.2f}"
-                f"{r['peak_mb']:>9.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}{r['mfu_pct']:>7.2f}"
-                f"{r['losses'][0]:>9.4f}{r['losses'][-1]:>9.4f}"
+                f"\n{shape} rows, {method}: {results['steps']} steps of batch {results['batch_size']}; "
+                f"×ref: against {ref}; MFU against this machine's peak in the row's precision"
             )
-        if "trl-same-batches" in rs:
-            a, b = rs["tunelab"]["losses"], rs["trl-same-batches"]["losses"]
-            print(
-                f"same batches: first-step loss {a[0]:.4f} vs {b[0]:.4f} (|diff| {abs(a[0] - b[0]):.4f}); "
-                f"last {a[-1]:.4f} vs {b[-1]:.4f} ({100 * (a[-1] - b[-1]) / b[-1]:+.1f}%); "
-                f"mean over steps {sum(a) / len(a):.4f} vs {sum(b) / len(b):.4f}"
-            )
-        if "numerics" in rs:
-            x = rs["numerics"]
-            print(
-                f"first-step loss in fp32: compiled {x['fp32_compile_on']:.6f}, "
-                f"eager {x['fp32_compile_off']:.6f}; "
-                f"tunelab bf16 {rs['tunelab']['losses'][0]:.4f} and TRL bf16 {rs['trl-default']['losses'][0]:.4f} "
-                f"are {rs['tunelab']['losses'][0] - x['fp32_compile_off']:+.4f} and "
-                f"{rs['trl-default']['losses'][0] - x['fp32_compile_off']:+.4f} from it"
-            )
+            head = ("row", "prec", "gc", "tokens", "train s", "tok/s", "×ref", "1st s", "steady", "×ref")
+            head += ("peak MB", "×ref", "MFU %", "steady", "loss 1", "loss N")
+            print("{:16}{:>6}{:>5}{:>8}{:>9}{:>8}{:>7}{:>7}{:>8}{:>7}{:>9}{:>7}{:>7}{:>7}{:>9}{:>9}".format(*head))
+            for row, r in rs.items():
+                if row == "numerics":
+                    continue
+                print(
+                    f"{row:16}{r['precision']:>6}{'yes' if r['gradient_checkpointing'] else 'no':>5}"
+                    f"{r['tokens']:>8}{r['train_time_s']:>9.1f}{r['tokens_per_s']:>8.1f}"
+                    f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}{r['first_step_s']:>7.1f}"
+                    f"{r['steady_tokens_per_s']:>8.1f}"
+                    f"{r['steady_tokens_per_s'] / base['steady_tokens_per_s']:>7.2f}"
+                    f"{r['peak_mb']:>9.0f}{r['peak_mb'] / base['peak_mb']:>7.2f}{r['mfu_pct']:>7.2f}"
+                    f"{r['steady_mfu_pct']:>7.2f}{r['losses'][0]:>9.4f}{r['losses'][-1]:>9.4f}"
+                )
+            if "trl-same-batches" in rs and "tunelab" in rs:
+                a, b = rs["tunelab"]["losses"], rs["trl-same-batches"]["losses"]
+                print(
+                    f"same batches: first-step loss {a[0]:.4f} vs {b[0]:.4f} (|diff| {abs(a[0] - b[0]):.4f}); "
+                    f"last {a[-1]:.4f} vs {b[-1]:.4f} ({100 * (a[-1] - b[-1]) / b[-1]:+.1f}%); "
+                    f"mean over steps {sum(a) / len(a):.4f} vs {sum(b) / len(b):.4f}"
+                )
+            if "numerics" in rs:
+                x = rs["numerics"]
+                print(
+                    "first-step loss in fp32: "
+                    f"compiled {x['fp32_compile_on']:.6f}, eager {x['fp32_compile_off']:.6f}"
+                )
+            if "trl-default" in rs and "tunelab" in rs:
+                speed = rs["tunelab"]["tokens_per_s"] / rs["trl-default"]["tokens_per_s"]
+                memory = rs["tunelab"]["peak_mb"] / rs["trl-default"]["peak_mb"]
+                want_speed, want_memory = TARGETS[method]
+                verdicts.append(
+                    f"{shape:8} {method:5} tokens/s ×{speed:.2f} (target ≥ {want_speed}: "
+                    f"{'met' if speed >= want_speed else 'not met'}), peak ×{memory:.2f} (target ≤ {want_memory}: "
+                    f"{'met' if memory <= want_memory else 'not met'})"
+                )
+    if verdicts:
+        print("\ntunelab defaults against TRL's, whole runs:\n" + "\n".join(verdicts))
 
 
 if __name__ == "__main__":

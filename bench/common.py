@@ -29,6 +29,37 @@ def ticket_rows(n: int) -> list[dict]:
     return make_tickets(n, seed=1)
 
 
+#: the three data shapes the benches train on, and a max length that holds each shape's rows whole
+SHAPES = ("tickets", "short", "long")
+MAX_LEN = {"tickets": 192, "short": 128, "long": 640}
+
+
+def shape_rows(shape: str, n: int) -> list[dict]:
+    """``n`` prompt/completion rows of one shape, with the default model's chat template: ``tickets`` (the
+    demo's support tickets, ~120 tokens a row), ``short`` (a sentence to translate, ~55 tokens), ``long``
+    (the last email of a thread of six to summarise, ~540 tokens)."""
+    from tunelab.builtin_tasks import make_summaries, make_translation
+
+    if shape == "tickets":
+        return ticket_rows(n)
+    if shape == "short":
+        return make_translation(n, seed=1)
+    if shape == "long":
+        emails = make_summaries(6 * n, seed=1)
+        head = (
+            "Here is an email thread. Summarise its last email in one sentence: who, what went wrong, "
+            "what they want."
+        )
+        out = []
+        for i in range(n):
+            thread = [e["prompt"].split("\n\n", 1)[1] for e in emails[6 * i : 6 * i + 6]]
+            out.append(
+                {"prompt": head + "\n\n" + "\n\n".join(thread), "completion": emails[6 * i + 5]["completion"]}
+            )
+        return out
+    raise ValueError(f"shape {shape!r}: one of {', '.join(SHAPES)}")
+
+
 def ticket_config(model_dir: str, data: Path, strategy, out: Path, steps: int, bs: int, **training) -> dict:
     """A run config over generated tickets: ``steps`` optimizer steps of ``bs`` rows, max length 192, no
     checkpoint within the run."""

@@ -334,11 +334,70 @@ def test_compile_on_without_a_compiler_is_refused_naming_what_is_missing(
     assert s["levers"]["compile"] == "off" and "no C++ compiler" in s["levers"]["why"]["compile"]
 
 
-def test_compile_auto_stays_off_for_a_short_run_and_on_stays_on():
-    from tunelab.levers import COMPILE_MIN_STEPS, Levers, compile_pays
+def test_compile_mode_auto_decides_later_on_stays_on_and_too_short_stays_off():
+    from tunelab.compiling import DECIDE_AFTER
+    from tunelab.levers import Levers, compile_mode
 
+    assert compile_mode(Levers(compile="on"), "auto", DECIDE_AFTER + 2) == "auto"
     lv = Levers(compile="on")
-    assert compile_pays(lv, "auto", COMPILE_MIN_STEPS)
-    assert not compile_pays(lv, "auto", COMPILE_MIN_STEPS - 1)
-    assert lv.compile == "off" and f"compiling pays from {COMPILE_MIN_STEPS}" in lv.why["compile"]
-    assert compile_pays(Levers(compile="on"), "on", 1)  # asked for explicitly: compiled however short
+    assert compile_mode(lv, "auto", DECIDE_AFTER + 1) == "off"
+    assert lv.compile == "off" and "too few" in lv.why["compile"]
+    assert compile_mode(Levers(compile="on"), "on", 1) == "on"  # asked for explicitly: compiled however short
+    assert compile_mode(Levers(compile="off"), "auto", 1000) == "off"
+
+
+def test_compile_pays_weighs_the_expected_saving_against_the_compile_time_cold_or_warm(tmp_path, monkeypatch):
+    from tunelab.compiling import COLD_S, SAVING, WARM_S, History, pays
+
+    assert pays(step_s=3.0, remaining=60, compile_s=10.0, saving=0.15)  # 27 s saved > 10
+    assert not pays(step_s=3.0, remaining=60, compile_s=85.0, saving=0.15)  # the demo, cache cold
+    cache = tmp_path / "inductor"
+    monkeypatch.setattr("tunelab.compiling.inductor_cache_dir", lambda: cache)
+    h = History(tmp_path / "home")
+    assert h.expected("k", "cpu", "bf16") == (COLD_S["cpu"], SAVING["cpu-bf16"], "cold")  # the defaults
+    cache.mkdir()
+    (cache / "kernel").write_text("x")
+    h.record("k", compile_s=42.0, cache="cold", saving=0.3)
+    h = History(tmp_path / "home")  # read back from TUNELAB_HOME/compile.json
+    assert h.expected("k", "cpu") == (WARM_S["cpu"], 0.3, "warm")  # this graph compiled into this cache
+    h.record("k", compile_s=4.0, cache="warm", saving=0.2)
+    assert History(tmp_path / "home").expected("k", "cpu") == (4.0, 0.2, "warm")
+    (cache / "kernel").unlink()  # the cache was emptied (a reboot clears /tmp): cold again, as measured
+    assert History(tmp_path / "home").expected("k", "cpu") == (42.0, 0.2, "cold")
+    assert History(tmp_path / "home").expected("other", "cpu")[2] == "cold"
+
+
+@pytest.mark.parametrize("history, compiles", [(0.0, True), (1e6, False)], ids=["pays", "does-not-pay"])
+def test_compile_auto_times_eager_steps_then_compiles_only_when_it_pays(
+    tiny_llama, memo_data, tmp_path, monkeypatch, history, compiles
+):
+    """A run under auto trains DECIDE_AFTER steps eager, then compiles the rest exactly when the recorded
+    compile time is below the time it expects to save; summary.json says which figures decided, the run dir
+    keeps the decision, and a resumed run reads it back."""
+    from transformers import TrainerCallback
+
+    from tunelab import compiling, levers
+    from tunelab.compiling import DECIDE_AFTER
+
+    monkeypatch.setattr(levers, "COMPILE_MIN_PARAMS", 0)  # the tiny model counts as big enough
+    monkeypatch.setattr(compiling, "COLD_S", {"cpu": history, "cuda": history})
+    monkeypatch.setattr(compiling, "SAVING", {"cpu-fp32": 0.5, "cpu-bf16": 0.5, "cuda": 0.5})
+    monkeypatch.setattr(compiling, "inductor_cache_dir", lambda: tmp_path / "inductor")  # cold: not there
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            seen.append(any(b._compiled_call_impl is not None for b in levers.repeated_blocks(model)))
+
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=DECIDE_AFTER + 3)
+    s = train(cfg, callbacks=[Watch()]).summary
+    assert seen == [False] * DECIDE_AFTER + [compiles] * 3
+    assert s["levers"]["compile"] == ("on" if compiles else "off")
+    why = s["levers"]["why"]["compile"]
+    assert f"after step {DECIDE_AFTER}" in why and "expected saving" in why and "inductor cache cold" in why
+    decision = json.loads((tmp_path / "run" / "compile.json").read_text())
+    assert decision["compile"] is compiles and decision["after"] == DECIDE_AFTER
+    if compiles:  # it measured what compiling took, for the next run's decision
+        home = json.loads((tmp_path / "home" / "compile.json").read_text())
+        assert [set(e) >= {"cold_s", "cache_dir"} for e in home.values()] == [True]

@@ -164,6 +164,8 @@ def fit(
         train_features = s.stack.training_features(train_features, s.ctx)
     env = tracker_env(cfg.training.report_to, s.run_dir)
     from tunelab.callbacks import Throughput
+    from tunelab.compiling import CompileTimer, graph_key
+    from tunelab.models import tunelab_home
 
     throughput = Throughput()
     tr = trainer(s, train_features, eval_data, out_dir, callbacks, throughput, **multitask)
@@ -173,8 +175,24 @@ def fit(
         (tr.args.max_steps if tr.args.max_steps > 0 else None)
         or math.ceil(math.ceil(len(train_features) / (t.batch_size * world_size())) / t.grad_accum * t.epochs)
     )
-    with levers.compiled(s.model, levers.compile_pays(s.levers, t.compile, planned)), scoped_env(env):
+    mode = levers.compile_mode(s.levers, t.compile, planned)
+    with levers.compiled(s.model, mode != "off", deferred=mode == "auto") as start, scoped_env(env):
+        timer = None
+        if mode != "off":
+            timer = CompileTimer(
+                start,
+                auto=mode == "auto",
+                planned=planned,
+                key=graph_key(levers.repeated_blocks(s.model), s.precision),
+                precision=s.precision,
+                run_dir=out_dir,
+                home=tunelab_home(),
+            )
+            tr.add_callback(timer)
         out = tr.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+    if timer is not None and timer.summary():  # what auto decided, and from which figures
+        s.levers.compile = "on" if timer.decision["compile"] else "off"
+        s.levers.why["compile"] = timer.summary()
     state = tr.state
     s.model = s.unsharded(tr) if s.distributed in distributed.SHARDED else tr.model
     return {

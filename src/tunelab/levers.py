@@ -16,10 +16,11 @@ the resolved values are written to ``summary.json`` under ``levers``, with why a
 - ``compile``: ``on`` compiles each repeated block of the model (the classes its ``_no_split_modules``
   names: the decoder layers) with ``torch.compile`` for the time of training (:func:`compiled`):
   inductor fuses the element-wise work around the matmuls and its partitioner saves fewer activations for
-  backward. ``auto``: on for models of at least :data:`COMPILE_MIN_PARAMS` parameters trained for at least
-  :data:`COMPILE_MIN_STEPS` optimizer steps where inductor has a compiler (a C++ compiler on CPU, triton
-  on CUDA); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by default
-  ``/tmp/torchinductor_<user>``), so later runs of the same model compile in seconds.
+  backward. ``auto``, for models of at least :data:`COMPILE_MIN_PARAMS` parameters where inductor has a
+  compiler (a C++ compiler on CPU, triton on CUDA): the first steps run eager and are timed, and the rest
+  compile only if the time expected saved beats the time expected to compile, cold or warm
+  (tunelab.compiling); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by
+  default ``/tmp/torchinductor_<user>``), so later runs of the same model compile in seconds.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
@@ -39,7 +40,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,9 +53,6 @@ from tunelab.progress import status
 
 #: below this many parameters a step is too short for compiling to pay back its compile time (auto: off)
 COMPILE_MIN_PARAMS = 50_000_000
-#: nor in a run of fewer optimizer steps: compiling costs the first step ~6 s with inductor's cache warm
-#: (~20 s cold) on the default model, and saves ~0.2 s a step after it (docs/performance.md)
-COMPILE_MIN_STEPS = 50
 
 
 @dataclass
@@ -246,13 +244,21 @@ def own_storage(model: torch.nn.Module) -> None:
             t.data = t.data.clone()
 
 
-def compile_pays(lv: Levers, setting: str, steps: int) -> bool:
-    """Whether a training of ``steps`` optimizer steps compiles: ``lv.compile`` as resolved, turned off (and
-    why recorded) for a short ``auto`` run."""
-    if lv.compile == "on" and setting == "auto" and steps < COMPILE_MIN_STEPS:
+def compile_mode(lv: Levers, setting: str, steps: int) -> str:
+    """How a training of ``steps`` optimizer steps compiles: ``on`` (from its first step), ``auto`` (eager
+    first, then compiled if the measured steps say it pays: tunelab.compiling) or ``off`` (and why, for an
+    ``auto`` run too short to decide in)."""
+    from tunelab.compiling import DECIDE_AFTER
+
+    if lv.compile != "on":
+        return "off"
+    if setting == "on":
+        return "on"
+    if steps <= DECIDE_AFTER + 1:
         lv.compile = "off"
-        lv.why["compile"] = f"{steps} optimizer steps; compiling pays from {COMPILE_MIN_STEPS}"
-    return lv.compile == "on"
+        lv.why["compile"] = f"{steps} optimizer steps: too few to time {DECIDE_AFTER} eager steps and still gain"
+        return "off"
+    return "auto"
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -274,33 +280,45 @@ def compiler_missing(device_type: str) -> str:
 
 
 @contextlib.contextmanager
-def compiled(model: torch.nn.Module, on: bool) -> Iterator[None]:
+def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Iterator[Callable[[], None]]:
     """Each repeated block compiled (dynamic shapes: batches of other lengths reuse the same kernels) while
     the body runs, eager again after it: generation with a KV cache and the measurements that follow
-    training run the model as loaded. The module tree, its parameters and state dict stay as they are."""
+    training run the model as loaded. The module tree, its parameters and state dict stay as they are.
+    Yields the function that compiles them: called at once unless ``deferred`` (``compile: auto`` calls it
+    when the steps it timed say compiling pays)."""
     if not on:
-        yield
+        yield lambda: None
         return
     blocks = repeated_blocks(model)
-    # torch keeps a few compiled graphs per code object (every block's is nn.Module's own call) and runs
-    # eager, silently, past that: start each training from none (the kernels stay cached on disk)
-    torch._dynamo.reset()
-    # a KV cache built at every training forward (transformers does when config.use_cache) is of no use
-    # there, and its state changes each call, which would make every layer's graph recompile
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
-    if use_cache:
-        config.use_cache = False
-    for b in blocks:
-        b.compile(dynamic=True)
-    status(
-        f"compile: {len(blocks)} {type(blocks[0]).__name__} blocks compile in the first training step "
-        "(~20 s on 2 cores the first time; seconds once inductor has them cached)"
-    )
-    try:
-        yield
-    finally:
-        for b in blocks:
-            b._compiled_call_impl = None  # what nn.Module.compile sets; None is its uncompiled default
+    started = []
+
+    def start() -> None:
+        if started:
+            return
+        # torch keeps a few compiled graphs per code object (every block's is nn.Module's own call) and runs
+        # eager, silently, past that: start each training from none (the kernels stay cached on disk)
+        torch._dynamo.reset()
+        # a KV cache built at every training forward (transformers does when config.use_cache) is of no use
+        # there, and its state changes each call, which would make every layer's graph recompile
         if use_cache:
-            config.use_cache = use_cache
+            config.use_cache = False
+        for b in blocks:
+            b.compile(dynamic=True)
+        started.append(True)
+        status(
+            f"compile: {len(blocks)} {type(blocks[0]).__name__} blocks compile in the next training step "
+            "(~50-90 s on 2 CPU cores with inductor's cache cold; seconds once it holds them)"
+        )
+
+    if not deferred:
+        start()
+    try:
+        yield start
+    finally:
+        if started:
+            for b in blocks:
+                b._compiled_call_impl = None  # what nn.Module.compile sets; None is its uncompiled default
+            if use_cache:
+                config.use_cache = use_cache

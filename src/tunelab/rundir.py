@@ -63,6 +63,7 @@ OURS = frozenset(
         "continual.json",
         "continual.png",
         "layers.json",
+        "compile.json",
         PREDICTIONS,
         MARKER,
         LOCK,
