@@ -130,6 +130,29 @@ def test_training_with_the_positions_head_matches_the_full_head(tiny_llama, memo
     assert ev2["loss"] == pytest.approx(ev1["loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["lora", {"name": "prompt", "num_virtual_tokens": 4}])
+def test_eval_loss_on_loss_positions_is_the_full_heads(tiny_llama, memo_data, monkeypatch, tmp_path, strategy):
+    """Evaluation applies the vocabulary head at the loss positions only; its loss and token count are those
+    of the full head's logits (prompt learners' virtual tokens included)."""
+    import sys
+
+    from tunelab.config import DataConfig, load_config
+    from tunelab.data import prepare_file
+    from tunelab.evaluate import loss_and_perplexity
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.strategies.stack import StrategyStack
+
+    tok = load_tokenizer(tiny_llama)
+    prepared = prepare_file(memo_data, tok, DataConfig(train=str(memo_data)), 64)
+    cfg = load_config(tiny_config(tiny_llama, memo_data, tmp_path / "run", strategy))
+    model = StrategyStack(cfg.strategy).apply(load_model(tiny_llama)).eval()
+    fast = loss_and_perplexity(model, prepared, tok.pad_token_id, 3, bf16=False)
+    monkeypatch.setattr(sys.modules["tunelab.evaluate"], "supports_positions_head", lambda m: "forced: full")
+    full = loss_and_perplexity(model, prepared, tok.pad_token_id, 3, bf16=False)
+    assert fast["tokens"] == full["tokens"] > 0
+    assert fast["loss"] == pytest.approx(full["loss"], rel=1e-5)
+
+
 def test_frozen_weights_in_bf16_train_the_same_weights_as_autocast_over_fp32(tiny_llama, memo_data, tmp_path):
     """bf16 autocast rounds each fp32 weight to bf16 before the matmul; holding the frozen ones in bf16 gives
     those same values, so a LoRA run trains the same adapter."""
@@ -334,54 +357,54 @@ def test_compile_on_without_a_compiler_is_refused_naming_what_is_missing(
     assert s["levers"]["compile"] == "off" and "no C++ compiler" in s["levers"]["why"]["compile"]
 
 
-def test_compile_mode_auto_decides_later_on_stays_on_and_too_short_stays_off():
-    from tunelab.compiling import DECIDE_AFTER
+def test_compile_mode_auto_decides_on_stays_on_off_stays_off():
     from tunelab.levers import Levers, compile_mode
 
-    assert compile_mode(Levers(compile="on"), "auto", DECIDE_AFTER + 2) == "auto"
-    lv = Levers(compile="on")
-    assert compile_mode(lv, "auto", DECIDE_AFTER + 1) == "off"
-    assert lv.compile == "off" and "too few" in lv.why["compile"]
-    assert compile_mode(Levers(compile="on"), "on", 1) == "on"  # asked for explicitly: compiled however short
-    assert compile_mode(Levers(compile="off"), "auto", 1000) == "off"
+    assert compile_mode(Levers(compile="on"), "auto") == "auto"
+    assert compile_mode(Levers(compile="on"), "on") == "on"  # asked for explicitly: compiled however short
+    assert compile_mode(Levers(compile="off"), "auto") == "off"  # resolved off (a tiny model, no compiler)
 
 
 def test_compile_pays_weighs_the_expected_saving_against_the_compile_time_cold_or_warm(tmp_path, monkeypatch):
-    from tunelab.compiling import COLD_S, SAVING, WARM_S, History, pays
+    from tunelab.compiling import COLD_S, EAGER_RATIO, SAVING, WARM_S, History, pays
 
-    assert pays(step_s=3.0, remaining=60, compile_s=10.0, saving=0.15)  # 27 s saved > 10
-    assert not pays(step_s=3.0, remaining=60, compile_s=85.0, saving=0.15)  # the demo, cache cold
+    assert pays(60, eager_s=5.6, compiled_s=3.3, compile_s=45.0)  # the demo on 2 AVX2 cores: 138 s saved
+    assert not pays(60, eager_s=1.2, compiled_s=1.0, compile_s=60.0)  # 12 s saved: not with a cold cache
+    assert pays(60, eager_s=1.2, compiled_s=1.0, compile_s=6.0)  # but with a warm one
     cache = tmp_path / "inductor"
     monkeypatch.setattr("tunelab.compiling.inductor_cache_dir", lambda: cache)
     h = History(tmp_path / "home")
-    assert h.expected("k", "cpu", "bf16") == (COLD_S["cpu"], SAVING["cpu-bf16"], "cold")  # the defaults
+    x = h.expected("k", "cpu", "fp32", 2.0)  # nothing known: the defaults
+    assert x["cache"] == "cold" and x["compile_s"] == COLD_S["cpu"]
+    assert x["eager_s"] == pytest.approx(2.0 * EAGER_RATIO)
+    assert x["compiled_s"] == pytest.approx(2.0 * EAGER_RATIO * (1 - SAVING["cpu-fp32"]))
     cache.mkdir()
     (cache / "kernel").write_text("x")
-    h.record("k", compile_s=42.0, cache="cold", saving=0.3)
-    h = History(tmp_path / "home")  # read back from TUNELAB_HOME/compile.json
-    assert h.expected("k", "cpu") == (WARM_S["cpu"], 0.3, "warm")  # this graph compiled into this cache
-    h.record("k", compile_s=4.0, cache="warm", saving=0.2)
-    assert History(tmp_path / "home").expected("k", "cpu") == (4.0, 0.2, "warm")
+    h.record("k", cold_s=42.0, compiled_ratio=0.9)
+    h.record("k", eager_ratio=1.8)  # an eager run of the same graph, later
+    x = History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0)  # read back from TUNELAB_HOME
+    assert x == {"eager_s": pytest.approx(3.6), "compiled_s": pytest.approx(1.8), "compile_s": WARM_S["cpu"],
+                 "cache": "warm"}  # fmt: skip
+    h.record("k", warm_s=4.0)
+    assert History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0)["compile_s"] == 4.0
     (cache / "kernel").unlink()  # the cache was emptied (a reboot clears /tmp): cold again, as measured
-    assert History(tmp_path / "home").expected("k", "cpu") == (42.0, 0.2, "cold")
-    assert History(tmp_path / "home").expected("other", "cpu")[2] == "cold"
+    assert History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0)["compile_s"] == 42.0
+    assert History(tmp_path / "home").expected("other", "cpu", "fp32", 2.0)["cache"] == "cold"
 
 
 @pytest.mark.parametrize("history, compiles", [(0.0, True), (1e6, False)], ids=["pays", "does-not-pay"])
-def test_compile_auto_times_eager_steps_then_compiles_only_when_it_pays(
+def test_compile_auto_compiles_from_the_first_step_only_when_it_pays(
     tiny_llama, memo_data, tmp_path, monkeypatch, history, compiles
 ):
-    """A run under auto trains DECIDE_AFTER steps eager, then compiles the rest exactly when the recorded
-    compile time is below the time it expects to save; summary.json says which figures decided, the run dir
-    keeps the decision, and a resumed run reads it back."""
+    """A run under auto estimates an eager step from one forward pass before training, then compiles every
+    step, or none, as the expected compile time is below or above the time it expects to save; summary.json
+    says which figures decided, the run dir keeps the decision for a resume, TUNELAB_HOME what it took."""
     from transformers import TrainerCallback
 
     from tunelab import compiling, levers
-    from tunelab.compiling import DECIDE_AFTER
 
     monkeypatch.setattr(levers, "COMPILE_MIN_PARAMS", 0)  # the tiny model counts as big enough
     monkeypatch.setattr(compiling, "COLD_S", {"cpu": history, "cuda": history})
-    monkeypatch.setattr(compiling, "SAVING", {"cpu-fp32": 0.5, "cpu-bf16": 0.5, "cuda": 0.5})
     monkeypatch.setattr(compiling, "inductor_cache_dir", lambda: tmp_path / "inductor")  # cold: not there
     monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
     seen = []
@@ -390,14 +413,97 @@ def test_compile_auto_times_eager_steps_then_compiles_only_when_it_pays(
         def on_step_begin(self, args, state, control, model=None, **kw):
             seen.append(any(b._compiled_call_impl is not None for b in levers.repeated_blocks(model)))
 
-    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=DECIDE_AFTER + 3)
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=4)
     s = train(cfg, callbacks=[Watch()]).summary
-    assert seen == [False] * DECIDE_AFTER + [compiles] * 3
+    assert seen == [compiles] * 4
     assert s["levers"]["compile"] == ("on" if compiles else "off")
     why = s["levers"]["why"]["compile"]
-    assert f"after step {DECIDE_AFTER}" in why and "expected saving" in why and "inductor cache cold" in why
+    assert "4 steps x" in why and "s saved against" in why and "inductor cache cold" in why
     decision = json.loads((tmp_path / "run" / "compile.json").read_text())
-    assert decision["compile"] is compiles and decision["after"] == DECIDE_AFTER
-    if compiles:  # it measured what compiling took, for the next run's decision
-        home = json.loads((tmp_path / "home" / "compile.json").read_text())
-        assert [set(e) >= {"cold_s", "cache_dir"} for e in home.values()] == [True]
+    assert decision["compile"] is compiles and decision["estimate_s"] > 0
+    # what it measured, for the next run's decision: a compiled run its compile time and compiled steps, an
+    # eager one its eager steps, each against the forward pass timed before
+    home = json.loads((tmp_path / "home" / "compile.json").read_text())
+    learnt = {"cold_s", "compiled_ratio", "cache_dir"} if compiles else {"eager_ratio"}
+    assert [set(e) - {"when"} for e in home.values()] == [learnt]
+
+
+def test_a_resumed_auto_run_compiles_as_the_run_it_continues_decided(tiny_llama, memo_data, tmp_path, monkeypatch):
+    """The decision is timing-dependent; a resume reads it back from RUN/compile.json instead of deciding
+    again (here the figures would now say no), so its weights are bit-identical to the unbroken run's."""
+    from conftest import crash_at
+    from tunelab import compiling, levers
+
+    monkeypatch.setattr(levers, "COMPILE_MIN_PARAMS", 0)
+    monkeypatch.setattr(compiling, "COLD_S", {"cpu": 0.0, "cuda": 0.0})  # compiling pays
+    monkeypatch.setattr(compiling, "inductor_cache_dir", lambda: tmp_path / "inductor")
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+
+    def cfg(name):
+        return tiny_config(tiny_llama, memo_data, tmp_path / name, "lora", max_steps=6, save_steps=2)
+
+    whole = train(cfg("whole"))
+    assert whole.summary["levers"]["compile"] == "on"
+    (tmp_path / "home" / "compile.json").unlink()  # what the whole run learnt: the killed one decides afresh
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg("killed"), callbacks=[crash_at(3)])
+    monkeypatch.setattr(compiling, "COLD_S", {"cpu": 1e6, "cuda": 1e6})  # would not pay now
+    resumed = train(cfg("killed"), resume=True)
+    assert resumed.summary["train"]["resumed_from"] == "checkpoint-2"
+    assert resumed.summary["levers"]["compile"] == "on", resumed.summary["levers"]["why"]
+    a, b = final_weights(whole.run_dir), final_weights(resumed.run_dir)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bf16_checkpoint_loads_its_frozen_weights_straight_into_bf16_and_trains_as_before(
+    tiny_llama, memo_data, tmp_path, monkeypatch
+):
+    """With frozen weights held in bf16 and a checkpoint stored in bf16, the model loads in bf16 (no fp32 copy
+    of the frozen weights) and everything else is upcast, exactly. It trains as loading in fp32 and casting
+    the frozen weights after does, to bf16 rounding: PEFT creates an adapter in its base layer's dtype
+    before upcasting it, so the adapter's random start is rounded to bf16."""
+    from tunelab import levers
+    from tunelab.models import load_model, load_tokenizer
+
+    bf16_dir = tmp_path / "bf16-model"
+    load_model(tiny_llama).to(torch.bfloat16).save_pretrained(bf16_dir)
+    load_tokenizer(tiny_llama).save_pretrained(bf16_dir)
+    loaded = []
+    real = levers.load_dtype
+    monkeypatch.setattr(levers, "load_dtype", lambda *a: loaded.append(real(*a)) or loaded[-1])
+    runs = {}
+    for way in ("straight", "via fp32"):
+        if way == "via fp32":
+            monkeypatch.setattr(levers, "load_dtype", lambda *a: loaded.append(torch.float32) or torch.float32)
+        cfg = tiny_config(
+            bf16_dir, memo_data, tmp_path / way.replace(" ", "-"), "lora", max_steps=3, precision="bf16"
+        )
+        runs[way] = train(cfg)
+        assert runs[way].summary["levers"]["frozen_weights"] == "bf16"
+    assert loaded == [torch.bfloat16, torch.float32]
+    losses = {
+        w: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        for w, r in runs.items()
+    }
+    assert losses["straight"] == pytest.approx(losses["via fp32"], rel=2e-2)
+    a, b = final_weights(runs["straight"].run_dir), final_weights(runs["via fp32"].run_dir)
+    assert set(a) == set(b) and all(v.dtype == torch.float32 for v in a.values())  # trained, saved in fp32
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
+def test_upcast_all_but_frozen_linears_keeps_only_the_frozen_linear_weights_in_bf16(tiny_llama):
+    from tunelab.levers import upcast_all_but_frozen_linears
+    from tunelab.models import load_model
+
+    model = load_model(tiny_llama).to(torch.bfloat16)
+    upcast_all_but_frozen_linears(model)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["model.embed_tokens.weight"] == torch.float32 and dtypes["model.norm.weight"] == torch.float32
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    for p in model.parameters():
+        p.requires_grad_(False)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    q.requires_grad_(True)  # a strategy trains it
+    upcast_all_but_frozen_linears(model, trained={id(q)})
+    assert q.dtype == torch.float32 and model.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16

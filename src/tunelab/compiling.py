@@ -1,22 +1,27 @@
 """``training.compile: auto`` decides from measurements, not from a step count: compiling the decoder layers
-costs the first compiled step its compile time (on 2 CPU cores ~50-85 s with inductor's disk cache cold, a
-few seconds warm) and saves a share of every step after it. A run under ``auto`` trains its first
-:data:`DECIDE_AFTER` steps eager, times them, and compiles for the rest only when the time it expects to save
-is larger than the time it expects compiling to take, cold or warm::
+costs the first compiled step its compile time (on 2 CPU cores ~45-85 s with inductor's disk cache cold, a
+few seconds warm) and saves a share of every step after it. Before its first step a run under ``auto`` times
+one forward pass of a training batch (no gradients: it adds no memory the training will not use anyway) and
+compiles from the first step only when the time it expects to save is larger than the time it expects
+compiling to take, cold or warm::
 
-    (planned steps - DECIDE_AFTER) x eager step time x expected saving  >  expected compile time
+    planned steps x (expected eager step - expected compiled step)  >  expected compile time
 
-The expected figures come from earlier runs of the same graph on this machine (``TUNELAB_HOME/compile.json``,
-one entry per graph: torch version, device, precision, the block's module classes and shapes): each compiled
-run records how long its compile took, whether inductor's cache was warm then, and the share of a step it
-saved. With no record: :data:`COLD_S` / :data:`WARM_S` and :data:`SAVING`, measured on the default model.
-The cache counts as warm when an earlier run of this graph compiled into the same inductor cache directory
-and that directory is still there.
+Each expected step is the timed forward pass times a ratio learned from earlier runs of the same graph on
+this machine (``TUNELAB_HOME/compile.json``, one entry per graph: torch version, device, precision, the
+block's module classes and shapes): an eager run records its steps' ratio to the forward pass, a compiled
+run its steps' ratio, how long its compile took and whether inductor's cache was warm then. Without a
+record: :data:`EAGER_RATIO`, :data:`SAVING` (the compiled step's share saved), :data:`COLD_S` and
+:data:`WARM_S`, measured on the default model. The cache counts as warm when an earlier run of this graph
+compiled into the same inductor cache directory and that directory still holds files.
 
-The decision (step, figures, why) is written to ``RUN/compile.json`` the moment it is made; a resumed run
-reads it back, so it compiles from the same step as the run it continues (``--resume`` stays bit-identical
-from any checkpoint). Runs that must be bit-identical with each other, not only with a resumed self, set
-``compile`` to ``on`` or ``off``: the decision of ``auto`` depends on timings.
+Deciding before the first step, rather than after timing a few eager ones, matters for memory: eager steps
+keep more activations, and the resident set keeps its peak (docs/performance.md).
+
+The decision (figures and why) is written to ``RUN/compile.json`` the moment it is made; a resumed run reads
+it back, so it compiles as the run it continues did (``--resume`` stays bit-identical). Runs that must be
+bit-identical with each other, not only with a resumed self, set ``compile`` to ``on`` or ``off``: the
+decision of ``auto`` depends on timings.
 """
 
 from __future__ import annotations
@@ -33,14 +38,15 @@ from transformers import TrainerCallback
 from tunelab.fsutil import write_text_atomic
 from tunelab.progress import status
 
-#: eager steps timed before ``auto`` decides (the first is warm-up and not counted)
-DECIDE_AFTER = 3
 #: compile time without a record of this graph: cache cold, cache warm (2 CPU cores, default model: 45-85 s
 #: cold, 5-7 s warm; docs/performance.md); the GPU figures are of the same order (triton, a few graphs)
 COLD_S = {"cpu": 60.0, "cuda": 60.0}
 WARM_S = {"cpu": 10.0, "cuda": 10.0}
-#: share of a step compiling saves, without a record: LoRA on the default model, steady, measured 15% in
-#: bf16 on CPUs with AMX and 41% in fp32 on CPUs without (the demo: 5.6 s eager steps, 3.3 s compiled)
+#: an eager training step over the timed forward pass, without a record (LoRA on the default model, fp32, 2
+#: CPU cores: 5.6 s steps against a 3.4 s estimate of 2 + trained share forward passes)
+EAGER_RATIO = 1.6
+#: share of an eager step compiling saves, without a record: LoRA on the default model, steady, measured 15%
+#: in bf16 on CPUs with AMX and 41% in fp32 on CPUs without (the demo: 5.6 s eager steps, 3.3 s compiled)
 SAVING = {"cpu-bf16": 0.15, "cpu-fp32": 0.40, "cuda": 0.15}
 DECISION = "compile.json"  #: in the run dir: the decision of this run, read back on resume
 HISTORY = "compile.json"  #: in TUNELAB_HOME: what compiling took and saved, per graph
@@ -64,8 +70,8 @@ def graph_key(blocks: list[torch.nn.Module], precision: str) -> str:
 
 
 class History:
-    """``TUNELAB_HOME/compile.json``: per graph key, the compile seconds seen cold and warm, the saving, the
-    inductor cache directory it compiled into."""
+    """``TUNELAB_HOME/compile.json``: per graph key, the compile seconds seen cold and warm, the eager and the
+    compiled step over the forward-pass estimate, and the inductor cache directory it compiled into."""
 
     def __init__(self, home: Path):
         self.path = home / HISTORY
@@ -76,25 +82,33 @@ class History:
         except (OSError, ValueError):
             self.entries = {}
 
-    def expected(self, key: str, device: str, precision: str = "fp32") -> tuple[float, float, str]:
-        """(compile seconds, share of a step saved, 'warm' or 'cold') for this graph now."""
+    def expected(self, key: str, device: str, precision: str, estimate: float) -> dict[str, Any]:
+        """For this graph now, from a forward-pass ``estimate``: the eager and the compiled step (seconds),
+        the compile seconds, and whether inductor's cache is 'warm' or 'cold'."""
         e = self.entries.get(key) or {}
-        cache = Path(e.get("cache_dir", "")) if e.get("cache_dir") else None
+        cache = Path(e["cache_dir"]) if e.get("cache_dir") else None
         here = inductor_cache_dir()
         warm = cache is not None and cache == here and here.is_dir() and any(here.iterdir())
         if warm:
             seconds = e.get("warm_s", WARM_S.get(device, WARM_S["cuda"]))
         else:
             seconds = e.get("cold_s", COLD_S.get(device, COLD_S["cuda"]))
-        default = SAVING["cuda"] if device == "cuda" else SAVING.get(f"cpu-{precision}", SAVING["cpu-bf16"])
-        return float(seconds), float(e.get("saving", default)), "warm" if warm else "cold"
+        eager = estimate * float(e.get("eager_ratio", EAGER_RATIO))
+        saving = SAVING["cuda"] if device == "cuda" else SAVING.get(f"cpu-{precision}", SAVING["cpu-bf16"])
+        compiled = estimate * e["compiled_ratio"] if "compiled_ratio" in e else eager * (1 - saving)
+        return {
+            "eager_s": eager,
+            "compiled_s": compiled,
+            "compile_s": float(seconds),
+            "cache": "warm" if warm else "cold",
+        }
 
-    def record(self, key: str, *, compile_s: float, cache: str, saving: float | None) -> None:
+    def record(self, key: str, **figures: float | str | None) -> None:
+        """Keep ``figures`` (``cold_s`` or ``warm_s``, ``eager_ratio``, ``compiled_ratio``) for this graph."""
         e = self.entries.setdefault(key, {})
-        e[f"{cache}_s"] = round(compile_s, 2)
-        if saving is not None:
-            e["saving"] = round(min(max(saving, 0.0), 0.9), 3)
-        e["cache_dir"] = str(inductor_cache_dir())
+        e.update({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items() if v is not None})
+        if "cold_s" in figures or "warm_s" in figures:
+            e["cache_dir"] = str(inductor_cache_dir())
         e["when"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,9 +117,9 @@ class History:
             pass
 
 
-def pays(step_s: float, remaining: int, compile_s: float, saving: float) -> bool:
-    """Whether compiling now is expected to finish the training sooner."""
-    return remaining * step_s * saving > compile_s
+def pays(steps: int, eager_s: float, compiled_s: float, compile_s: float) -> bool:
+    """Whether compiling for ``steps`` steps is expected to finish the training sooner."""
+    return steps * (eager_s - compiled_s) > compile_s
 
 
 def _median(xs: list[float]) -> float:
@@ -113,13 +127,51 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if xs else 0.0
 
 
+@torch.no_grad()
+def eager_step_estimate(model: torch.nn.Module, batch: dict, bf16: bool, trained_share: float) -> float:
+    """Seconds an eager training step on ``batch`` is expected to take: one forward pass, timed the second
+    time (the first warms up), times 2 + the share of weights trained (backward: the gradient with respect
+    to the inputs costs about a forward, the one with respect to the weights a forward per trained weight)."""
+    from tunelab.evaluate import autocast
+
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    was = model.training
+    model.eval()  # no dropout: it changes no RNG stream the training draws from
+    try:
+        seconds = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with autocast(device, bf16):
+                try:
+                    model(input_ids=ids, attention_mask=mask, logits_to_keep=1)  # the head at one position
+                except TypeError:  # a model whose forward has no logits_to_keep
+                    model(input_ids=ids, attention_mask=mask)
+            seconds.append(time.perf_counter() - t0)
+    finally:
+        model.train(was)
+    return seconds[-1] * (2 + trained_share)
+
+
 class CompileTimer(TrainerCallback):
     """Times the steps of a training with compiled blocks (``compile`` on from the start, or turned on by
-    ``auto``) and decides for ``auto``. ``start`` compiles the blocks; ``planned`` is the run's horizon."""
+    ``auto`` when :func:`pays`) and tells the next run what compiling took. ``start`` compiles the blocks;
+    ``estimate`` returns the estimated eager step in seconds (``auto``); ``planned`` is the run's horizon."""
 
-    def __init__(self, start, *, auto: bool, planned: int, key: str, precision: str, run_dir: Path, home: Path):
+    def __init__(
+        self,
+        start,
+        *,
+        auto: bool,
+        planned: int,
+        key: str,
+        precision: str,
+        run_dir: Path,
+        home: Path,
+        estimate=None,
+    ):
         self.start, self.auto, self.planned, self.key, self.precision = start, auto, planned, key, precision
-        self.run_dir, self.history = run_dir, History(home)
+        self.run_dir, self.history, self.estimate = run_dir, History(home), estimate
         self.decision: dict[str, Any] | None = None
         self.compiled_at: int | None = None  # the first step that ran compiled (global step numbering)
         self.cache = "cold"
@@ -131,47 +183,34 @@ class CompileTimer(TrainerCallback):
             except (OSError, ValueError):
                 self.decision = None
 
-    # -- the decision --------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        self._t = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        if not self.auto:  # compiled from the first step
-            _, _, self.cache = self.history.expected(self.key, device, self.precision)
-            self.compiled_at = state.global_step + 1
-        elif (
-            self.decision is not None and self.decision["compile"] and state.global_step >= self.decision["after"]
-        ):
-            self.start()  # resumed past the decision: compiled from here on, as the run it continues was
-            self.compiled_at, self.cache = state.global_step + 1, self.decision.get("cache", "cold")
+        if self.auto and self.decision is None:
+            self.decision = self._decide(device)
+        if self.auto and not self.decision["compile"]:
+            return
+        if self.auto:
+            self.start()
+            self.cache = self.decision.get("cache", "cold")
+        else:
+            self.cache = self.history.expected(self.key, device, self.precision, 0.0)["cache"]
+        self.compiled_at = state.global_step + 1
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times[state.global_step] = time.perf_counter() - self._t
-        if self.auto and self.compiled_at is None and state.global_step == DECIDE_AFTER:
-            if self.decision is None:
-                self.decision = self._decide(state.global_step)
-            if self.decision["compile"]:
-                self.start()
-                self.compiled_at, self.cache = state.global_step + 1, self.decision["cache"]
-
-    def _decide(self, step: int) -> dict[str, Any]:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        compile_s, saving, cache = self.history.expected(self.key, device, self.precision)
-        eager = _median([self.times[s] for s in range(2, step + 1) if s in self.times])
-        remaining = max(self.planned - step, 0)
-        on = pays(eager, remaining, compile_s, saving)
+    def _decide(self, device: str) -> dict[str, Any]:
+        estimate = self.estimate()
+        x = self.history.expected(self.key, device, self.precision, estimate)
+        on = pays(self.planned, x["eager_s"], x["compiled_s"], x["compile_s"])
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank as rank 0
             flag = torch.tensor([int(on)], device="cuda" if torch.cuda.is_available() else "cpu")
             torch.distributed.broadcast(flag, 0)
             on = bool(flag.item())
-        verb = "compiling" if on else "not compiling"
+        saved = self.planned * (x["eager_s"] - x["compiled_s"])
         why = (
-            f"{verb} after step {step}: {remaining} steps x {eager:.2f} s eager x {saving:.0%} expected saving = "
-            f"{remaining * eager * saving:.0f} s against ~{compile_s:.0f} s to compile (inductor cache {cache})"
+            f"{'compiling' if on else 'not compiling'}: {self.planned} steps x ({x['eager_s']:.2f} s eager - "
+            f"{x['compiled_s']:.2f} s compiled, expected) = {saved:.0f} s saved against ~{x['compile_s']:.0f} s "
+            f"to compile (inductor cache {x['cache']})"
         )
-        decision = {"compile": on, "after": step, "cache": cache, "why": why}
+        decision = {"compile": on, "cache": x["cache"], "estimate_s": round(estimate, 3), "why": why}
         try:
             write_text_atomic(self.run_dir / DECISION, json.dumps(decision))
         except OSError:
@@ -179,18 +218,28 @@ class CompileTimer(TrainerCallback):
         status(f"compile: {why}")
         return decision
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times[state.global_step] = time.perf_counter() - self._t
+
     # -- what this run teaches the next ---------------------------------------------------------------------
     def on_train_end(self, args, state, control, **kwargs):
-        if self.compiled_at is None or self.compiled_at not in self.times:
+        estimate = (self.decision or {}).get("estimate_s")
+        first = self.compiled_at or 1
+        later = [self.times[s] for s in range(first + 1, state.global_step + 1) if s in self.times]
+        if not later:  # one step: nothing steady to learn from
             return
-        compiled = [self.times[s] for s in range(self.compiled_at + 1, state.global_step + 1) if s in self.times]
-        if not compiled:
+        steady = _median(later)
+        if self.compiled_at is None:  # an eager run under auto: its steps over the forward pass
+            if estimate:
+                self.history.record(self.key, eager_ratio=steady / estimate)
             return
-        steady = _median(compiled)
-        eager = [self.times[s] for s in range(2, self.compiled_at) if s in self.times]
-        saving = 1 - steady / _median(eager) if eager else None
         self.history.record(
-            self.key, compile_s=max(self.times[self.compiled_at] - steady, 0.0), cache=self.cache, saving=saving
+            self.key,
+            **{f"{self.cache}_s": max(self.times.get(self.compiled_at, steady) - steady, 0.0)},
+            compiled_ratio=steady / estimate if estimate else None,
         )
 
     def summary(self) -> str | None:

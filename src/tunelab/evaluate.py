@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tunelab import metrics
 from tunelab.data import IGNORE, Collator, Prepared, batches
 from tunelab.fsutil import write_text_atomic
+from tunelab.losshead import PositionsHead, supports_positions_head
 from tunelab.metrics import normalize  # noqa: F401  (re-exported: forgetting and tests read it here)
 from tunelab.models import unwrap
 from tunelab.progress import bar, track
@@ -41,8 +42,18 @@ def loss_and_perplexity(
     nll, count = 0.0, 0
     order = sorted(range(len(prepared.features)), key=lambda i: prepared.features[i]["length"])
     chunks = list(batches(order, batch_size))
+    # the vocabulary head at the positions that carry loss only, as in training (tunelab.losshead): most
+    # positions are prompt, and their logits over the whole vocabulary were most of an eval batch's memory
+    positions = supports_positions_head(model) is None
     for idx in track(chunks, desc, len(chunks), "batch"):
         batch = {k: v.to(device) for k, v in collate([prepared.features[i] for i in idx]).items()}
+        if positions:
+            head = PositionsHead(model)
+            with autocast(device, bf16), head.capturing(batch["labels"]):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                nll += float(head.loss(1))  # the sum over the batch's loss positions
+            count += int((batch["labels"][:, 1:] != IGNORE).sum())
+            continue
         with autocast(device, bf16):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # prompt learners (prompt tuning, P-tuning) prepend virtual tokens: keep the real positions

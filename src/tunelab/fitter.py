@@ -164,7 +164,7 @@ def fit(
         train_features = s.stack.training_features(train_features, s.ctx)
     env = tracker_env(cfg.training.report_to, s.run_dir)
     from tunelab.callbacks import Throughput
-    from tunelab.compiling import CompileTimer, graph_key
+    from tunelab.compiling import CompileTimer, eager_step_estimate, graph_key
     from tunelab.models import tunelab_home
 
     throughput = Throughput()
@@ -175,10 +175,16 @@ def fit(
         (tr.args.max_steps if tr.args.max_steps > 0 else None)
         or math.ceil(math.ceil(len(train_features) / (t.batch_size * world_size())) / t.grad_accum * t.epochs)
     )
-    mode = levers.compile_mode(s.levers, t.compile, planned)
+    mode = levers.compile_mode(s.levers, t.compile)
     with levers.compiled(s.model, mode != "off", deferred=mode == "auto") as start, scoped_env(env):
         timer = None
         if mode != "off":
+
+            def estimate() -> float:  # an eager step on the first rows, from one forward pass
+                rows = [tr.train_dataset[i] for i in range(min(t.batch_size, len(tr.train_dataset)))]
+                share = s.trainable / max(s.total, 1)
+                return eager_step_estimate(s.model, tr.data_collator(rows), s.bf16, share)
+
             timer = CompileTimer(
                 start,
                 auto=mode == "auto",
@@ -187,6 +193,7 @@ def fit(
                 precision=s.precision,
                 run_dir=out_dir,
                 home=tunelab_home(),
+                estimate=estimate,
             )
             tr.add_callback(timer)
         out = tr.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)

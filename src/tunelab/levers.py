@@ -109,6 +109,49 @@ def load_options(training, *, device: str, precision: str, changes_base: bool) -
     return lv, options
 
 
+def frozen_in_bf16(training, *, precision: str, changes_base: bool, sharded: str | None) -> bool:
+    """Whether :func:`resolve` will hold the frozen linear weights in bf16 (known before the model loads, so
+    that a bf16 checkpoint loads straight into bf16: :func:`load_dtype`)."""
+    return (
+        training.frozen_weights in ("auto", "bf16")
+        and precision == "bf16"
+        and not changes_base
+        and training.base_quantization == "none"
+        and sharded is None
+    )
+
+
+def load_dtype(stored: torch.dtype, frozen_bf16: bool) -> torch.dtype:
+    """The dtype to load a checkpoint stored in ``stored`` in: bf16 when its frozen linear weights will be
+    held in bf16 anyway and the file holds bf16 (no fp32 copy of them ever exists; :func:`upcast_all_but_
+    frozen_linears` then puts everything else in fp32, exactly, as bf16 values are fp32 values); fp32
+    otherwise (an fp32 file loads as views of itself, and its frozen weights are cast afterwards)."""
+    return torch.bfloat16 if frozen_bf16 and stored == torch.bfloat16 else torch.float32
+
+
+def upcast_all_but_frozen_linears(model: torch.nn.Module, trained: set[int] | None = None) -> int:
+    """Every floating parameter in fp32 except the weights and biases of linear layers not in ``trained``
+    (ids; ``None`` before the strategies apply) that no other kind of module shares (the head tied to the
+    embeddings is upcast): the state :func:`cast_frozen_linears` leaves an fp32-loaded model in. Returns how
+    many values were upcast."""
+    after_apply = trained is not None  # before the strategies apply, every parameter still requires grad
+    trained = trained or set()
+    shared = {
+        id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
+    }
+    linear = {
+        id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
+    }
+    n = 0
+    for p in model.parameters():
+        keep = id(p) in linear and id(p) not in shared and id(p) not in trained
+        keep = keep and not (after_apply and p.requires_grad)
+        if p.is_floating_point() and p.dtype != torch.float32 and not keep:
+            p.data = p.data.float()
+            n += p.numel()
+    return n
+
+
 def quantization_config(bits: str, precision: str):
     """bitsandbytes settings for ``4bit`` (QLoRA, Dettmers et al. 2023: NF4, double quantization, matmuls in
     the run's half precision) or ``8bit`` (LLM.int8())."""
@@ -244,21 +287,12 @@ def own_storage(model: torch.nn.Module) -> None:
             t.data = t.data.clone()
 
 
-def compile_mode(lv: Levers, setting: str, steps: int) -> str:
-    """How a training of ``steps`` optimizer steps compiles: ``on`` (from its first step), ``auto`` (eager
-    first, then compiled if the measured steps say it pays: tunelab.compiling) or ``off`` (and why, for an
-    ``auto`` run too short to decide in)."""
-    from tunelab.compiling import DECIDE_AFTER
-
+def compile_mode(lv: Levers, setting: str) -> str:
+    """How a training compiles: ``on`` (from its first step), ``auto`` (decided before the first step from
+    the time it expects to save and to spend: tunelab.compiling) or ``off``."""
     if lv.compile != "on":
         return "off"
-    if setting == "on":
-        return "on"
-    if steps <= DECIDE_AFTER + 1:
-        lv.compile = "off"
-        lv.why["compile"] = f"{steps} optimizer steps: too few to time {DECIDE_AFTER} eager steps and still gain"
-        return "off"
-    return "auto"
+    return "on" if setting == "on" else "auto"
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -285,7 +319,7 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
     the body runs, eager again after it: generation with a KV cache and the measurements that follow
     training run the model as loaded. The module tree, its parameters and state dict stay as they are.
     Yields the function that compiles them: called at once unless ``deferred`` (``compile: auto`` calls it
-    when the steps it timed say compiling pays)."""
+    when it decides that compiling pays)."""
     if not on:
         yield lambda: None
         return
@@ -308,7 +342,7 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
             b.compile(dynamic=True)
         started.append(True)
         status(
-            f"compile: {len(blocks)} {type(blocks[0]).__name__} blocks compile in the next training step "
+            f"compile: {len(blocks)} {type(blocks[0]).__name__} blocks compile in the first training step "
             "(~50-90 s on 2 CPU cores with inductor's cache cold; seconds once it holds them)"
         )
 

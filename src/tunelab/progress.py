@@ -95,4 +95,6 @@ def track(items: Iterable[T], desc: str, total: int, unit: str = "it") -> Iterat
 def status(line: str) -> None:
     """One line for a phase without steps to count (e.g. a one-off conversion); none under ``-q``."""
     if is_main_process() and not quiet():
-        print(line, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(line)  # on a line of its own, above a bar that is running (stdout, as print)

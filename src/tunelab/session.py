@@ -20,7 +20,7 @@ from tunelab.data import Prepared, prepare_file
 from tunelab.errors import RunError
 from tunelab.evaluate import loss_and_perplexity, score
 from tunelab.forgetting import Reference, build_retention_set, measure, retention_prompts
-from tunelab.models import count_parameters, load_model, load_tokenizer, resolve_model, tunelab_home
+from tunelab.models import base_dtype, count_parameters, load_model, load_tokenizer, resolve_model, tunelab_home
 from tunelab.progress import status
 from tunelab.rundir import PREDICTIONS
 from tunelab.runtime import device, resolve_precision, world_size
@@ -63,7 +63,14 @@ class Session:
             changes_base=self.stack.changes_base_weights,
         )
         self.load_options = options
-        self.model = load_model(self.model_dir, allow_pickle=cfg.allow_pickle, **options)
+        sharded = self.distributed if self.distributed in distributed.SHARDED else None
+        frozen_bf16 = levers.frozen_in_bf16(
+            cfg.training, precision=self.precision, changes_base=self.stack.changes_base_weights, sharded=sharded
+        )
+        dtype = levers.load_dtype(base_dtype(self.model_dir), frozen_bf16)
+        self.model = load_model(self.model_dir, dtype, allow_pickle=cfg.allow_pickle, **options)
+        if dtype != torch.float32:  # frozen linear weights straight from the file in bf16, the rest in fp32
+            levers.upcast_all_but_frozen_linears(self.model)
         if loaded.base_quantization == "none":
             self.model = self.model.to(self.device)
         else:
@@ -99,9 +106,11 @@ class Session:
             loaded=loaded,
             sharded=self.distributed if self.distributed in distributed.SHARDED else None,
         )
+        trained = {id(p) for p in self.stack.own_parameters(self.model)}
         if self.levers.frozen_weights == "bf16":
-            trained = {id(p) for p in self.stack.own_parameters(self.model)}
             levers.cast_frozen_linears(self.model, trained)
+        if dtype != torch.float32:  # what the strategies train (and added in the base's dtype) in fp32
+            levers.upcast_all_but_frozen_linears(self.model, trained)
         if loaded.base_quantization == "none":
             levers.own_storage(self.model)  # no tensor left mapped from the weight file
         if self.trainable == 0 and not self.stack.baseline:
