@@ -41,7 +41,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/bench_vs_trl.py
-	$(BIN)/python bench/bench_vs_trl.py --levers --only lora
+	$(BIN)/python bench/memory_phases.py --shape tickets
+	$(BIN)/python bench/bench_vs_trl.py --levers --only lora --shapes tickets
 	$(BIN)/python bench/bench_layerwise.py
 	$(BIN)/python bench/bench_distributed.py
 

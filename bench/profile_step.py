@@ -3,7 +3,7 @@ self time per operator summed into categories (matmuls, attention, softmax and l
 casting, optimizer, data).
 
     python bench/profile_step.py --strategy lora [--set loss_head=full --set frozen_weights=fp32]
-    python bench/profile_step.py --strategy full
+    python bench/profile_step.py --strategy full [--shape tickets|short|long]
 
 Warm-up steps run first (not profiled); then ``--steps`` steps are profiled. Prints the table and the top
 operators; writes bench/out/profile-<strategy>[-<settings>].json.
@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from common import OUT, ticket_rows
+from common import MAX_LEN, OUT, SHAPES, shape_rows
 
 CATEGORIES = [  # first match wins, on the operator's name
     ("optimizer", ("adam", "_foreach_", "_fused_")),
@@ -43,6 +44,7 @@ def category(name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategy", choices=["lora", "full"], default="lora")
+    ap.add_argument("--shape", choices=SHAPES, default="tickets")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -67,8 +69,10 @@ def main() -> None:
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == a.warmup:
                 self.prof.start()
+                self.t0 = time.perf_counter()
             elif state.global_step == total:
                 self.prof.stop()
+                self.wall = (time.perf_counter() - self.t0) / a.steps
 
     extra = {}
     for kv in a.set:
@@ -81,7 +85,7 @@ def main() -> None:
     )
     cb = Profile()
     with tempfile.TemporaryDirectory() as d:
-        data = write_jsonl(ticket_rows(total * a.batch_size), Path(d) / "train.jsonl")
+        data = write_jsonl(shape_rows(a.shape, total * a.batch_size), Path(d) / "train.jsonl")
         cfg = {
             "model": a.model,
             "data": {"train": str(data)},
@@ -90,7 +94,7 @@ def main() -> None:
                 "max_steps": total,
                 "batch_size": a.batch_size,
                 "lr": 1e-3 if a.strategy == "lora" else 5e-5,
-                "max_length": 192,
+                "max_length": MAX_LEN[a.shape],
                 "save_steps": 10 * total,
                 "logging_steps": 1,
                 **extra,
@@ -101,14 +105,18 @@ def main() -> None:
         s = train(cfg, callbacks=[cb]).summary
     events = cb.prof.key_averages()
     by_cat: dict[str, float] = {}
-    ops = []
+    ops, calls = [], 0
     for e in events:
         self_us = e.self_cpu_time_total
         by_cat[category(e.key)] = by_cat.get(category(e.key), 0.0) + self_us
         ops.append((self_us, e.key))
+        calls += e.count if e.key.startswith("aten::") else 0
     step_s = sum(by_cat.values()) / 1e6 / a.steps
-    label = "-".join([a.strategy, *(kv.replace("=", "_") for kv in a.set)])
-    print(f"\n{label}: {step_s:.2f} s per step (self CPU time, {a.steps} profiled steps); levers {s['levers']}")
+    label = "-".join([a.strategy, a.shape, *(kv.replace("=", "_") for kv in a.set)])
+    print(
+        f"\n{label}: {step_s:.2f} s per step (self CPU time, {a.steps} profiled steps), {cb.wall:.2f} s wall "
+        f"(profiler on), {calls / a.steps:,.0f} aten operator calls per step; levers {s['levers']}"
+    )
     print(f"{'category':28}{'s/step':>8}{'share':>8}")
     for cat, us in sorted(by_cat.items(), key=lambda x: -x[1]):
         print(f"{cat:28}{us / 1e6 / a.steps:>8.3f}{us / sum(by_cat.values()):>8.1%}")
@@ -120,6 +128,8 @@ def main() -> None:
         json.dumps(
             {
                 "step_s": step_s,
+                "wall_step_s": cb.wall,
+                "aten_calls_per_step": calls / a.steps,
                 "categories_s": {k: v / 1e6 / a.steps for k, v in by_cat.items()},
                 "top": [(n, us / 1e6 / a.steps) for us, n in sorted(ops, reverse=True)[:30]],
                 "levers": s["levers"],

@@ -76,3 +76,29 @@ def test_docs_describe_every_key_of_the_schema():
 
     missing = sorted(k for k in keys(Summary) if f"`{k}`" not in doc)
     assert missing == []
+
+
+def test_the_untouched_models_scores_are_kept_and_read_back_by_a_run_like_it(
+    tiny_llama, memo_data, tmp_path, monkeypatch
+):
+    """eval_before depends only on the weights, the scored rows, the eval settings, precision, device,
+    attention and strategies: a second run like the first (another seed, another output dir) reads them from
+    TUNELAB_HOME instead of scoring again; a change to the scored rows scores again."""
+    import sys
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    session = sys.modules["tunelab.session"]
+    calls = []
+    real = session.score
+    monkeypatch.setattr(session, "score", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    first = train(tiny_config(tiny_llama, memo_data, tmp_path / "a", max_steps=1)).summary
+    assert calls.count("eval before training") == 1
+    second = train(tiny_config(tiny_llama, memo_data, tmp_path / "b", max_steps=2, seed=7)).summary
+    assert calls.count("eval before training") == 1 and second["eval_before"] == first["eval_before"]
+    assert len(list((tmp_path / "home" / "base-scores").iterdir())) == 1
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(memo_data.read_text().splitlines(keepends=True)[:-1]))  # one row fewer
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "c", max_steps=1)
+    cfg["data"]["eval"] = str(other)
+    train(cfg)
+    assert calls.count("eval before training") == 2

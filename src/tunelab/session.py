@@ -8,6 +8,8 @@ knows nothing of modes or run directories beyond where a fit writes its checkpoi
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from tunelab.context import RunContext
 from tunelab.data import Prepared, prepare_file
 from tunelab.errors import RunError
 from tunelab.evaluate import loss_and_perplexity, score
-from tunelab.forgetting import Reference, build_retention_set, measure, retention_prompts
+from tunelab.forgetting import Reference, build_retention_set, measure, retention_prompts, weights_digest
+from tunelab.fsutil import write_text_atomic
 from tunelab.models import base_dtype, count_parameters, load_model, load_tokenizer, resolve_model, tunelab_home
 from tunelab.progress import status
 from tunelab.rundir import PREDICTIONS
@@ -155,11 +158,53 @@ class Session:
 
     # -- scores of the untouched model and after training ----------------------------------------
     def score_base(self, prepared: Prepared) -> dict[str, Any]:
-        """Scores of the untouched model (before training): added modules switched off."""
+        """Scores of the untouched model (before training): added modules switched off. Kept in
+        ``TUNELAB_HOME/base-scores/`` under a digest of everything they depend on (the weights, the scored
+        rows as tokenized, the eval settings, precision, device, attention, the strategies, the libraries'
+        versions), so a run like an earlier one (a second demo, another seed) reads them instead."""
+        path = tunelab_home() / "base-scores" / f"{self._base_scores_key(prepared)}.json"
+        try:
+            cached = json.loads(path.read_text())
+            status("eval before training: the untouched model's scores (cached)")
+            return cached
+        except (OSError, ValueError):
+            pass
         with self.stack.disabled(self.model):
-            return score(
+            result = score(
                 self.model, self.tokenizer, prepared, self.cfg.eval, self.bf16, desc="eval before training"
             )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(result))
+        except OSError:  # a read-only home: computed again next time
+            pass
+        return result
+
+    def _base_scores_key(self, prepared: Prepared) -> str:
+        import transformers
+
+        n = self.cfg.eval.max_examples or len(prepared.features)
+        rows = [
+            (f["input_ids"], f["labels"], p, r)
+            for f, p, r in zip(prepared.features[:n], prepared.prompts[:n], prepared.references[:n], strict=True)
+        ]
+        blob = json.dumps(
+            [
+                weights_digest(self.model_dir),
+                rows,
+                prepared.format,
+                prepared.labels,
+                self.cfg.eval.model_dump(mode="json"),
+                self.cfg.to_dict()["strategy"],
+                self.precision,
+                self.device,
+                self.load_options.get("attn_implementation"),
+                torch.__version__,
+                transformers.__version__,
+            ],
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def score(self, prepared: Prepared, desc: str = "eval", record: str | None = None) -> dict[str, Any]:
         """Scores of the model as it stands; ``record`` keeps each row's answer (predictions/<record>.jsonl)."""
