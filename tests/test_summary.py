@@ -91,14 +91,20 @@ def test_the_untouched_models_scores_are_kept_and_read_back_by_a_run_like_it(
     calls = []
     real = session.score
     monkeypatch.setattr(session, "score", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
-    first = train(tiny_config(tiny_llama, memo_data, tmp_path / "a", max_steps=1)).summary
+
+    def config(out, **training):
+        cfg = tiny_config(tiny_llama, memo_data, tmp_path / out, **training)
+        cfg["eval"]["before"] = True
+        return cfg
+
+    first = train(config("a", max_steps=1)).summary
     assert calls.count("eval before training") == 1
-    second = train(tiny_config(tiny_llama, memo_data, tmp_path / "b", max_steps=2, seed=7)).summary
+    second = train(config("b", max_steps=2, seed=7)).summary
     assert calls.count("eval before training") == 1 and second["eval_before"] == first["eval_before"]
     assert len(list((tmp_path / "home" / "base-scores").iterdir())) == 1
     other = tmp_path / "other.jsonl"
     other.write_text("".join(memo_data.read_text().splitlines(keepends=True)[:-1]))  # one row fewer
-    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "c", max_steps=1)
+    cfg = config("c", max_steps=1)
     cfg["data"]["eval"] = str(other)
     train(cfg)
     assert calls.count("eval before training") == 2
