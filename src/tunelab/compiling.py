@@ -86,9 +86,7 @@ class History:
         """For this graph now, from a forward-pass ``estimate``: the eager and the compiled step (seconds),
         the compile seconds, and whether inductor's cache is 'warm' or 'cold'."""
         e = self.entries.get(key) or {}
-        cache = Path(e["cache_dir"]) if e.get("cache_dir") else None
-        here = inductor_cache_dir()
-        warm = cache is not None and cache == here and here.is_dir() and any(here.iterdir())
+        warm = self.cache(key) == "warm"
         if warm:
             seconds = e.get("warm_s", WARM_S.get(device, WARM_S["cuda"]))
         else:
@@ -102,6 +100,14 @@ class History:
             "compile_s": float(seconds),
             "cache": "warm" if warm else "cold",
         }
+
+    def cache(self, key: str) -> str:
+        """'warm' when this graph compiled into the inductor cache directory of now and it still holds files,
+        else 'cold'."""
+        recorded = (self.entries.get(key) or {}).get("cache_dir")
+        here = inductor_cache_dir()
+        warm = recorded is not None and Path(recorded) == here and here.is_dir() and any(here.iterdir())
+        return "warm" if warm else "cold"
 
     def record(self, key: str, **figures: float | str | None) -> None:
         """Keep ``figures`` (``cold_s`` or ``warm_s``, ``eager_ratio``, ``compiled_ratio``) for this graph."""
@@ -193,7 +199,7 @@ class CompileTimer(TrainerCallback):
             self.start()
             self.cache = self.decision.get("cache", "cold")
         else:
-            self.cache = self.history.expected(self.key, device, self.precision, 0.0)["cache"]
+            self.cache = self.history.cache(self.key)
         self.compiled_at = state.global_step + 1
 
     def _decide(self, device: str) -> dict[str, Any]:

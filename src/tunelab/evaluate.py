@@ -44,24 +44,22 @@ def loss_and_perplexity(
     chunks = list(batches(order, batch_size))
     # the vocabulary head at the positions that carry loss only, as in training (tunelab.losshead): most
     # positions are prompt, and their logits over the whole vocabulary were most of an eval batch's memory
-    positions = supports_positions_head(model) is None
+    head = PositionsHead(model) if supports_positions_head(model) is None else None
     for idx in track(chunks, desc, len(chunks), "batch"):
         batch = {k: v.to(device) for k, v in collate([prepared.features[i] for i in idx]).items()}
-        if positions:
-            head = PositionsHead(model)
+        labels = batch["labels"][:, 1:]
+        if head is not None:
             with autocast(device, bf16), head.capturing(batch["labels"]):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 nll += float(head.loss(1))  # the sum over the batch's loss positions
-            count += int((batch["labels"][:, 1:] != IGNORE).sum())
-            continue
-        with autocast(device, bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # prompt learners (prompt tuning, P-tuning) prepend virtual tokens: keep the real positions
-        logits = logits[:, -batch["input_ids"].shape[1] :]
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        nll += F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        ).item()
+        else:
+            with autocast(device, bf16):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # prompt learners (prompt tuning, P-tuning) prepend virtual tokens: keep the real positions
+            logits = logits[:, -batch["input_ids"].shape[1] :][:, :-1].float()
+            nll += F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            ).item()
         count += int((labels != IGNORE).sum())
     mean = nll / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}

@@ -17,9 +17,9 @@ the resolved values are written to ``summary.json`` under ``levers``, with why a
   names: the decoder layers) with ``torch.compile`` for the time of training (:func:`compiled`):
   inductor fuses the element-wise work around the matmuls and its partitioner saves fewer activations for
   backward. ``auto``, for models of at least :data:`COMPILE_MIN_PARAMS` parameters where inductor has a
-  compiler (a C++ compiler on CPU, triton on CUDA): the first steps run eager and are timed, and the rest
-  compile only if the time expected saved beats the time expected to compile, cold or warm
-  (tunelab.compiling); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by
+  compiler (a C++ compiler on CPU, triton on CUDA): one forward pass is timed before the first step, and
+  the run compiles from it only if the time expected saved beats the time expected to compile, cold or
+  warm (tunelab.compiling); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by
   default ``/tmp/torchinductor_<user>``), so later runs of the same model compile in seconds.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
@@ -130,26 +130,33 @@ def load_dtype(stored: torch.dtype, frozen_bf16: bool) -> torch.dtype:
 
 
 def upcast_all_but_frozen_linears(model: torch.nn.Module, trained: set[int] | None = None) -> int:
-    """Every floating parameter in fp32 except the weights and biases of linear layers not in ``trained``
-    (ids; ``None`` before the strategies apply) that no other kind of module shares (the head tied to the
-    embeddings is upcast): the state :func:`cast_frozen_linears` leaves an fp32-loaded model in. Returns how
-    many values were upcast."""
-    after_apply = trained is not None  # before the strategies apply, every parameter still requires grad
-    trained = trained or set()
-    shared = {
-        id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
-    }
-    linear = {
-        id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
-    }
+    """Every floating parameter in fp32 except the frozen linear weights (:func:`_frozen_linear`; ``trained``
+    is ``None`` before the strategies apply): the state :func:`cast_frozen_linears` leaves an fp32-loaded
+    model in. Returns how many values were upcast."""
+    keep = _frozen_linear(model, trained)
     n = 0
     for p in model.parameters():
-        keep = id(p) in linear and id(p) not in shared and id(p) not in trained
-        keep = keep and not (after_apply and p.requires_grad)
-        if p.is_floating_point() and p.dtype != torch.float32 and not keep:
+        if p.is_floating_point() and p.dtype != torch.float32 and id(p) not in keep:
             p.data = p.data.float()
             n += p.numel()
     return n
+
+
+def _frozen_linear(model: torch.nn.Module, trained: set[int] | None) -> set[int]:
+    """The ids of the weights and biases of linear layers that do not train (not in ``trained``, the ids of
+    every parameter an optimizer group holds, and not requiring grad; ``None``: before the strategies apply,
+    when every parameter still requires grad) and that no other kind of module shares (an output layer tied
+    to the input embeddings, whose lookups feed the fp32 residual stream)."""
+    shared = {
+        id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
+    }
+    return {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+        for p in m.parameters(recurse=False)
+        if id(p) not in shared and (trained is None or (id(p) not in trained and not p.requires_grad))
+    }
 
 
 def quantization_config(bits: str, precision: str):
@@ -246,21 +253,14 @@ def resolve(
 
 
 def cast_frozen_linears(model: torch.nn.Module, trained: set[int], dtype: torch.dtype = torch.bfloat16) -> int:
-    """Hold the fp32 weights and biases of linear layers that do not train (not in ``trained``: the ids of
-    every parameter an optimizer group holds, including per-task parts not active now) in ``dtype``; returns
-    how many values changed dtype. A weight shared with another kind of module (an output layer tied to the
-    input embeddings, whose lookups feed the fp32 residual stream) stays as it is."""
-    shared = {
-        id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
-    }
+    """Hold the fp32 weights and biases of linear layers that do not train (:func:`_frozen_linear`: not in
+    ``trained``, the ids of every parameter an optimizer group holds, including per-task parts not active
+    now) in ``dtype``; returns how many values changed dtype. A weight shared with another kind of module
+    (an output layer tied to the input embeddings) stays as it is."""
+    frozen = _frozen_linear(model, trained)
     n = 0
-    for m in model.modules():
-        if not isinstance(m, torch.nn.Linear):
-            continue
-        for name in ("weight", "bias"):
-            p = getattr(m, name, None)
-            if p is None or p.dtype != torch.float32 or id(p) in trained or id(p) in shared or p.requires_grad:
-                continue
+    for p in model.parameters():
+        if id(p) in frozen and p.dtype == torch.float32:
             p.data = p.data.to(dtype)
             n += p.numel()
     return n

@@ -107,7 +107,7 @@ class Session:
             changes_base=self.stack.changes_base_weights,
             precision=self.precision,
             loaded=loaded,
-            sharded=self.distributed if self.distributed in distributed.SHARDED else None,
+            sharded=sharded,
         )
         trained = {id(p) for p in self.stack.own_parameters(self.model)}
         if self.levers.frozen_weights == "bf16":
