@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/bench_vs_trl.py
 	$(BIN)/python bench/memory_phases.py --shape tickets
+	$(BIN)/python bench/data_prep.py
 	$(BIN)/python bench/bench_vs_trl.py --levers --only lora --shapes tickets
 	$(BIN)/python bench/bench_layerwise.py
 	$(BIN)/python bench/bench_distributed.py

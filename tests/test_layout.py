@@ -134,7 +134,7 @@ def test_no_import_cycle_anywhere_in_tunelab():
 # reason its docstring gives), and one that shrinks below the limit must leave the list.
 LONG = {
     "tunelab.config": "the one schema: every section's fields with their help texts, and its loader",
-    "tunelab.data": "one reading, rendering and masking pipeline whose errors name the same file and line",
+    "tunelab.data": "one rendering, masking and splitting path whose errors name the same file and line",
 }
 
 

@@ -134,14 +134,14 @@ def test_a_search_chooses_on_dev_and_the_eval_file_is_untouched_until_the_finali
     open(path, "w").write(yaml.safe_dump(grid))
     out = tmp_path / "cmp"
     reads: list[tuple[str, bool]] = []
-    real = data_module.read_rows_with_lines
+    real = data_module.open_source  # how prepare_splits opens every file it reads
 
     def watched(p):
         state = out / "search" / "lora" / "state.json"
         reads.append((str(p), state.is_file() and "chosen" in json.loads(state.read_text())))
         return real(p)
 
-    monkeypatch.setattr(data_module, "read_rows_with_lines", watched)
+    monkeypatch.setattr(data_module, "open_source", watched)
     # killed during the first candidate: the search continues where it stopped
     with pytest.raises(KeyboardInterrupt):
         compare(path, callbacks=[crash_at(1)])

@@ -1,4 +1,7 @@
-"""Training data: loading local files, rendering the four row shapes, and exact loss masks.
+"""Training data: the four row shapes, rendered a batch at a time, with exact loss masks; the splits.
+
+Files are read by :mod:`tunelab.sources` and prepared (in workers, cached under ``TUNELAB_HOME/data``) by
+:mod:`tunelab.dataprep`, which calls :class:`Formatter` here for each chunk of rows.
 
 Shapes (``data.format``; ``auto`` picks by columns):
 
@@ -16,33 +19,29 @@ the turn, so any prefix-stable chat template works without knowing its markup.
 Rows that are malformed, miss fields, or keep no trainable token after truncation raise
 :class:`DataError` naming file, row and line, or with ``skip_bad_rows`` are skipped and counted.
 
-Long because reading (JSON, CSV, Parquet with line numbers and text kept as written), rendering and masking
-are one pipeline whose errors must name the same file and line; each part is a short function.
+Long because the four shapes' rendering, the batched chat template and tokenizer calls, the masks and the
+splits (carving, shots) are one path whose errors must name the same file and line, and whose every
+rendering decision must be in the cache key beside it; each part is a short function.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from tunelab.errors import first_line
+from tunelab import dataprep
+from tunelab.dataprep import IGNORE, Column, Prompts, Rows  # noqa: F401 - IGNORE and the views, re-exported
+from tunelab.sources import LOADERS, DataError, Source, in_memory, locked, open_source  # noqa: F401 - re-exported
 
-IGNORE = -100
-LOADERS = (".jsonl", ".json", ".csv", ".parquet")
 #: What a row may carry beside its tokens, for the engine and strategies, never for the model's forward:
 #: its task's index (multi-task runs) and its class's index in the label set (classification rows; -1 none).
 ANNOTATIONS = ("task", "class")
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass
@@ -59,88 +58,12 @@ class DataStats:
 # ----------------------------------------------------------------------------- reading files
 
 
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is dropped
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); save the file as UTF-8"
-        ) from None
-
-
-def _read_json_lines(path: Path, text: str) -> tuple[list[dict], list[int]]:
-    rows, lines = [], []
-    for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{i}: each line must be a JSON object, got {type(obj).__name__}")
-        rows.append(obj)
-        lines.append(i)
-    return rows, lines
-
-
-def _read_json(path: Path, text: str) -> tuple[list[dict], list[int] | None]:
-    if path.suffix == ".jsonl":
-        return _read_json_lines(path, text)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # JSON Lines in a .json file
-            return _read_json_lines(path, text)
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-        raise DataError(f"{path}: a .json file must hold a list of objects (one per row), or one object per line")
-    return obj, None
-
-
-def _read_csv(path: Path, text: str) -> tuple[list[dict], list[int]]:
-    """Every cell as the string in the file: no type guessing, "NA" stays "NA", "007" stays "007"."""
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows, lines, last = [], [], 1  # line 1 is the header
-    try:
-        for row in reader:
-            rows.append({k: v for k, v in row.items() if k is not None})  # cells past the header are dropped
-            lines.append(last + 1)
-            last = reader.line_num
-    except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
-    return rows, lines
-
-
 def read_rows_with_lines(path: str | Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     """Rows of a local JSONL/JSON/CSV/Parquet file, and the line each row starts on (None for Parquet and
-    JSON arrays).
-
-    Text reaches training exactly as written: JSON and CSV are read with the standard library, not with
-    loaders that infer types (which turn "2021-03-04" into a date, "007" into 7 and "NA" into a missing
-    value). Parquet files carry their own column types and are read with ``datasets``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path.resolve()}")
-    suffix = path.suffix.lower()
-    if suffix not in LOADERS:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOADERS)}")
-    if suffix in (".jsonl", ".json"):
-        return _read_json(path, _decode(path))
-    if suffix == ".csv":
-        return _read_csv(path, _decode(path))
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"{path}: could not be read as parquet: {first_line(e)}") from None
-    return ds.to_list(), None
+    JSON arrays), as Python objects: for small files (a retention set, a task list). Training data goes
+    through :func:`prepare_splits`, which never holds a file's rows in Python. Text reaches training exactly
+    as written (:mod:`tunelab.sources`)."""
+    return open_source(path).all_rows()
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -198,46 +121,76 @@ class Formatter:
         # that keep every character (byte-level BPE, SentencePiece: every causal LM here); one that drops
         # characters (WordPiece drops whitespace) may see fewer tokens on rows longer than the bound.
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=16)
+        self._direct: dict[bool, bool] = {}  # per add_generation_prompt: the direct render is checked equal
+
+    def __getstate__(self) -> dict:  # what a worker is sent: the compiled template is built again there
+        return {**self.__dict__, "_jinja": None, "_direct": {}}
 
     # -- helpers --------------------------------------------------------------------------------
-    def _template(self, messages, generation_prompt=False) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def _template(self, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
+        """The chat template applied to each conversation. transformers' ``apply_chat_template`` spends half
+        its time normalising messages that here are already plain ``{role, content}`` strings, so the
+        compiled template it uses is rendered directly, with the same variables, once the first
+        conversation has rendered the same both ways (else, and without that compiled template, through
+        ``apply_chat_template`` for every one)."""
+        slow = self.tok.apply_chat_template
+        direct = self._direct.get(generation_prompt)
+        if direct is None:
+            first = slow(conversations[:1], tokenize=False, add_generation_prompt=generation_prompt)
+            direct = self._direct[generation_prompt] = self._render(conversations[:1], generation_prompt) == first
+        if direct:
+            return self._render(conversations, generation_prompt)
+        return slow(conversations, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _render(self, conversations: list[list[dict]], generation_prompt: bool) -> list[str] | None:
+        if getattr(self, "_jinja", None) is None:
+            try:
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                self._jinja = _compile_jinja_template(self.tok.get_chat_template())
+            except Exception:  # noqa: BLE001 - another transformers: apply_chat_template does it all
+                return None
+        kw = {**self.tok.special_tokens_map, "tools": None, "documents": None}
+        return [
+            self._jinja.render(messages=c, add_generation_prompt=generation_prompt, **kw) for c in conversations
+        ]
 
     def _with_system(self, messages: list[dict]) -> list[dict]:
         if self.cfg.system_prompt and (not messages or messages[0].get("role") != "system"):
             return [{"role": "system", "content": self.cfg.system_prompt}, *messages]
         return messages
 
-    def render_chat(self, messages: list[dict]) -> Rendered:
-        msgs = self._with_system(messages)
-        full = self._template(msgs)
-        spans = []
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            start = len(self._template(msgs[:i], generation_prompt=True)) if i else 0
-            end = len(self._template(msgs[: i + 1]))
-            if not full.startswith(self._template(msgs[: i + 1])):
-                raise DataError("the tokenizer's chat template is not prefix-stable; use data.template: plain")
-            spans.append((start, end))
-        last = msgs[-1]
-        prompt = reference = None
-        if last["role"] == "assistant":
-            prompt = self._template(msgs[:-1], generation_prompt=True)
-            reference = last["content"]
-        return Rendered(full, spans, prompt, reference, special=False)
-
-    def render_pair(self, prompt: str, completion: str) -> Rendered:
+    def _chat_pair(self, prompt: str, completion: str) -> Rendered | _Chat:
         if self.chat:
             shown = [{"role": r, "content": c} for p, a in self.shots for r, c in (("user", p), ("assistant", a))]
-            r = self.render_chat(
-                [*shown, {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            )
-            r.spans = r.spans[-1:]  # the shown answers carry no loss: only the row's own
-            return r
+            msgs = [*shown, {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            return _Chat(self._with_system(msgs), own_only=True)  # the shown answers carry no loss
         prompt = "".join(f"{p}{a}\n\n" for p, a in self.shots) + prompt
         text = prompt + completion + self.eos
         return Rendered(text, [(len(prompt), len(text))], prompt, completion)
+
+    def _finish(self, chats: list[_Chat]) -> list[Rendered | Exception]:
+        """Render chats with the chat template, every conversation of the batch in one call per kind (with and
+        without the generation prompt); a batch the template refuses is rendered chat by chat, so the error
+        is the row's own."""
+        wanted: dict[bool, dict[tuple[int, int], int]] = {False: {}, True: {}}
+        for c, chat in enumerate(chats):
+            for key in chat.needs():
+                wanted[key[1]].setdefault((c, key[0]), len(wanted[key[1]]))
+        texts: dict[tuple[int, int, bool], str] = {}
+        try:
+            for gen, keys in wanted.items():
+                if keys:
+                    convs = [chats[c].msgs[:n] for c, n in keys]
+                    for (c, n), text in zip(keys, self._template(convs, gen), strict=True):
+                        texts[(c, n, gen)] = text
+        except Exception as e:  # noqa: BLE001 - a template's own errors have many types; found row by row below
+            if len(chats) > 1:
+                return [out for chat in chats for out in self._finish([chat])]
+            from tunelab.errors import first_line
+
+            return [ValueError(f"the chat template refused this row: {first_line(e)}")]
+        return [chat.rendered(lambda n, gen, c=c: texts[(c, n, gen)]) for c, chat in enumerate(chats)]
 
     def pair(self, row: dict[str, Any]) -> tuple[str, str]:
         """A row as a solved example (prompt, answer), for few-shot prompts."""
@@ -250,13 +203,28 @@ class Formatter:
             ), label
         raise DataError(f"few-shot examples need prompt/completion or classification rows, not {self.fmt} rows")
 
-    # -- one row --------------------------------------------------------------------------------
-    def render(self, row: dict[str, Any]) -> Rendered:
+    # -- rows ---------------------------------------------------------------------------------
+    def render_many(self, rows: list[dict[str, Any]], shots_for=None) -> list[Rendered | Exception]:
+        """Each row rendered, or the reason it cannot be (a ``ValueError``; a :class:`DataError` is about the
+        whole data, not the row). ``shots_for``: a function of a row's prompt giving its own shown examples."""
+        plans: list[Rendered | _Chat | Exception] = []
+        for row in rows:
+            try:
+                if shots_for is not None:
+                    self.shots = shots_for(self.pair(row)[0])
+                plans.append(self._plan(row))
+            except (ValueError, KeyError, TypeError) as e:
+                plans.append(e)
+        chats = [p for p in plans if isinstance(p, _Chat)]
+        done = iter(self._finish(chats) if chats else [])
+        return [next(done) if isinstance(p, _Chat) else p for p in plans]
+
+    def _plan(self, row: dict[str, Any]) -> Rendered | _Chat:
         if self.fmt == "text":
             text = _need_text(row, "text")
             return Rendered(text + self.eos, [(0, len(text) + len(self.eos))])
         if self.fmt == "prompt_completion":
-            return self.render_pair(_need_str(row, "prompt"), _need_text(row, "completion"))
+            return self._chat_pair(_need_str(row, "prompt"), _need_text(row, "completion"))
         if self.fmt == "classification":
             text, label = _need_str(row, "text"), row.get("label")
             if label is None or (isinstance(label, str) and not label.strip()):
@@ -265,7 +233,7 @@ class Formatter:
             if self.labels is not None and label not in self.labels:
                 raise ValueError(f"label {label!r} is not among the training labels {self.labels}")
             prompt = self.cfg.instruction.format(text=text, labels=", ".join(self.labels or [label]))
-            return self.render_pair(prompt, label)
+            return self._chat_pair(prompt, label)
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ValueError("'messages' must be a non-empty list of {role, content}")
@@ -280,31 +248,126 @@ class Formatter:
             clean.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in clean):
             raise ValueError("no assistant message: nothing to learn")
-        return self.render_chat(clean)
+        return _Chat(self._with_system(clean))
 
     # -- tokens ---------------------------------------------------------------------------------
-    def tokenize(self, r: Rendered, max_length: int, train_on: str) -> dict[str, Any]:
+    def tokenize_many(self, rs: list[Rendered], max_length: int, train_on: str) -> Tokens:
+        """The rendered rows' tokens and labels, cut to ``max_length``, as flat arrays (the tokenizer called
+        once per batch, the loss masks computed for the whole batch at once), and why a row has nothing
+        to train on. A row is cut to the characters its first ``max_length`` tokens can come from before
+        tokenizing (see ``max_token_chars``)."""
         limit = (max_length + 16) * self.max_token_chars
-        text = r.text[:limit]
-        enc = self.tok(text, add_special_tokens=r.special, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        # A token trains when it overlaps a loss span: one that straddles the prompt/completion boundary
-        # carries completion characters, so it must be predicted too.
+        n = len(rs)
+        pairs: list = [None] * n
+        for special in (True, False):
+            group = [i for i, r in enumerate(rs) if r.special == special]
+            if group:
+                encoded = self._encode([rs[i].text[:limit] for i in group], special)
+                for i, pair in zip(group, encoded, strict=True):
+                    pairs[i] = pair
+        lens = np.fromiter((len(p[0]) for p in pairs), dtype=np.int64, count=n)
+        total = int(lens.sum())
+        ids = np.fromiter(chain.from_iterable(p[0] for p in pairs), dtype=np.int64, count=total)
+        row = np.repeat(np.arange(n), lens)
         if train_on == "all":
-            labels = list(ids)
+            keep = np.ones(total, dtype=bool)
         else:
-            labels = [
-                t if any(a < e and b > s for s, e in r.spans) else IGNORE
-                for t, (a, b) in zip(ids, offsets, strict=True)
-            ]
-        full_len = f"{len(ids)}{'+' if len(text) < len(r.text) else ''}"
-        ids, labels = ids[:max_length], labels[:max_length]
-        if all(x == IGNORE for x in labels):
-            raise ValueError(
+            # A token trains when it overlaps a loss span: one that straddles the prompt/completion boundary
+            # carries completion characters, so it must be predicted too.
+            at = np.fromiter(chain.from_iterable(chain.from_iterable(p[1] for p in pairs)), np.int64, 2 * total)
+            at = at.reshape(-1, 2)
+            spans = np.zeros((n, max((len(r.spans) for r in rs), default=0), 2), dtype=np.int64)
+            for i, r in enumerate(rs):
+                spans[i, : len(r.spans)] = r.spans
+            keep = np.zeros(total, dtype=bool)
+            for k in range(spans.shape[1]):  # an empty (0, 0) pad overlaps no token
+                keep |= (at[:, 0] < spans[row, k, 1]) & (at[:, 1] > spans[row, k, 0])
+        within = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens) < max_length
+        trainable = np.bincount(row[within & keep], minlength=n)
+        errors = [
+            None
+            if trainable[i]
+            else ValueError(
                 f"no trainable token after truncation to training.max_length={max_length} "
-                f"(row is {full_len} tokens)"
+                f"(row is {lens[i]}{'+' if len(rs[i].text) > limit else ''} tokens)"
             )
-        return {"input_ids": ids, "labels": labels, "length": len(ids)}
+            for i in range(n)
+        ]
+        labels = np.where(keep, ids, IGNORE)
+        return Tokens(ids[within].astype(np.int32), labels[within].astype(np.int32), row[within],
+                      np.minimum(lens, max_length), errors)  # fmt: skip
+
+    def _encode(self, texts: list[str], special: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character offsets) of each text. The first goes through the tokenizer's own call (which also
+        resets any truncation or padding left on its backend); when the backend's batch encoding gives that
+        text the same ids, the whole batch is encoded by the backend (the tokenizer's call builds a dozen
+        fields per row that are not used here)."""
+        enc = self.tok(texts[:1], add_special_tokens=special, return_offsets_mapping=True)
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is not None:
+            encodings = backend.encode_batch(texts, add_special_tokens=special)
+            if encodings[0].ids == enc["input_ids"][0]:
+                return [(e.ids, e.offsets) for e in encodings]
+        enc = self.tok(texts, add_special_tokens=special, return_offsets_mapping=True)
+        return list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+
+
+@dataclass
+class Tokens:
+    """Tokenized rows, flat: every row's tokens one after another (``row``: whose each token is)."""
+
+    ids: np.ndarray  #: int32
+    labels: np.ndarray  #: int32, IGNORE where no loss
+    row: np.ndarray  #: per token, its row
+    lengths: np.ndarray  #: per row
+    errors: list[ValueError | None]  #: per row: why it has nothing to train on
+
+    def only(self, rows: list[int]) -> Tokens:
+        """The rows ``rows`` (ascending) alone."""
+        wanted = np.zeros(len(self.lengths), dtype=bool)
+        wanted[rows] = True
+        mask = wanted[self.row]
+        return Tokens(self.ids[mask], self.labels[mask], self.row[mask], self.lengths[rows],
+                      [self.errors[i] for i in rows])  # fmt: skip
+
+
+@dataclass
+class _Chat:
+    """A chat to render with the template: the conversations it needs rendered (its prefixes), and how its
+    text, loss spans and prompt follow from them. Each assistant span is found by rendering the chat up to
+    the turn (with the generation prompt) and through the turn."""
+
+    msgs: list[dict]
+    own_only: bool = False  #: only the last assistant turn carries loss (shown examples come before it)
+
+    def _assistants(self) -> list[int]:
+        turns = [i for i, m in enumerate(self.msgs) if m["role"] == "assistant"]
+        return turns[-1:] if self.own_only else turns
+
+    def needs(self) -> list[tuple[int, bool]]:
+        """(how many leading messages, with the generation prompt) for every rendering this chat needs."""
+        n = len(self.msgs)
+        out = [(n, False)]
+        for i in self._assistants():
+            out += [(i, True)] if i else []
+            out.append((i + 1, False))
+        if self.msgs[-1]["role"] == "assistant":
+            out.append((n - 1, True))
+        return out
+
+    def rendered(self, text: Callable[[int, bool], str]) -> Rendered:
+        n = len(self.msgs)
+        full = text(n, False)
+        spans = []
+        for i in self._assistants():
+            through = text(i + 1, False)
+            if not full.startswith(through):
+                raise DataError("the tokenizer's chat template is not prefix-stable; use data.template: plain")
+            spans.append((len(text(i, True)) if i else 0, len(through)))
+        prompt = reference = None
+        if self.msgs[-1]["role"] == "assistant":
+            prompt, reference = text(n - 1, True), self.msgs[-1]["content"]
+        return Rendered(full, spans, prompt, reference, special=False)
 
 
 def _need_text(row: dict, key: str) -> str:
@@ -329,11 +392,13 @@ def _need_str(row: dict, key: str) -> str:
 
 @dataclass
 class Prepared:
-    """A tokenized split plus what scoring needs: prompts and references (None for LM-only data)."""
+    """A tokenized split plus what scoring needs: prompts and references (None for LM-only data). Prepared
+    from files, ``features`` are :class:`~tunelab.dataprep.Rows` and the two others column views, all over
+    one memory-mapped Arrow table; lists of the same shapes work everywhere too (a strategy's own rows)."""
 
-    features: list[dict[str, Any]]
-    prompts: list[tuple[str, bool] | None]  # (prompt text, add special tokens)
-    references: list[str | None]
+    features: Sequence[dict[str, Any]]
+    prompts: Sequence[tuple[str, bool] | None]  # (prompt text, add special tokens)
+    references: Sequence[str | None]
     stats: DataStats
     format: str
     labels: list[str] | None
@@ -353,10 +418,13 @@ def eval_datasets(eval_data: Prepared | dict[str, Prepared] | None):
     return eval_data.dataset() if eval_data is not None else None
 
 
-def features_dataset(features: list[dict[str, Any]]):
-    """Tokenized rows as a ``datasets.Dataset`` (the columns the collator and length grouping read)."""
+def features_dataset(features: Sequence[dict[str, Any]]):
+    """Tokenized rows as a ``datasets.Dataset`` (the columns the collator and length grouping read): a
+    prepared split's own Arrow table, or one built from a list of rows."""
     import datasets
 
+    if isinstance(features, Rows):
+        return features.dataset()
     columns = {k: [f[k] for f in features] for k in ("input_ids", "labels", "length")}
     for k in ANNOTATIONS:
         if any(k in f for f in features):
@@ -364,10 +432,15 @@ def features_dataset(features: list[dict[str, Any]]):
     return datasets.Dataset.from_dict(columns)
 
 
-def _apply_columns(rows: list[dict], mapping: dict[str, str]) -> list[dict]:
-    if not mapping:
-        return rows
-    return [{**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}} for row in rows]
+def lengths(features: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Every row's token count, without reading the rows' tokens where they are a prepared table."""
+    if isinstance(features, Rows):
+        return features.lengths
+    return np.array([f["length"] for f in features], dtype=np.int64)
+
+
+def _mapped(row: dict, mapping: dict[str, str]) -> dict:
+    return {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}} if mapping else row
 
 
 def prepare_rows(
@@ -382,58 +455,115 @@ def prepare_rows(
     labels: list[str] | None = None,
     shots: list[tuple[str, str]] | Callable[[str], list[tuple[str, str]]] = (),
 ) -> Prepared:
-    """Render and tokenize ``rows``. ``shots``: solved (prompt, answer) pairs shown before every row, or a
-    function of a row's prompt giving its own (BM25-nearest examples)."""
-    rows = _apply_columns(rows, data_cfg.columns)
-    if not rows:
-        raise DataError(f"{source}: no rows")
+    """Render and tokenize ``rows`` held in memory. ``shots``: solved (prompt, answer) pairs shown before every
+    row, or a function of a row's prompt giving its own (BM25-nearest examples)."""
+    return prepare_source(
+        in_memory(rows, lines, source), None, tokenizer, data_cfg, max_length, fmt=fmt, labels=labels, shots=shots
+    )
+
+
+def prepare_source(
+    src: Source,
+    idx: np.ndarray | None,
+    tokenizer,
+    data_cfg,
+    max_length: int,
+    *,
+    fmt: str | None = None,
+    labels: list[str] | None = None,
+    shots: list[tuple[str, str]] | Callable[[str], list[tuple[str, str]]] = (),
+) -> Prepared:
+    """Render and tokenize the rows ``idx`` (ascending; None: all) of ``src``, or map the result of an
+    earlier run that prepared the same rows of the same file with the same tokenizer and options
+    (:mod:`tunelab.dataprep`). A bar shows rows/s while rows are prepared and written."""
+    idx = np.arange(src.n) if idx is None else idx
+    if not len(idx):
+        raise DataError(f"{src.name}: no rows")
     if fmt is None:
-        fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(set(rows[0]))
+        fmt = (
+            data_cfg.format
+            if data_cfg.format != "auto"
+            else detect_format(set(_mapped(src.row(idx[0]), data_cfg.columns)))
+        )
     if fmt == "classification" and labels is None:
-        labels = sorted({str(r["label"]) for r in rows if r.get("label") is not None})
+        labels = sorted(
+            {str(v) for v in _column(src, idx, data_cfg.columns.get("label", "label")) if v is not None}
+        )
     per_row = shots if callable(shots) else None
-    formatter = Formatter(tokenizer, data_cfg, fmt, labels, () if per_row else shots)
-    stats = DataStats(rows=len(rows))
-    out = Prepared([], [], [], stats, fmt, labels)
-    for i, row in enumerate(rows):
-        try:
-            if per_row is not None:
-                formatter.shots = per_row(formatter.pair(row)[0])
-            r = formatter.render(row)
-            feats = formatter.tokenize(r, max_length, data_cfg.train_on)
-        except DataError:
-            raise
-        except (ValueError, KeyError, TypeError) as e:
-            where = f"{source}:{lines[i]}" if lines and i < len(lines) else f"{source}: row {i + 1}"
-            if not data_cfg.skip_bad_rows:
-                raise DataError(f"{where}: {e} (set data.skip_bad_rows: true to skip such rows)") from None
-            stats.skipped += 1
-            stats.reasons.append(f"{where}: {e}")
-            continue
-        if fmt == "classification":
-            feats["class"] = labels.index(r.reference) if r.reference in labels else -1
-        out.features.append(feats)
-        out.prompts.append((r.prompt, r.special) if r.prompt is not None else None)
-        out.references.append(r.reference)
-    stats.used = len(out.features)
-    if not out.features:
-        raise DataError(f"{source}: every row was skipped; first: {stats.reasons[0] if stats.reasons else '?'}")
-    return out
+    shown = [] if per_row else [list(s) for s in shots]
+    options = {
+        "format": fmt, "labels": labels, "shots": shown, "max_length": max_length,
+        "cfg": data_cfg.model_dump(mode="json", include=set(RENDERING)),
+    }  # fmt: skip
+    key = None if per_row else dataprep.cache_key(src, idx, tokenizer, options)
+    with locked(key):
+        return _prepared(src, idx, key, tokenizer, data_cfg, max_length, fmt, labels, shown, per_row)
+
+
+def _prepared(src, idx, key, tokenizer, data_cfg, max_length, fmt, labels, shown, per_row) -> Prepared:
+    from tunelab.progress import Bar, status
+
+    found = dataprep.load_cached(key)
+    if found is None:
+        formatter = Formatter(tokenizer, data_cfg, fmt, labels, shown)
+        job = dataprep.Job(
+            formatter,
+            max_length,
+            data_cfg.train_on,
+            dict(data_cfg.columns),
+            data_cfg.skip_bad_rows,
+            src.name,
+            per_row,
+        )
+
+        def produce(write) -> dict:
+            stats = DataStats(rows=len(idx))
+            bar = Bar(f"preparing {Path(src.name).name}", len(idx) if len(idx) >= dataprep.CHUNK else 0, "rows")
+            try:
+                for size, (batch, skipped, error) in dataprep.chunk_results(job, src, idx):
+                    if error is not None:
+                        raise DataError(error)
+                    stats.skipped += len(skipped)
+                    stats.reasons += skipped[: 10 - len(stats.reasons)] if len(stats.reasons) < 10 else []
+                    if batch is not None:
+                        stats.used += batch.num_rows
+                        write(batch)
+                    bar.update(size)
+            finally:
+                bar.close()
+            if not stats.used:
+                raise DataError(
+                    f"{src.name}: every row was skipped; first: {stats.reasons[0] if stats.reasons else '?'}"
+                )
+            return {"stats": stats.as_dict(), "schema": dataprep.schema(fmt == "classification")}
+
+        table, meta = dataprep.write_prepared(key, produce)
+    else:
+        table, meta = found
+        if len(idx) >= dataprep.POOL_MIN_ROWS:
+            status(f"data: {src.name}: {table.num_rows:,} prepared rows read from the cache")
+    st = meta["stats"]
+    stats = DataStats(st["rows"], st["used"], st["skipped"], list(st["skip_reasons"]))
+    return Prepared(Rows(table), Prompts(table), Column(table, "reference"), stats, fmt, labels)
+
+
+#: the DataConfig fields that change what a row renders to (the others choose which rows: in the key as
+#: the rows themselves)
+RENDERING = ("format", "columns", "template", "system_prompt", "instruction", "train_on", "skip_bad_rows")
+
+
+def _column(src: Source, idx: np.ndarray, name: str) -> Iterator[Any]:
+    """One field of the rows ``idx``, for the label set of classification rows."""
+    from tunelab.sources import parse_row
+
+    for _, lines, payloads in src.chunks(idx, dataprep.CHUNK):
+        for line, p in zip(lines, payloads, strict=True):
+            yield (p if isinstance(p, dict) else parse_row(src.name, line, p)).get(name)
 
 
 def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None, shots=()) -> Prepared:
-    path = Path(path)
-    rows, lines = read_rows_with_lines(path)
-    return prepare_rows(
-        rows,
-        tokenizer,
-        data_cfg,
-        max_length,
-        source=str(path),
-        lines=lines,
-        fmt=fmt,
-        labels=labels,
-        shots=shots,
+    return prepare_source(
+        open_source(path), None, tokenizer, data_cfg, max_length, fmt=fmt, labels=labels, shots=shots
     )
 
 
@@ -470,15 +600,10 @@ def _nearest(pool: list[tuple[str, str]], k: int):
 DEV_AUTO = (0.1, 20, 500)  #: dev_split auto: this share of train, at least and at most these many rows
 
 
-def _carve(rows: list, lines: list[int] | None, n: int, seed: int) -> tuple[tuple, tuple]:
-    """``n`` rows drawn with ``seed`` (in file order) and the rest: ((rows, lines), (rows, lines))."""
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    out, keep = sorted(order[:n]), sorted(order[n:])
-
-    def pick(idx: list[int]) -> tuple:
-        return [rows[i] for i in idx], [lines[i] for i in idx] if lines else None
-
-    return pick(out), pick(keep)
+def _carve(idx: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` of the rows ``idx`` drawn with ``seed`` (in file order), and the rest."""
+    order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed)).numpy()
+    return idx[np.sort(order[:n])], idx[np.sort(order[n:])]
 
 
 def dev_rows(data_cfg, available: int, source: str) -> int:
@@ -506,50 +631,50 @@ def prepare_splits(
     ``data.split_seed``, never the training seed, so every seed of a comparison sees the same splits. With
     ``shots`` (:class:`Shots`, or a number k), k training rows (drawn with ``seed``, or the nearest by BM25)
     are shown as solved examples before every prompt scored."""
-    train_path = Path(data_cfg.train)
-    rows, lines = read_rows_with_lines(train_path)
-    eval_rows = eval_lines = None
+    train_src = open_source(data_cfg.train)
+    idx = np.arange(train_src.n)
+    if not len(idx):
+        raise DataError(f"{train_src.name}: no rows")
+    eval_idx = None
     split_seed = getattr(data_cfg, "split_seed", 0)
     if data_cfg.eval_split:
-        n_eval = max(1, round(len(rows) * data_cfg.eval_split))
-        (eval_rows, eval_lines), (rows, lines) = _carve(rows, lines, n_eval, split_seed)
+        eval_idx, idx = _carve(idx, max(1, round(len(idx) * data_cfg.eval_split)), split_seed)
     dev = None
     if getattr(data_cfg, "dev", None):
-        dev = (*read_rows_with_lines(data_cfg.dev), data_cfg.dev)
+        dev = (open_source(data_cfg.dev), None)
     elif getattr(data_cfg, "dev_split", None):
-        (dev_r, dev_l), (rows, lines) = _carve(
-            rows, lines, dev_rows(data_cfg, len(rows), str(train_path)), split_seed + 1
-        )
-        dev = (dev_r, dev_l, str(train_path))
-    train = prepare_rows(rows, tokenizer, data_cfg, max_length, source=str(train_path), lines=lines)
+        dev_idx, idx = _carve(idx, dev_rows(data_cfg, len(idx), train_src.name), split_seed + 1)
+        dev = (train_src, dev_idx)
+    train = prepare_source(train_src, idx, tokenizer, data_cfg, max_length)
     shots = shots if isinstance(shots, Shots) else Shots(k=int(shots))
     examples: Any = []
     if shots.k:
         formatter = Formatter(tokenizer, data_cfg, train.format, train.labels)
+
+        def pairs(which: np.ndarray) -> list[tuple[str, str]]:
+            return [formatter.pair(_mapped(train_src.row(i), data_cfg.columns)) for i in which]
+
         if shots.select == "bm25":
-            examples = _nearest([formatter.pair(r) for r in _apply_columns(rows, data_cfg.columns)], shots.k)
+            examples = _nearest(pairs(idx), shots.k)
         else:
-            g = torch.Generator().manual_seed(seed)
-            drawn = torch.randperm(len(rows), generator=g).tolist()[: shots.k]
-            examples = [formatter.pair(r) for r in _apply_columns([rows[i] for i in drawn], data_cfg.columns)]
+            drawn = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed)).tolist()[: shots.k]
+            examples = pairs(idx[drawn])
     shown_cfg = data_cfg
     if shots.system_prompt is not None:
         shown_cfg = data_cfg.model_copy(update={"system_prompt": shots.system_prompt})
 
-    def scored(rows_, lines_, source) -> Prepared:
-        return prepare_rows(
-            rows_, tokenizer, shown_cfg, max_length, source=str(source), lines=lines_, fmt=train.format,
-            labels=train.labels, shots=examples,
-        )  # fmt: skip
+    def scored(src: Source, which: np.ndarray | None) -> Prepared:
+        return prepare_source(
+            src, which, tokenizer, shown_cfg, max_length, fmt=train.format, labels=train.labels, shots=examples
+        )
 
     if score_on == "dev":
         if dev is None:
             raise DataError("eval.split: dev needs a dev split: give data.dev or data.dev_split")
         return train, scored(*dev)
     if data_cfg.eval:
-        rows_, lines_ = read_rows_with_lines(data_cfg.eval)
-        return train, scored(rows_, lines_, data_cfg.eval)
-    return train, scored(eval_rows, eval_lines, train_path) if eval_rows else None
+        return train, scored(open_source(data_cfg.eval), None)
+    return train, scored(train_src, eval_idx) if eval_idx is not None else None
 
 
 # ----------------------------------------------------------------------------- batching
@@ -584,6 +709,6 @@ class Collator:
         return batch
 
 
-def batches(items: list, size: int) -> Iterator[list]:
+def batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(items), size):
         yield items[i : i + size]

@@ -15,11 +15,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tunelab import metrics
-from tunelab.data import IGNORE, Collator, Prepared, batches
+from tunelab.data import IGNORE, Collator, Prepared, batches, lengths
 from tunelab.fsutil import write_text_atomic
 from tunelab.losshead import PositionsHead, supports_positions_head
 from tunelab.metrics import normalize  # noqa: F401  (re-exported: forgetting and tests read it here)
@@ -40,7 +41,7 @@ def loss_and_perplexity(
     device = next(model.parameters()).device
     collate = Collator(pad_id)
     nll, count = 0.0, 0
-    order = sorted(range(len(prepared.features)), key=lambda i: prepared.features[i]["length"])
+    order = np.argsort(lengths(prepared.features), kind="stable").tolist()
     chunks = list(batches(order, batch_size))
     # the vocabulary head at the positions that carry loss only, as in training (tunelab.losshead): most
     # positions are prompt, and their logits over the whole vocabulary were most of an eval batch's memory

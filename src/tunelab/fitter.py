@@ -21,7 +21,7 @@ import torch
 from tunelab import distributed, levers
 from tunelab.checkpoints import STAGING, Checkpoint, pick_resume_checkpoint
 from tunelab.config import RunConfig
-from tunelab.data import Collator, Prepared, eval_datasets, features_dataset
+from tunelab.data import Collator, Prepared, eval_datasets, features_dataset, lengths
 from tunelab.fsutil import write_text_atomic
 from tunelab.rundir import CHECKPOINTS, METRICS
 from tunelab.runtime import world_size
@@ -95,7 +95,7 @@ def token_budget_steps(cfg: RunConfig, features: list[dict]) -> int | None:
     t = cfg.training
     if t.max_tokens is None or t.max_steps is not None or not features:
         return None
-    per_step = sum(f["length"] for f in features) / len(features) * t.batch_size * t.grad_accum * world_size()
+    per_step = float(lengths(features).mean()) * t.batch_size * t.grad_accum * world_size()
     return max(1, math.ceil(t.max_tokens / per_step))
 
 

@@ -56,11 +56,12 @@ def set_verbosity(level: str) -> None:
 
 
 class Bar:
-    """A bar over ``total`` units (prompts, batches) that the caller advances."""
+    """A bar over ``total`` units (prompts, batches) that the caller advances; ``total=None``: a count and a
+    rate, for a phase whose size is not known before it ends (reading a file)."""
 
-    def __init__(self, desc: str, total: int, unit: str = "it"):
+    def __init__(self, desc: str, total: int | None, unit: str = "it"):
         self._bar = None
-        if enabled() and total:
+        if enabled() and total != 0:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

@@ -326,12 +326,13 @@ def stop_at(step: int, cooldown: int = 0):
 
 def dev_size(cfg: RunConfig) -> int:
     """How many rows the dev split of ``cfg.data`` has (a prompt search's budget, in rows)."""
-    from tunelab.data import dev_rows, read_rows_with_lines
+    from tunelab.data import dev_rows
+    from tunelab.sources import open_source
 
     data = cfg.data
     if data.dev:
-        return len(read_rows_with_lines(data.dev)[0])
-    n = len(read_rows_with_lines(data.train)[0])
+        return open_source(data.dev).n
+    n = open_source(data.train).n
     if data.eval_split:
         n -= max(1, round(n * data.eval_split))
     return dev_rows(data, n, data.train)
