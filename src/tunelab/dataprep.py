@@ -4,9 +4,10 @@ a bounded number of chunks in flight), written as Arrow to disk as it goes and m
 
 A prepared split is kept in ``TUNELAB_HOME/data/prepared/<key>/`` where the key digests everything the
 result depends on: the file's bytes, which of its rows, the tokenizer (vocabulary, merges, template,
-special tokens), the rendering options, ``max_length`` and the library versions. A second run on the same
-file, tokenizer and options (another seed, another variant of a comparison, another search candidate)
-maps it in milliseconds. A key says nothing about what a strategy does, so every strategy shares it.
+special tokens), the rendering options, ``max_length``, the data modules' source and the libraries'
+versions. A second run on the same file, tokenizer and options (another seed, another variant of a
+comparison, another search candidate) maps it in milliseconds. A key says nothing about what a strategy
+does, so every strategy shares it.
 
 Errors keep their place: chunks are processed and written in file order, and the first bad row (in that
 order) raises :class:`~tunelab.sources.DataError` with its file and line, in a worker as in the main process.
@@ -14,6 +15,7 @@ order) raises :class:`~tunelab.sources.DataError` with its file and line, in a w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -296,18 +298,26 @@ def tokenizer_digest(tok) -> str:
     return d
 
 
+@functools.cache
+def code_digest() -> str:
+    """The source of the modules that decide what a row prepares to: a change there (in a checkout, between
+    releases of the same version number) prepares the rows again instead of reading older ones."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("data.py", "dataprep.py", "sources.py"):
+        h.update(Path(__file__).with_name(name).read_bytes())
+    return h.hexdigest()
+
+
 def cache_key(source: Source, idx: np.ndarray, tok, options: dict[str, Any]) -> str | None:
     if source.digest is None:
         return None
     import tokenizers
     import transformers
 
-    import tunelab
-
     h = hashlib.blake2b(digest_size=20)
     h.update(np.ascontiguousarray(idx, dtype=np.int64).tobytes())
-    blob = [PREP_VERSION, getattr(tunelab, "__version__", "?"), transformers.__version__, tokenizers.__version__,
-            source.digest, source.name, len(idx), tokenizer_digest(tok), options]  # fmt: skip
+    blob = [PREP_VERSION, code_digest(), transformers.__version__, tokenizers.__version__, source.digest,
+            source.name, len(idx), tokenizer_digest(tok), options]  # fmt: skip
     h.update(json.dumps(blob, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
