@@ -158,3 +158,13 @@ def test_text_stays_text_through_the_arrow_tables(tmp_path, home, tok):
         assert (
             list(prepare_file(path, tok, DataConfig(train=str(path), template="plain"), 64).references) == tricky
         )
+
+
+def test_a_home_that_cannot_be_written_prepares_in_a_temporary_directory(tmp_path, tok, monkeypatch):
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "a-file" / "home"))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q {i}", "completion": f"a {i}"} for i in range(30)])
+    first = prepare_file(path, tok, DataConfig(train=str(path)), 64)
+    again = prepare_file(path, tok, DataConfig(train=str(path)), 64)
+    assert len(first.features) == 30 and same(first, again)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "d.jsonl"]  # nothing kept anywhere else

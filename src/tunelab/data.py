@@ -37,7 +37,7 @@ import torch
 
 from tunelab import dataprep
 from tunelab.dataprep import IGNORE, Column, Prompts, Rows  # noqa: F401 - IGNORE and the views, re-exported
-from tunelab.sources import LOADERS, DataError, Source, in_memory, locked, open_source  # noqa: F401 - re-exported
+from tunelab.sources import LOADERS, DataError, Source, in_memory, locked, mapped, open_source  # noqa: F401 - re-exported
 
 #: What a row may carry beside its tokens, for the engine and strategies, never for the model's forward:
 #: its task's index (multi-task runs) and its class's index in the label set (classification rows; -1 none).
@@ -123,9 +123,6 @@ class Formatter:
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=16)
         self._direct: dict[bool, bool] = {}  # per add_generation_prompt: the direct render is checked equal
 
-    def __getstate__(self) -> dict:  # what a worker is sent: the compiled template is built again there
-        return {**self.__dict__, "_jinja": None, "_direct": {}}
-
     # -- helpers --------------------------------------------------------------------------------
     def _template(self, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
         """The chat template applied to each conversation. transformers' ``apply_chat_template`` spends half
@@ -173,10 +170,10 @@ class Formatter:
         """Render chats with the chat template, every conversation of the batch in one call per kind (with and
         without the generation prompt); a batch the template refuses is rendered chat by chat, so the error
         is the row's own."""
-        wanted: dict[bool, dict[tuple[int, int], int]] = {False: {}, True: {}}
+        wanted: dict[bool, dict[tuple[int, int], None]] = {False: {}, True: {}}  # ordered sets
         for c, chat in enumerate(chats):
-            for key in chat.needs():
-                wanted[key[1]].setdefault((c, key[0]), len(wanted[key[1]]))
+            for n, gen in chat.needs():
+                wanted[gen][(c, n)] = None
         texts: dict[tuple[int, int, bool], str] = {}
         try:
             for gen, keys in wanted.items():
@@ -439,10 +436,6 @@ def lengths(features: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.array([f["length"] for f in features], dtype=np.int64)
 
 
-def _mapped(row: dict, mapping: dict[str, str]) -> dict:
-    return {**row, **{ours: row.get(theirs) for ours, theirs in mapping.items()}} if mapping else row
-
-
 def prepare_rows(
     rows: list[dict],
     tokenizer,
@@ -483,7 +476,7 @@ def prepare_source(
         fmt = (
             data_cfg.format
             if data_cfg.format != "auto"
-            else detect_format(set(_mapped(src.row(idx[0]), data_cfg.columns)))
+            else detect_format(set(mapped(src.row(idx[0]), data_cfg.columns)))
         )
     if fmt == "classification" and labels is None:
         labels = sorted(
@@ -524,7 +517,7 @@ def _prepared(src, idx, key, tokenizer, data_cfg, max_length, fmt, labels, shown
                     if error is not None:
                         raise DataError(error)
                     stats.skipped += len(skipped)
-                    stats.reasons += skipped[: 10 - len(stats.reasons)] if len(stats.reasons) < 10 else []
+                    stats.reasons += skipped[: max(0, 10 - len(stats.reasons))]
                     if batch is not None:
                         stats.used += batch.num_rows
                         write(batch)
@@ -535,9 +528,9 @@ def _prepared(src, idx, key, tokenizer, data_cfg, max_length, fmt, labels, shown
                 raise DataError(
                     f"{src.name}: every row was skipped; first: {stats.reasons[0] if stats.reasons else '?'}"
                 )
-            return {"stats": stats.as_dict(), "schema": dataprep.schema(fmt == "classification")}
+            return {"stats": stats.as_dict()}
 
-        table, meta = dataprep.write_prepared(key, produce)
+        table, meta = dataprep.write_prepared(key, dataprep.schema(fmt == "classification"), produce)
     else:
         table, meta = found
         if len(idx) >= dataprep.POOL_MIN_ROWS:
@@ -554,11 +547,9 @@ RENDERING = ("format", "columns", "template", "system_prompt", "instruction", "t
 
 def _column(src: Source, idx: np.ndarray, name: str) -> Iterator[Any]:
     """One field of the rows ``idx``, for the label set of classification rows."""
-    from tunelab.sources import parse_row
-
     for _, lines, payloads in src.chunks(idx, dataprep.CHUNK):
         for line, p in zip(lines, payloads, strict=True):
-            yield (p if isinstance(p, dict) else parse_row(src.name, line, p)).get(name)
+            yield src.parsed(line, p).get(name)
 
 
 def prepare_file(path, tokenizer, data_cfg, max_length, *, fmt=None, labels=None, shots=()) -> Prepared:
@@ -652,7 +643,7 @@ def prepare_splits(
         formatter = Formatter(tokenizer, data_cfg, train.format, train.labels)
 
         def pairs(which: np.ndarray) -> list[tuple[str, str]]:
-            return [formatter.pair(_mapped(train_src.row(i), data_cfg.columns)) for i in which]
+            return [formatter.pair(mapped(train_src.row(i), data_cfg.columns)) for i in which]
 
         if shots.select == "bm25":
             examples = _nearest(pairs(idx), shots.k)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.sources import DataError, Source, parse_row
+from tunelab.sources import DataError, Source, cache_dir, map_arrow, mapped, parsed
 
 IGNORE = -100
 CHUNK = 1024  #: rows per chunk handed to a worker (and per Arrow record batch)
@@ -168,13 +168,9 @@ def run_chunk(job: Job, idx: np.ndarray, lines: list, payloads: list) -> tuple[A
     rows: list[dict | None] = [None] * n
     for k, (line, p) in enumerate(zip(lines, payloads, strict=True)):
         try:
-            row = p if isinstance(p, dict) else parse_row(job.name, line, p)
+            rows[k] = mapped(parsed(job.name, line, p), job.columns)
         except DataError as e:
             errors[k] = e
-            continue
-        if job.columns:
-            row = {**row, **{ours: row.get(theirs) for ours, theirs in job.columns.items()}}
-        rows[k] = row
     live = [k for k in range(n) if rows[k] is not None]
     rendered = job.formatter.render_many([rows[k] for k in live], job.shots_for)
     ok = []
@@ -322,13 +318,6 @@ def cache_key(source: Source, idx: np.ndarray, tok, options: dict[str, Any]) -> 
     return h.hexdigest()
 
 
-def _map_table(path: Path):
-    import pyarrow as pa
-
-    with pa.memory_map(str(path)) as m:
-        return pa.ipc.open_stream(m).read_all()
-
-
 def load_cached(key: str | None) -> tuple[Any, dict] | None:
     if key is None:
         return None
@@ -337,54 +326,37 @@ def load_cached(key: str | None) -> tuple[Any, dict] | None:
     d = tunelab_home() / "data" / "prepared" / key
     try:
         meta = json.loads((d / "meta.json").read_text())
-        return _map_table(d / "features.arrow"), meta
+        return map_arrow(d / "features.arrow"), meta
     except (OSError, ValueError):
         return None
 
 
-def write_prepared(key: str | None, produce: Callable[[Any], dict]) -> tuple[Any, dict]:
-    """Run ``produce(writer)`` (it writes record batches and returns the meta) into the cache entry for
-    ``key``, renamed into place only when complete; without a key, or on a home that cannot be written, into
-    a temporary directory whose file is mapped and then unlinked (the map keeps it readable)."""
+def write_prepared(key: str | None, schema, produce: Callable[[Callable], dict]) -> tuple[Any, dict]:
+    """Run ``produce(write_batch)`` (it writes record batches of ``schema`` and returns the meta) into the
+    cache entry for ``key``, renamed into place only when complete; without a key, or on a home that cannot
+    be written, into a temporary directory whose file is mapped and then unlinked (the map keeps it
+    readable)."""
     import tempfile
 
     import pyarrow as pa
 
     from tunelab.fsutil import atomic_dir
-    from tunelab.models import tunelab_home
 
     def write(d: Path) -> dict:
-        with pa.OSFile(str(d / "features.arrow"), "wb") as sink:
-            holder: dict = {}
-            meta = produce(lambda batch: _write(holder, sink, batch))
-            if "w" in holder:
-                holder["w"].close()
-            else:  # no batch written: an empty table of the right schema is still a valid stream
-                pa.ipc.new_stream(sink, meta.pop("schema")).close()
-            meta.pop("schema", None)
+        with pa.OSFile(str(d / "features.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+            meta = produce(w.write_batch)
         (d / "meta.json").write_text(json.dumps(meta))
         return meta
 
-    if key is not None:
-        target = tunelab_home() / "data" / "prepared" / key
-        try:
-            # another process that wrote the same entry meanwhile wrote the same bytes: either copy will do
-            with atomic_dir(target, keep_existing=lambda t: (t / "meta.json").is_file()) as d:
-                meta = write(d)
-            return _map_table(target / "features.arrow"), meta
-        except PermissionError:
-            pass
+    prepared = cache_dir("prepared") if key is not None else None
+    if prepared is not None:
+        # another process that wrote the same entry meanwhile wrote the same bytes: either copy will do
+        with atomic_dir(prepared / key, keep_existing=lambda t: (t / "meta.json").is_file()) as d:
+            meta = write(d)
+        return map_arrow(prepared / key / "features.arrow"), meta
     with tempfile.TemporaryDirectory(prefix="tunelab-prepared-") as d:
         meta = write(Path(d))
-        return _map_table(Path(d) / "features.arrow"), meta
-
-
-def _write(holder: dict, sink, batch) -> None:
-    import pyarrow as pa
-
-    if "w" not in holder:
-        holder["w"] = pa.ipc.new_stream(sink, batch.schema)
-    holder["w"].write_batch(batch)
+        return map_arrow(Path(d) / "features.arrow"), meta
 
 
 def schema(classification: bool):

@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,27 +37,38 @@ class DataError(ValueError):
     pass
 
 
+def cache_dir(kind: str) -> Path | None:
+    """``TUNELAB_HOME/data/<kind>``, created; None where the home cannot be written (read-only, or not a
+    directory): what would be kept there is then written to a temporary directory and not kept."""
+    from tunelab.models import tunelab_home
+
+    d = tunelab_home() / "data" / kind
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return d if os.access(d, os.W_OK) else None
+
+
 @contextlib.contextmanager
 def locked(name: str | None) -> Iterator[None]:
-    """Hold ``TUNELAB_HOME/data/.<name>.lock`` while a cache entry is written, so that processes preparing
+    """Hold ``TUNELAB_HOME/data/locks/<name>`` while a cache entry is written, so that processes preparing
     the same entry at once (the ranks of a distributed run, two comparisons) prepare it once: the others
     wait, then map what the first wrote. No lock where the home cannot be written."""
-    if name is None:
+    locks = cache_dir("locks") if name is not None else None
+    if locks is None:
         yield
         return
     import fcntl
 
-    from tunelab.models import tunelab_home
-
-    try:
-        (tunelab_home() / "data").mkdir(parents=True, exist_ok=True)
-        f = (tunelab_home() / "data" / f".{name}.lock").open("a")
-    except OSError:
-        yield
-        return
-    with f:
+    with (locks / name).open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+def mapped(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """``row`` with ``data.columns`` applied: each of tunelab's names takes the value of the user's column."""
+    return {**row, **{ours: row.get(theirs) for ours, theirs in columns.items()}} if columns else row
 
 
 def file_digest(path: Path) -> str:
@@ -94,6 +106,12 @@ def parse_row(path: str | Path, line: int | None, text: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def parsed(name: str, line: int | None, payload: str | dict) -> dict[str, Any]:
+    """A payload of :meth:`Source.chunks` as a dict: a row read in place, or JSON text parsed (a bad row
+    raises :class:`DataError` naming the file and line)."""
+    return payload if isinstance(payload, dict) else parse_row(name, line, payload)
 
 
 def _json_lines(path: Path) -> Iterator[tuple[list[int], list[str]]]:
@@ -239,19 +257,18 @@ class Source:
             return [None] * batch.num_rows, batch.to_pylist()
         return batch.column("line").to_pylist(), batch.column("row").to_pylist()
 
+    def parsed(self, line: int | None, payload: str | dict) -> dict[str, Any]:
+        return parsed(self.name, line, payload)
+
     def row(self, i: int) -> dict[str, Any]:
-        """Row ``i`` as a dict (its JSON parsed: a bad row raises :class:`DataError` with its line)."""
+        """Row ``i`` as a dict."""
         _, lines, payloads = next(self.chunks(np.array([i]), 1))
-        p = payloads[0]
-        return p if isinstance(p, dict) else parse_row(self.name, lines[0], p)
+        return self.parsed(lines[0], payloads[0])
 
     def all_rows(self) -> tuple[list[dict[str, Any]], list[int] | None]:
         rows, lines = [], []
         for _, ls, payloads in self.chunks(np.arange(self.n), BATCH):
-            rows += [
-                p if isinstance(p, dict) else parse_row(self.name, ln, p)
-                for ln, p in zip(ls, payloads, strict=True)
-            ]
+            rows += [self.parsed(ln, p) for ln, p in zip(ls, payloads, strict=True)]
             lines += ls
         return rows, (lines if lines and lines[0] is not None else None)
 
@@ -280,40 +297,37 @@ def open_source(path: str | Path) -> Source:
 
             raise DataError(f"{path}: could not be read as parquet: {first_line(e)}") from None
         return Source(str(path), n, f"parquet-{digest}", parquet=path)
-    from tunelab.models import tunelab_home
-
-    cached = tunelab_home() / "data" / "rows" / f"{digest}-v{READER_VERSION}.arrow"
-    with locked(f"rows-{digest}"):
-        if not cached.is_file():
-            _write_rows(path, cached)
-    table = _map(cached)
+    name = f"{digest}-v{READER_VERSION}.arrow"
+    rows = cache_dir("rows")
+    if rows is None:
+        with tempfile.TemporaryDirectory(prefix="tunelab-rows-") as d:
+            _write_rows(path, Path(d) / name)
+            table = map_arrow(Path(d) / name)  # the map keeps the file readable once it is unlinked
+    else:
+        with locked(f"rows-{digest}"):
+            if not (rows / name).is_file():
+                _write_rows(path, rows / name)
+        table = map_arrow(rows / name)
     return Source(str(path), table.num_rows, f"rows-{digest}-v{READER_VERSION}", table=table)
 
 
-def _map(path: Path):
+def map_arrow(path: Path):
+    """An Arrow stream file as a table whose buffers point into a memory map of it: nothing is copied."""
     import pyarrow as pa
 
     with pa.memory_map(str(path)) as m:
-        return pa.ipc.open_stream(m).read_all()  # buffers point into the map: nothing is copied
+        return pa.ipc.open_stream(m).read_all()
 
 
 def _write_rows(path: Path, target: Path) -> None:
     """The file's rows as an Arrow stream at ``target``, written beside it and renamed when complete (so
-    no reader sees half a file); on a read-only home, under a temporary directory instead."""
+    no reader sees half a file)."""
     import pyarrow as pa
 
     from tunelab.progress import Bar
 
     schema = pa.schema([("row", pa.large_string()), ("line", pa.int64())])
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = target.parent
-    except OSError:
-        import tempfile
-
-        tmp_dir = Path(tempfile.mkdtemp(prefix="tunelab-rows-"))
-        target = tmp_dir / target.name
-    tmp = tmp_dir / f".{target.name}.{os.getpid()}.tmp"
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     bar = Bar(f"reading {path.name}", None if path.stat().st_size >= BAR_MIN_BYTES else 0, "rows")
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
