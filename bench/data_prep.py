@@ -13,7 +13,10 @@ Rows, each in its own process (so its peak is its own):
   on the issue's 1M-row file);
 - ``cold``: tunelab's Arrow pipeline with an empty ``TUNELAB_HOME`` (reading, rendering, tokenizing, writing
   the cache);
-- ``warm``: the same again: the second run on the same file, tokenizer and options, from the cache.
+- ``warm``: the same again: the second run on the same file, tokenizer and options, from the cache;
+- ``stream``: ``data.streaming``: the file indexed in place, then one epoch of the training stream (blocks
+  prepared as they are read, in the one training process, through the shuffle buffer and length-sorted
+  windows); ``first_batch_s`` is what stands before step 1 (the index pass and the first block).
 
 Extra peak RSS = the process's peak resident memory minus its resident memory once the libraries and the
 tokenizer are loaded (what the data costs). The workers' peak (forked, one per core, for 16k rows or more)
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from common import OUT, run_child
@@ -45,23 +49,23 @@ LEGACY_COMMIT = "5b1b6ef"
 MAX_LENGTH = 256
 
 
-def rows_of(fmt: str, n: int) -> list[dict]:
+def rows_of(fmt: str, n: int) -> Iterator[dict]:
     """``n`` rows of ~70 tokens: a sentence to translate (tunelab.builtin_tasks), as prompt/completion or as
-    a chat with a system message."""
+    a chat with a system message. Generated one at a time: a bench process holding a million rows would
+    lend its resident set to every child it starts (a child's ``ru_maxrss`` counts its parent's pages at
+    the fork)."""
     from tunelab.builtin_tasks import make_translation
 
     base = make_translation(min(n, 50_000), seed=1)
-    out = []
     for i in range(n):
         r = base[i % len(base)]
         prompt = f"{r['prompt']} (request {i})"
         if fmt == "messages":
-            out.append({"messages": [{"role": "system", "content": "You translate support messages."},
-                                     {"role": "user", "content": prompt},
-                                     {"role": "assistant", "content": r["completion"]}]})  # fmt: skip
+            yield {"messages": [{"role": "system", "content": "You translate support messages."},
+                                {"role": "user", "content": prompt},
+                                {"role": "assistant", "content": r["completion"]}]}  # fmt: skip
         else:
-            out.append({"prompt": prompt, "completion": r["completion"]})
-    return out
+            yield {"prompt": prompt, "completion": r["completion"]}
 
 
 def write_file(fmt: str, n: int, where: Path) -> Path:
@@ -73,6 +77,13 @@ def write_file(fmt: str, n: int, where: Path) -> Path:
                 f.write(json.dumps(r) + "\n")
         tmp.rename(path)
     return path
+
+
+def peak_mb() -> float:
+    """This process's peak resident memory since it started: Linux's VmHWM, which exec resets (``ru_maxrss``
+    keeps the forked parent's resident set)."""
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
 
 
 def rss_mb() -> float:
@@ -95,11 +106,13 @@ def child(a) -> None:
     import pyarrow  # noqa: F401
 
     base = rss_mb()
+    if a.row == "stream":
+        return stream_child(a.file, tok, cfg, base)
     t = time.perf_counter()
     prepared = data.prepare_file(a.file, tok, cfg, MAX_LENGTH)
     ds = data.features_dataset(prepared.features)  # what the trainer reads
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     result = {
         "rows": len(ds),
@@ -108,6 +121,34 @@ def child(a) -> None:
         "base_mb": round(base),
         "extra_peak_mb": round(peak - base),
         "workers_peak_mb": round(workers),
+    }
+    print("RESULT " + json.dumps(result))
+
+
+def stream_child(path: str, tok, cfg, base: float) -> None:
+    """``data.streaming``: the index pass and the first batch (what stands before step 1), then one epoch of
+    the stream (each block prepared as it is read, through the shuffle buffer and the length-sorted windows,
+    in the training process)."""
+    from tunelab.data import prepare_splits
+
+    t = time.perf_counter()
+    train, _ = prepare_splits(cfg, tok, MAX_LENGTH, seed=0, stream=8)
+    rows = iter(train.features)
+    for _ in range(8):
+        next(rows)
+    first = time.perf_counter() - t
+    for _ in range(train.features.n - 8):
+        next(rows)
+    seconds = time.perf_counter() - t
+    peak = peak_mb()
+    result = {
+        "rows": train.features.n,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(train.features.n / seconds),
+        "first_batch_s": round(first, 2),
+        "base_mb": round(base),
+        "extra_peak_mb": round(peak - base),
+        "workers_peak_mb": 0,
     }
     print("RESULT " + json.dumps(result))
 
@@ -153,6 +194,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--formats", default="prompt_completion,messages")
     ap.add_argument("--legacy-max", type=int, default=100_000)
+    ap.add_argument("--only", help="run only these rows (legacy,cold,warm,stream)")
     ap.add_argument("--data-dir", help="where the generated files are kept (default: a temporary directory)")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--row")
@@ -186,7 +228,9 @@ def main() -> None:
                 path = write_file(fmt, n, where)
                 mb = path.stat().st_size / 2**20
                 rows = ["legacy"] if n <= a.legacy_max else []
-                for row in [*rows, "cold", "warm"]:
+                for row in [*rows, "cold", "warm", "stream"]:
+                    if a.only and row not in a.only.split(","):
+                        continue
                     print(f"running {fmt} / {n:,} rows ({mb:.0f} MB) / {row} ...", flush=True)
                     os.environ["TUNELAB_HOME"] = str(home / f"{fmt}-{n}")  # the data cache: empty, then warm
                     r = run_child(__file__, "--child", "--row", row, "--file", str(path), "--model-dir", model_dir,
@@ -194,13 +238,16 @@ def main() -> None:
                     results.setdefault(fmt, {}).setdefault(str(n), {})[row] = {**r, "file_mb": round(mb)}
                     print(f"  {r}", flush=True)
     OUT.mkdir(exist_ok=True)
-    (OUT / "data_prep.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'format':18}{'rows':>10}{'row':>8}{'seconds':>10}{'rows/s':>10}{'extra MB':>10}{'workers MB':>12}")
+    name = f"data_prep-{a.only.replace(',', '-')}.json" if a.only else "data_prep.json"  # a part: beside it
+    (OUT / name).write_text(json.dumps(results, indent=2))
+    print(f"\n{'format':18}{'rows':>10}{'row':>8}{'seconds':>10}{'rows/s':>10}{'extra MB':>10}{'workers MB':>12}"
+          f"{'1st batch s':>12}")  # fmt: skip
     for fmt, by_n in results.items():
         for n, by_row in by_n.items():
             for row, r in by_row.items():
                 print(f"{fmt:18}{int(n):>10,}{row:>8}{r['seconds']:>10}{r['rows_per_s']:>10,}"
-                      f"{r['extra_peak_mb']:>10}{r['workers_peak_mb']:>12}")  # fmt: skip
+                      f"{r['extra_peak_mb']:>10}{r['workers_peak_mb']:>12}"
+                      f"{r.get('first_batch_s', ''):>12}")  # fmt: skip
 
 
 if __name__ == "__main__":

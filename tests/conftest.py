@@ -119,6 +119,19 @@ def tiny_model(request, tiny_llama, tiny_gpt2) -> Path:
     return {"llama": tiny_llama, "gpt2": tiny_gpt2}[request.param]
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny test tokenizer (with a chat template)."""
+    return build_tokenizer()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A TUNELAB_HOME of the test's own: an empty data cache."""
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

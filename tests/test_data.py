@@ -7,14 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import build_tokenizer, write_jsonl
+from conftest import write_jsonl
 from tunelab.config import DataConfig
 from tunelab.data import IGNORE, Collator, DataError, prepare_file, prepare_splits, read_rows
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 def trained_text(tok, feats) -> str:

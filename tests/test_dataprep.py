@@ -14,17 +14,6 @@ from tunelab.config import DataConfig
 from tunelab.data import DataError, prepare_file, prepare_splits
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def chats(n: int) -> list[dict]:
     """Chats of one to three turns and varied lengths, some with a system message."""
     out = []

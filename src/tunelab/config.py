@@ -110,6 +110,18 @@ class DataConfig(Strict):
     skip_bad_rows: bool = Field(
         False, description="Skip malformed rows (counted in the run summary) instead of failing on the first one."
     )
+    streaming: bool | Literal["auto"] = Field(
+        "auto",
+        description="Train from the file as it is read (.jsonl, .csv, .parquet), without preparing it first: for "
+        "files bigger than memory. Blocks of rows are read in a shuffled order, through a shuffle buffer, "
+        "length-grouped; a resume reads the stream again up to its checkpoint. auto: stream a file over half "
+        "the machine's memory. mode single only.",
+    )
+    shuffle_buffer: int = Field(
+        10_000,
+        gt=0,
+        description="data.streaming: rows held in the shuffle buffer (each about 1 KB per 100 tokens).",
+    )
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataConfig:
@@ -429,6 +441,10 @@ class RunConfig(Strict):
             raise ValueError(
                 f"{self.strategy[0].name} scores one eval set without training: it runs in mode: single only"
             )
+        if self.tasks is not None and any(t.streaming is True for t in self.tasks):
+            raise ValueError(
+                f"tasks: streaming: true: mode {self.mode} prepares each task whole; streaming is for mode single"
+            )
         per_task = [s.name for s in self.strategy if getattr(s, "per_task", False)]
         if per_task and self.mode == "single":
             raise ValueError(
@@ -444,6 +460,15 @@ class RunConfig(Strict):
         from tunelab.strategies.base import check_in_mode, get_strategy
 
         check_in_mode(self.strategy, self.mode)
+        if self.data is not None and self.data.streaming is True:
+            from tunelab.strategies.base import DataHook
+
+            hooks = [s.name for s in self.strategy if issubclass(get_strategy(s.name), DataHook)]
+            if hooks:
+                raise ValueError(
+                    f"data.streaming: true: {', '.join(hooks)} changes the training rows before training, which "
+                    "needs them all at hand; remove data.streaming (or set it to false)"
+                )
         if self.training.frozen_weights == "bf16":
             if self.training.precision == "fp32":
                 raise ValueError("training.frozen_weights: bf16 needs training.precision bf16 or auto, not fp32")

@@ -50,9 +50,11 @@ class DataStats:
     used: int = 0
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)  # the first few, for the summary
+    read: int | None = None  #: a streamed split: the rows its first epoch read (used + skipped count those)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "used": self.used, "skipped": self.skipped, "skip_reasons": self.reasons[:10]}
+        out = {"rows": self.rows, "used": self.used, "skipped": self.skipped, "skip_reasons": self.reasons[:10]}
+        return out if self.read is None else {**out, "streamed": True, "read": self.read}
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -470,6 +472,21 @@ def prepare_source(
     earlier run that prepared the same rows of the same file with the same tokenizer and options
     (:mod:`tunelab.dataprep`). A bar shows rows/s while rows are prepared and written."""
     idx = np.arange(src.n) if idx is None else idx
+    fmt, labels = _shape(src, idx, data_cfg, fmt, labels)
+    per_row = shots if callable(shots) else None
+    shown = [] if per_row else [list(s) for s in shots]
+    options = {
+        "format": fmt, "labels": labels, "shots": shown, "max_length": max_length,
+        "cfg": data_cfg.model_dump(mode="json", include=set(RENDERING)),
+    }  # fmt: skip
+    key = None if per_row else dataprep.cache_key(src, idx, tokenizer, options)
+    with locked(key):
+        return _prepared(src, idx, key, tokenizer, data_cfg, max_length, fmt, labels, shown, per_row)
+
+
+def _shape(src: Source, idx: np.ndarray, data_cfg, fmt: str | None, labels: list[str] | None):
+    """The rows' format (``data.format``, or detected from the first row) and, for classification rows, the
+    label set (every label of the rows ``idx``, sorted) unless given."""
     if not len(idx):
         raise DataError(f"{src.name}: no rows")
     if fmt is None:
@@ -482,15 +499,19 @@ def prepare_source(
         labels = sorted(
             {str(v) for v in _column(src, idx, data_cfg.columns.get("label", "label")) if v is not None}
         )
-    per_row = shots if callable(shots) else None
-    shown = [] if per_row else [list(s) for s in shots]
-    options = {
-        "format": fmt, "labels": labels, "shots": shown, "max_length": max_length,
-        "cfg": data_cfg.model_dump(mode="json", include=set(RENDERING)),
-    }  # fmt: skip
-    key = None if per_row else dataprep.cache_key(src, idx, tokenizer, options)
-    with locked(key):
-        return _prepared(src, idx, key, tokenizer, data_cfg, max_length, fmt, labels, shown, per_row)
+    return fmt, labels
+
+
+def _job(src: Source, tokenizer, data_cfg, max_length, fmt, labels, shown, per_row=None) -> dataprep.Job:
+    return dataprep.Job(
+        Formatter(tokenizer, data_cfg, fmt, labels, shown),
+        max_length,
+        data_cfg.train_on,
+        dict(data_cfg.columns),
+        data_cfg.skip_bad_rows,
+        src.name,
+        per_row,
+    )
 
 
 def _prepared(src, idx, key, tokenizer, data_cfg, max_length, fmt, labels, shown, per_row) -> Prepared:
@@ -498,16 +519,7 @@ def _prepared(src, idx, key, tokenizer, data_cfg, max_length, fmt, labels, shown
 
     found = dataprep.load_cached(key)
     if found is None:
-        formatter = Formatter(tokenizer, data_cfg, fmt, labels, shown)
-        job = dataprep.Job(
-            formatter,
-            max_length,
-            data_cfg.train_on,
-            dict(data_cfg.columns),
-            data_cfg.skip_bad_rows,
-            src.name,
-            per_row,
-        )
+        job = _job(src, tokenizer, data_cfg, max_length, fmt, labels, shown, per_row)
 
         def produce(write) -> dict:
             stats = DataStats(rows=len(idx))
@@ -614,29 +626,50 @@ def dev_rows(data_cfg, available: int, source: str) -> int:
 
 
 def prepare_splits(
-    data_cfg, tokenizer, max_length: int, seed: int, shots: Shots | int = 0, score_on: str = "eval"
+    data_cfg,
+    tokenizer,
+    max_length: int,
+    seed: int,
+    shots: Shots | int = 0,
+    score_on: str = "eval",
+    stream: int | None = None,
 ) -> tuple[Prepared, Prepared | None]:
     """The training split and the split the run is scored on: the eval split (a file, a held-out fraction, or
     none), or with ``score_on="dev"`` the dev split (``data.dev``, or rows ``data.dev_split`` carves from
     train; the eval file is then never opened). Dev rows never train, whichever split is scored. Carving uses
     ``data.split_seed``, never the training seed, so every seed of a comparison sees the same splits. With
     ``shots`` (:class:`Shots`, or a number k), k training rows (drawn with ``seed``, or the nearest by BM25)
-    are shown as solved examples before every prompt scored."""
-    train_src = open_source(data_cfg.train)
+    are shown as solved examples before every prompt scored. With ``stream`` (the global batch: rows per
+    optimizer step), the training split is read as it trains (:mod:`tunelab.streaming`); the splits carved
+    from it are the same rows, prepared as usual."""
+    from tunelab import streaming
+
+    train_src = streaming.open_stream(data_cfg.train) if stream else open_source(data_cfg.train)
     idx = np.arange(train_src.n)
     if not len(idx):
         raise DataError(f"{train_src.name}: no rows")
     eval_idx = None
+    carved = [np.zeros(0, np.int64)]  # the rows that never train
     split_seed = getattr(data_cfg, "split_seed", 0)
     if data_cfg.eval_split:
         eval_idx, idx = _carve(idx, max(1, round(len(idx) * data_cfg.eval_split)), split_seed)
+        carved.append(eval_idx)
     dev = None
     if getattr(data_cfg, "dev", None):
         dev = (open_source(data_cfg.dev), None)
     elif getattr(data_cfg, "dev_split", None):
         dev_idx, idx = _carve(idx, dev_rows(data_cfg, len(idx), train_src.name), split_seed + 1)
         dev = (train_src, dev_idx)
-    train = prepare_source(train_src, idx, tokenizer, data_cfg, max_length)
+        carved.append(dev_idx)
+    if stream:
+        fmt, labels = _shape(train_src, idx, data_cfg, None, None)
+        job = _job(train_src, tokenizer, data_cfg, max_length, fmt, labels, [])
+        stats = DataStats(rows=len(idx), read=0)
+        excluded = np.sort(np.concatenate(carved))
+        rows = streaming.StreamingRows(train_src, excluded, job, seed, data_cfg.shuffle_buffer, stream, stats)
+        train = Prepared(rows, [], [], stats, fmt, labels)
+    else:
+        train = prepare_source(train_src, idx, tokenizer, data_cfg, max_length)
     shots = shots if isinstance(shots, Shots) else Shots(k=int(shots))
     examples: Any = []
     if shots.k:

@@ -25,6 +25,7 @@ from tunelab.data import Collator, Prepared, eval_datasets, features_dataset, le
 from tunelab.fsutil import write_text_atomic
 from tunelab.rundir import CHECKPOINTS, METRICS
 from tunelab.runtime import world_size
+from tunelab.streaming import ESTIMATE_ROWS
 from tunelab.trackers import scoped_env, tracker_env
 
 if TYPE_CHECKING:
@@ -93,10 +94,34 @@ def token_budget_steps(cfg: RunConfig, features: list[dict]) -> int | None:
     """With ``training.max_tokens`` and no ``max_steps``: the optimizer steps the budget takes at the data's
     mean tokens per step (the schedule's horizon; TokenBudget stops at the budget itself)."""
     t = cfg.training
-    if t.max_tokens is None or t.max_steps is not None or not features:
+    if t.max_tokens is None or t.max_steps is not None or not _rows(features):
         return None
-    per_step = float(lengths(features).mean()) * t.batch_size * t.grad_accum * world_size()
-    return max(1, math.ceil(t.max_tokens / per_step))
+    sample = features.head(ESTIMATE_ROWS) if _streams(features) else features  # a stream: its first rows
+    per_step = float(lengths(sample).mean()) * t.batch_size * t.grad_accum * world_size()
+    steps = max(1, math.ceil(t.max_tokens / per_step))
+    if _streams(features):
+        from tunelab.progress import status
+
+        status(
+            f"training.max_tokens: the schedule's horizon ({steps} steps) is estimated from the mean length of "
+            f"the first {len(sample):,} rows of the stream; the budget itself is counted exactly"
+        )
+    return steps
+
+
+def _streams(features) -> bool:
+    return getattr(features, "streaming", False)
+
+
+def _rows(features) -> int:
+    """Training rows (a stream's: an epoch's)."""
+    return features.n if _streams(features) else len(features)
+
+
+def epoch_steps(cfg: RunConfig, features) -> int:
+    """The optimizer steps ``training.epochs`` take over ``features``."""
+    t = cfg.training
+    return math.ceil(math.ceil(_rows(features) / (t.batch_size * world_size())) / t.grad_accum * t.epochs)
 
 
 def trainer(
@@ -127,12 +152,17 @@ def trainer(
             s.precision,
             eval_data is not None,
             unused_parameters=s.stack.routes_tasks,
-            max_steps=token_budget_steps(cfg, train_features),
+            max_steps=token_budget_steps(cfg, train_features)
+            or (
+                epoch_steps(cfg, train_features)
+                if _streams(train_features) and not cfg.training.max_steps
+                else None
+            ),
             sharding=s.distributed,
             blocks=sorted({type(b).__name__ for b in levers.repeated_blocks(s.model)}),
         ),
         data_collator=Collator(s.tokenizer.pad_token_id, annotations=True),
-        train_dataset=features_dataset(train_features),
+        train_dataset=train_features if _streams(train_features) else features_dataset(train_features),
         eval_dataset=eval_datasets(eval_data),
         processing_class=s.tokenizer,
         stack=s.stack,
@@ -172,8 +202,7 @@ def fit(
     checkpoint, skipped = resume_point(out_dir, s.distributed, s.main) if resume else (None, [])
     t = cfg.training
     planned = (  # the horizon the trainer was given (max_steps, or the token budget's), else the epochs'
-        (tr.args.max_steps if tr.args.max_steps > 0 else None)
-        or math.ceil(math.ceil(len(train_features) / (t.batch_size * world_size())) / t.grad_accum * t.epochs)
+        tr.args.max_steps if tr.args.max_steps > 0 else epoch_steps(cfg, train_features)
     )
     mode = levers.compile_mode(s.levers, t.compile)
     with levers.compiled(s.model, mode != "off", deferred=mode == "auto") as start, scoped_env(env):
@@ -181,7 +210,11 @@ def fit(
         if mode != "off":
 
             def estimate() -> float:  # an eager step on the first rows, from one forward pass
-                rows = [tr.train_dataset[i] for i in range(min(t.batch_size, len(tr.train_dataset)))]
+                rows = (
+                    train_features.head(t.batch_size)
+                    if _streams(train_features)
+                    else [tr.train_dataset[i] for i in range(min(t.batch_size, len(tr.train_dataset)))]
+                )
                 share = s.trainable / max(s.total, 1)
                 return eager_step_estimate(s.model, tr.data_collator(rows), s.bf16, share)
 
@@ -204,9 +237,15 @@ def fit(
     s.model = s.unsharded(tr) if s.distributed in distributed.SHARDED else tr.model
     return {
         "steps": state.global_step,
-        "epochs": round(state.epoch or 0.0, 4),
+        "epochs": round(
+            state.global_step * t.batch_size * t.grad_accum * world_size() / max(train_features.n, 1)
+            if _streams(train_features)
+            else state.epoch or 0.0,
+            4,
+        ),
         "train_loss": out.training_loss,
-        "rows": len(train_features),
+        "rows": _rows(train_features),
+        "streamed": _streams(train_features),
         "tokens_seen": int(state.num_input_tokens_seen),
         "tokens_per_s": round(throughput.rate(state), 2),
         "train_time_s": round(out.metrics.get("train_runtime", 0.0), 2),

@@ -130,23 +130,31 @@ def _json_lines(path: Path) -> Iterator[tuple[list[int], list[str]]]:
                 rest = data
                 continue
             data, rest = data[:cut], data[cut:]
-            try:
-                text = data.decode("utf-8-sig" if not done else "utf-8")
-            except UnicodeDecodeError:
-                for n, raw in enumerate(data.split(b"\n"), done + 1):
-                    try:
-                        raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                    except UnicodeDecodeError as e:
-                        raise _not_utf8(path, n, raw[e.start], e.start + 1) from None
-                raise
-            lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028
-            if text.endswith("\n"):
-                lines.pop()
-            keep = [i for i, line in enumerate(lines) if line.strip()]
-            yield [done + i + 1 for i in keep], [lines[i] for i in keep]
-            done += len(lines)
+            yield json_lines(path, data, done + 1)
+            done += data.count(b"\n") + (not data.endswith(b"\n"))
             if not block:
                 return
+
+
+def json_lines(path: Path, data: bytes, line: int, blank: str | None = None) -> tuple[list[int], list[str]]:
+    """The non-blank lines of whole lines of a JSON Lines file, ``data``, whose first is line ``line``: (line
+    numbers, texts). Decoded at once; bytes that are not UTF-8 are gone through line by line to name the
+    line. ``blank``: the characters a blank line holds (default: any whitespace)."""
+    bom = "utf-8-sig" if line == 1 else "utf-8"
+    try:
+        text = data.decode(bom)
+    except UnicodeDecodeError:
+        for n, raw in enumerate(data.split(b"\n"), line):
+            try:
+                raw.decode(bom if n == line else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, n, raw[e.start], e.start + 1) from None
+        raise
+    lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028
+    if text.endswith("\n"):
+        lines.pop()
+    keep = [i for i, x in enumerate(lines) if x.strip(blank)]
+    return [line + i for i in keep], [lines[i] for i in keep]
 
 
 def _json_array(path: Path) -> Iterator[tuple[int | None, str]] | None:

@@ -51,6 +51,7 @@ class TrainStats(_Section):
     resumed_from: str | None
     skipped_checkpoints: list[str]
     learning_rate: dict[str, float]  #: peak rate per training component
+    streamed: bool = False  #: read from the file as it trained (data.streaming)
 
 
 class TaskTrainStats(TrainStats):

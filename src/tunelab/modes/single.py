@@ -12,6 +12,8 @@ from tunelab.fitter import fit
 from tunelab.forgetting import forgetting_summary
 from tunelab.modes.base import RunMode
 from tunelab.rundir import MODEL
+from tunelab.runtime import world_size
+from tunelab.streaming import stream_batch
 from tunelab.summary import finish_summary
 
 
@@ -31,6 +33,7 @@ class SingleRun(RunMode):
             cfg.training.seed,
             shots=s.stack.prompt_examples,
             score_on=cfg.eval.split,
+            stream=stream_batch(cfg, s.stack, world_size()),
         )
         self.originals = s.original_tasks()
 

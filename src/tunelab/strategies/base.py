@@ -50,7 +50,7 @@ from pydantic import Field
 from tunelab.models import unwrap  # re-exported: strategies unwrap PEFT wrappers through base
 from tunelab.schema import StrictModel
 from tunelab.strategies.anatomy import StrategyError, transformer_blocks  # noqa: F401  (re-exported, as unwrap)
-from tunelab.strategies.capabilities import Baseline, Mergeable, ShardingLimits
+from tunelab.strategies.capabilities import Baseline, DataHook, Mergeable, ShardingLimits  # noqa: F401 (DataHook: re-exported)
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")

@@ -76,6 +76,11 @@ class StrategyStack:
         return bool(self._with(Baseline))
 
     @property
+    def changes_rows(self) -> list[str]:
+        """The components that change the training rows before training (they need them all at hand)."""
+        return [s.name for s in self._with(DataHook)]
+
+    @property
     def prompt_examples(self) -> Shots:
         """What the baseline shows before each scored prompt (a baseline combines with no other strategy)."""
         return next((type(s).prompt_examples(s.config) for s in self._with(Baseline)), Shots())
