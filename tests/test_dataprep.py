@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +161,35 @@ def test_a_home_that_cannot_be_written_prepares_in_a_temporary_directory(tmp_pat
     again = prepare_file(path, tok, DataConfig(train=str(path)), 64)
     assert len(first.features) == 30 and same(first, again)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "d.jsonl"]  # nothing kept anywhere else
+
+
+def test_workers_end_with_the_pool_whatever_sigterm_handler_the_process_has(tmp_path):
+    """The CLI turns SIGTERM into a clean stop, and forked workers inherit that handler; the pool ends its
+    workers with SIGTERM when a bad row stops the preparation. A worker that handled the signal and went on
+    waiting for a chunk left the pool's join waiting forever (a full test run hung there). Here the handler
+    does nothing at all, so a worker that keeps it never ends."""
+    rows = chats(6000)
+    rows[100] = {"messages": "not a list"}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    code = textwrap.dedent(
+        f"""
+        import signal
+        import conftest
+        from tunelab import dataprep
+        from tunelab.config import DataConfig
+        from tunelab.data import DataError, prepare_file
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        dataprep.POOL_MIN_ROWS = 1
+        try:
+            prepare_file({str(path)!r}, conftest.build_tokenizer(), DataConfig(train={str(path)!r}), 64)
+        except DataError as e:
+            print(e)
+        """
+    )
+    env = {**os.environ, "TUNELAB_HOME": str(tmp_path / "home"), "PYTHONPATH": str(Path(__file__).parent),
+           "TUNELAB_PROGRESS": "0"}  # fmt: skip
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the pool did not end: it waited for a worker that handled SIGTERM and went on")
+    assert p.returncode == 0 and f"{path}:101:" in p.stdout, p.stderr[-2000:]

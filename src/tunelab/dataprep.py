@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -226,6 +227,14 @@ def _in_worker(args) -> tuple:
     return run_chunk(_JOB, *args)
 
 
+def _worker_signals() -> None:
+    """A worker leaves Ctrl-C to the process that forked it, and dies on the SIGTERM with which that process
+    ends the pool (it inherited tunelab's SIGTERM handler, which would otherwise run and may miss the signal
+    while the worker waits for a chunk, leaving the pool's join waiting forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def workers(n_rows: int, job: Job) -> int:
     if n_rows < POOL_MIN_ROWS or job.shots_for is not None or "fork" not in mp.get_all_start_methods():
         return 1
@@ -248,7 +257,7 @@ def chunk_results(job: Job, source: Source, idx: np.ndarray) -> Iterator[tuple[i
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = mp.get_context("fork").Pool(n)
+        pool = mp.get_context("fork").Pool(n, initializer=_worker_signals)
     finally:
         _JOB = None
         if before is None:
