@@ -143,6 +143,10 @@ def test_streaming_is_refused_where_it_cannot_work(tmp_path, tiny_llama):
     array.write_text(json.dumps(pairs(10)))
     with pytest.raises(DataError, match="a .json file is one array, parsed whole; write it as JSON Lines"):
         streaming.open_stream(array)
+    fake = tmp_path / "d.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(DataError, match=f"{fake}: could not be read as parquet"):
+        streaming.open_stream(fake)
 
 
 def test_a_streamed_run_keeps_max_tokens_and_says_it_streamed(tmp_path, tiny_llama):

@@ -170,7 +170,10 @@ def open_stream(path: str | Path) -> StreamSource:
 
         from tunelab.sources import file_digest
 
-        meta = pq.ParquetFile(path, memory_map=True).metadata
+        try:
+            meta = pq.ParquetFile(path, memory_map=True).metadata
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise DataError(f"{path}: could not be read as parquet: {str(e).splitlines()[0]}") from None
         sizes = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], np.int64)
         zeros = np.zeros(len(sizes), np.int64)
         return StreamSource(str(path), int(sizes.sum()), f"stream-parquet-{file_digest(path)}", path=path,
