@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,26 +114,35 @@ def parsed(name: str, line: int | None, payload: str | dict) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else parse_row(name, line, payload)
 
 
+def line_blocks(f, size: int, seen: Callable[[bytes], Any] | None = None) -> Iterator[bytes]:
+    """The bytes of the open binary file ``f`` in blocks of about ``size`` that end at a line's end (the last
+    block may not); ``seen`` gets each read as it is read (a digest, a progress bar)."""
+    rest = b""
+    while True:
+        piece = f.read(size)
+        if seen is not None:
+            seen(piece)
+        data = rest + piece
+        if not data:
+            return
+        cut = data.rfind(b"\n") + 1 if piece else len(data)
+        if not cut:  # no line ends in this block yet (a very long line)
+            rest = data
+            continue
+        yield data[:cut]
+        rest = data[cut:]
+        if not piece:
+            return
+
+
 def _json_lines(path: Path) -> Iterator[tuple[list[int], list[str]]]:
     """The non-blank lines of a JSON Lines file, a block of the file at a time: (line numbers, lines). A
     block is decoded at once; one that is not UTF-8 is gone through line by line to name the line."""
     done = 0  # lines before this block
-    rest = b""
     with path.open("rb") as f:
-        while True:
-            block = f.read(1 << 24)
-            data = rest + block
-            if not data:
-                return
-            cut = data.rfind(b"\n") + 1 if block else len(data)
-            if not cut:  # no line ends in this block yet (a very long line)
-                rest = data
-                continue
-            data, rest = data[:cut], data[cut:]
+        for data in line_blocks(f, 1 << 24):
             yield json_lines(path, data, done + 1)
             done += data.count(b"\n") + (not data.endswith(b"\n"))
-            if not block:
-                return
 
 
 def json_lines(path: Path, data: bytes, line: int, blank: str | None = None) -> tuple[list[int], list[str]]:

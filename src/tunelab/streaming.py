@@ -28,6 +28,7 @@ counted exactly, as always). Multi-task and continual modes, strategies that cha
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from tunelab.dataprep import run_chunk
-from tunelab.sources import BAR_MIN_BYTES, DataError, Source, _not_utf8, json_lines
+from tunelab.sources import BAR_MIN_BYTES, DataError, Source, _not_utf8, json_lines, line_blocks
 
 BLOCK = 1024  #: rows per block: what is read and prepared at once, and what the epoch's order shuffles
 WINDOW = 50  #: global batches per length-sorted window (transformers' megabatch)
@@ -110,8 +111,8 @@ class StreamSource(Source):
     sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     header: list[str] | None = None  #: a CSV file's column names
 
-    @property
-    def first_rows(self) -> np.ndarray:
+    @functools.cached_property
+    def first_rows(self) -> np.ndarray:  # read for every block: computed once, not per block
         return np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
 
     def pieces(self, b: int) -> Iterator[tuple[int, list, list]]:
@@ -138,20 +139,15 @@ class StreamSource(Source):
             yield first, *json_lines(self.path, data, int(self.lines[b]), blank=" \t\r\n")  # as the index
 
     def _batches(self) -> Iterator[Any]:  # what Source.chunks reads: the rows in file order
+        if self.parquet is not None:  # Source reads Parquet in place already
+            yield from super()._batches()
+            return
         import pyarrow as pa
 
         for b in range(len(self.sizes)):
             for _, lines, payloads in self.pieces(b):
-                if self.kind == "parquet":
-                    yield pa.RecordBatch.from_pylist(payloads)
-                else:
-                    yield pa.record_batch([pa.array(payloads, pa.large_string()), pa.array(lines, pa.int64())],
-                                          names=["row", "line"])  # fmt: skip
-
-    def _payloads(self, batch) -> tuple[list, list]:
-        if self.kind == "parquet":
-            return [None] * batch.num_rows, batch.to_pylist()
-        return super()._payloads(batch)
+                yield pa.record_batch([pa.array(payloads, pa.large_string()), pa.array(lines, pa.int64())],
+                                      names=["row", "line"])  # fmt: skip
 
 
 def open_stream(path: str | Path) -> StreamSource:
@@ -176,8 +172,8 @@ def open_stream(path: str | Path) -> StreamSource:
             raise DataError(f"{path}: could not be read as parquet: {str(e).splitlines()[0]}") from None
         sizes = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], np.int64)
         zeros = np.zeros(len(sizes), np.int64)
-        return StreamSource(str(path), int(sizes.sum()), f"stream-parquet-{file_digest(path)}", path=path,
-                            kind="parquet", starts=zeros, lines=zeros, sizes=sizes)  # fmt: skip
+        return StreamSource(str(path), int(sizes.sum()), f"stream-parquet-{file_digest(path)}", parquet=path,
+                            path=path, kind="parquet", starts=zeros, lines=zeros, sizes=sizes)  # fmt: skip
     bar = Bar(f"indexing {path.name}", path.stat().st_size if path.stat().st_size >= BAR_MIN_BYTES else 0, "B")
     try:
         index = _index_csv if suffix == ".csv" else _index_jsonl
@@ -194,20 +190,13 @@ def _index_jsonl(path: Path, bar) -> tuple[str, np.ndarray, np.ndarray, int, Non
     h = hashlib.blake2b(digest_size=16)
     starts, lines = [], []
     n = done = pos = 0  # rows so far, lines before this piece, its byte offset
-    rest = b""
+
+    def seen(piece: bytes) -> None:
+        h.update(piece)
+        bar.update(len(piece))
+
     with path.open("rb") as f:
-        while True:
-            piece = f.read(PIECE)
-            h.update(piece)
-            bar.update(len(piece))
-            data = rest + piece
-            if not data:
-                break
-            cut = data.rfind(b"\n") + 1 if piece else len(data)
-            if not cut:
-                rest = data
-                continue
-            data, rest = data[:cut], data[cut:]
+        for data in line_blocks(f, PIECE, seen):
             a = np.frombuffer(data, np.uint8)
             ends = np.flatnonzero(a == 10) + 1
             if not len(ends) or ends[-1] != len(a):
@@ -218,8 +207,6 @@ def _index_jsonl(path: Path, bar) -> tuple[str, np.ndarray, np.ndarray, int, Non
             starts += (pos + begins[rows[first::BLOCK]]).tolist()
             lines += (done + 1 + rows[first::BLOCK]).tolist()
             n, done, pos = n + len(rows), done + len(ends), pos + len(data)
-            if not piece:
-                break
     return h.hexdigest(), np.array(starts, np.int64), np.array(lines, np.int64), n, None
 
 
@@ -251,25 +238,32 @@ def _csv_records(path: Path, raw_lines, line: int, header: list[str]) -> Iterato
 
 
 def _index_csv(path: Path, bar) -> tuple[str, np.ndarray, np.ndarray, int, list[str]]:
-    """Every BLOCK-th record's offset and line (records may span lines: quoted newlines), and the header."""
-    from tunelab.sources import file_digest
-
+    """One pass over the bytes: the digest, every BLOCK-th record's offset and line (records may span lines:
+    quoted newlines), and the header."""
+    h = hashlib.blake2b(digest_size=16)
     starts, lines, n = [], [], 0
+
+    def digested(f) -> Iterator[bytes]:
+        for raw in f:
+            h.update(raw)
+            yield raw
+
     with path.open("rb") as f:
         head = f.readline()
+        h.update(head)
         try:
             header = next(csv.reader([head.decode("utf-8-sig")]), [])
         except UnicodeDecodeError as e:
             raise _not_utf8(path, 1, head[e.start], e.start + 1) from None
         previous_end = offset = len(head)
-        for start, _, end in _csv_records(path, f, 2, header):  # the csv module finds where records end
+        for start, _, end in _csv_records(path, digested(f), 2, header):  # the csv module finds record ends
             if n % BLOCK == 0:
                 starts.append(previous_end)
                 lines.append(start)
             bar.update(offset + end - previous_end)
             previous_end = offset + end
             n += 1
-    return file_digest(path), np.array(starts, np.int64), np.array(lines, np.int64), n, header
+    return h.hexdigest(), np.array(starts, np.int64), np.array(lines, np.int64), n, header
 
 
 # ----------------------------------------------------------------------------- the training stream
