@@ -50,12 +50,13 @@ LEVERS_OFF = {
     "frozen_weights": "fp32",
     "optimizer_impl": "for_loop",
     "attention": "sdpa",
+    "allocator": "system",
 }
 ROWS = {
-    "lora": ["tunelab", "tunelab-compiled", "trl-default", "trl-bf16-no-gc", "trl-same-batches", "trl-fp32",
-             "trl-fp32-same-batches"],
-    "full": ["tunelab", "tunelab-compiled", "trl-default", "trl-bf16-no-gc", "trl-same-batches", "trl-fp32",
-             "trl-fp32-same-batches"],
+    "lora": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "trl-default", "trl-bf16-no-gc",
+             "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
+    "full": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "trl-default", "trl-bf16-no-gc",
+             "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
 }  # fmt: skip
 #: the rows run unless --rows or --all-rows says otherwise: each side's defaults, and the loss check
 DEFAULT_ROWS = ("tunelab", "trl-default", "trl-same-batches")
@@ -67,7 +68,11 @@ FP32_ROWS = ("tunelab", "trl-fp32", "trl-fp32-same-batches")
 #: whole-process peak at most this share of TRL's
 TARGETS = {"lora": (4.0, 0.75), "full": (2.5, 1.0)}
 #: rows that are tunelab with options on top of the bench's --tunelab ones
-TUNELAB_ROWS = {"tunelab": {}, "tunelab-compiled": {"compile": "on"}}
+TUNELAB_ROWS = {
+    "tunelab": {},
+    "tunelab-compiled": {"compile": "on"},
+    "tunelab-sysalloc": {"allocator": "system"},  # freed memory handed back to the system each step
+}
 
 
 # -- the children ----------------------------------------------------------------------------------------

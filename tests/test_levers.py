@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import resource
 
 import pytest
 import torch
@@ -221,6 +222,42 @@ def test_auto_levers_say_why_they_stayed_off(tiny_llama, memo_data, tmp_path):
     assert s["levers"]["loss_head"] == "positions" and s["levers"]["optimizer_impl"] == "fused"
     # a tiny model: compiling would cost more than it saves
     assert s["levers"]["compile"] == "off" and "compiling pays from 50,000,000" in s["levers"]["why"]["compile"]
+    assert s["levers"]["allocator"] == "reuse" and "allocator" not in s["levers"]["why"]  # CPU, glibc
+
+
+def _faults_to_fill(n: int) -> int:
+    """Minor page faults taken to allocate ``n`` floats and write them once (the tensor is freed after)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.empty(n)
+    t.fill_(1.0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del t
+    return faults
+
+
+def test_allocator_reuse_keeps_freed_memory_for_the_next_step_and_hands_it_back_after():
+    from tunelab.runtime import glibc, reusing_freed_memory
+
+    if glibc() is None:
+        pytest.skip("the allocator lever acts on glibc's malloc only")
+    n = 16 * 2**20  # 64 MiB of floats: above the largest threshold (32 MiB) from which glibc maps blocks
+    pages = n * 4 // 4096
+    _faults_to_fill(n)
+    assert _faults_to_fill(n) > pages // 2  # glibc's default: mapped, unmapped when freed, faulted in again
+    with reusing_freed_memory(True):
+        _faults_to_fill(n)  # from the heap: faulted in once
+        assert _faults_to_fill(n) < pages // 10  # the next step's block reuses those pages
+    assert _faults_to_fill(n) > pages // 2  # the defaults are back and the memory was handed back
+
+
+def test_allocator_reuse_is_refused_without_glibc_and_auto_says_why(tiny_llama, memo_data, tmp_path, monkeypatch):
+    import tunelab.levers
+
+    monkeypatch.setattr(tunelab.levers, "glibc", lambda: None)  # a C library other than glibc (musl, macOS)
+    with pytest.raises(RunError, match="training.allocator: reuse needs glibc"):
+        train(tiny_config(tiny_llama, memo_data, tmp_path / "a", "lora", max_steps=1, allocator="reuse"))
+    s = train(tiny_config(tiny_llama, memo_data, tmp_path / "b", "lora", max_steps=1)).summary
+    assert s["levers"]["allocator"] == "system" and s["levers"]["why"]["allocator"] == "the C library is not glibc"
 
 
 # -- GPU paths: their config logic, on CPU ---------------------------------------------------------------

@@ -201,10 +201,17 @@ class TrainingConfig(Strict):
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Compile each repeated block of the model (its decoder layers) with torch.compile for "
-        "training: fused element-wise work, fewer saved activations. auto: on for models of at least 50M "
-        "parameters trained for at least 50 steps where a compiler is present (a C++ compiler on CPU, triton "
-        "on CUDA). The first compile of a model takes ~20 s on 2 cores; later runs reuse inductor's kernel "
-        "cache (TORCHINDUCTOR_CACHE_DIR).",
+        "training: fused element-wise work, fewer saved activations. auto, for models of at least 50M "
+        "parameters where a compiler is present (a C++ compiler on CPU, triton on CUDA): compiled when the "
+        "time it is expected to save over the run beats the time it is expected to take, cold or warm "
+        "(measured on this machine by earlier runs; inductor caches kernels in TORCHINDUCTOR_CACHE_DIR).",
+    )
+    allocator: Literal["auto", "reuse", "system"] = Field(
+        "auto",
+        description="What the C allocator (glibc) does with the memory a training step frees: reuse keeps it "
+        "in the process for the next step (no mmap for large blocks, no trimming) instead of handing it back "
+        "to the system and faulting it in again; handed back when training ends. auto: reuse on CPU under "
+        "glibc.",
     )
     threads: int | None = Field(
         None, gt=0, description="Intra-op CPU threads; default: torch's (the physical cores)."

@@ -24,7 +24,7 @@ from tunelab.config import RunConfig
 from tunelab.data import Collator, Prepared, eval_datasets, features_dataset, lengths
 from tunelab.fsutil import write_text_atomic
 from tunelab.rundir import CHECKPOINTS, METRICS
-from tunelab.runtime import world_size
+from tunelab.runtime import reusing_freed_memory, world_size
 from tunelab.streaming import ESTIMATE_ROWS
 from tunelab.trackers import scoped_env, tracker_env
 
@@ -205,7 +205,11 @@ def fit(
         tr.args.max_steps if tr.args.max_steps > 0 else epoch_steps(cfg, train_features)
     )
     mode = levers.compile_mode(s.levers, t.compile)
-    with levers.compiled(s.model, mode != "off", deferred=mode == "auto") as start, scoped_env(env):
+    with (
+        levers.compiled(s.model, mode != "off", deferred=mode == "auto") as start,
+        scoped_env(env),
+        reusing_freed_memory(s.levers.allocator == "reuse"),
+    ):
         timer = None
         if mode != "off":
 

@@ -21,6 +21,11 @@ the resolved values are written to ``summary.json`` under ``levers``, with why a
   the run compiles from it only if the time expected saved beats the time expected to compile, cold or
   warm (tunelab.compiling); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by
   default ``/tmp/torchinductor_<user>``), so later runs of the same model compile in seconds.
+- ``allocator``: ``reuse`` has glibc keep the memory a training step frees for the next step instead of
+  handing large blocks back to the system (it maps every block over a threshold, at first 128 KiB, and
+  unmaps it when freed, and trims its heap), so that each step does not fault the same pages in again
+  (:func:`tunelab.runtime.reusing_freed_memory`, for the time of training; the memory is handed back when it ends).
+  ``auto``: reuse on CPU under glibc; on CUDA activations live in torch's caching allocator already.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
@@ -50,6 +55,7 @@ from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
 from tunelab.models import default_attention
 from tunelab.progress import status
+from tunelab.runtime import glibc
 
 #: below this many parameters a step is too short for compiling to pay back its compile time (auto: off)
 COMPILE_MIN_PARAMS = 50_000_000
@@ -63,6 +69,7 @@ class Levers:
     frozen_weights: str = "fp32"
     optimizer_impl: str = "foreach"
     compile: str = "off"
+    allocator: str = "system"
     threads: int = 0
     why: dict[str, str] = field(default_factory=dict)  #: for each auto lever left off: the reason
 
@@ -246,6 +253,16 @@ def resolve(
         if training.compile == "auto" and problem:
             why["compile"] = problem
         lv.compile = "off" if problem else "on"
+    libc = glibc()
+    if training.allocator == "reuse" and libc is None:
+        raise RunError("training.allocator: reuse needs glibc's allocator (Linux); use auto or system")
+    if training.allocator == "auto":
+        if next(model.parameters()).device.type != "cpu":
+            why["allocator"] = "activations live in torch's caching allocator on this device"
+        elif libc is None:
+            why["allocator"] = "the C library is not glibc"
+    wanted = training.allocator == "reuse" or (training.allocator == "auto" and "allocator" not in why)
+    lv.allocator = "reuse" if wanted else "system"
     if training.threads:
         torch.set_num_threads(training.threads)
         lv.threads = training.threads
