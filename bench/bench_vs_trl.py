@@ -113,7 +113,7 @@ def run_tunelab(method: str, shape: str, model_dir: str, steps: int, bs: int, wo
         "tokens": s["train"]["tokens_seen"],
         "train_time_s": s["train"]["train_time_s"],
         "precision": s["precision"],
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": bool(cfg["training"].get("gradient_checkpointing", False)),
         "levers": {k: v for k, v in s["levers"].items() if k != "why"},
         "losses": losses,
         **clock.figures(),
