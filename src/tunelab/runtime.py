@@ -112,9 +112,9 @@ def reusing_freed_memory(on: bool) -> Iterator[None]:
     on its own (``M_MMAP_MAX`` 0: large blocks come from the heap, where a later step reuses them) and the
     heap is never trimmed (``M_TRIM_THRESHOLD`` -1). A step's activations and gradients are allocated and
     freed again at every step; mapped, each block's pages are faulted in (and zeroed) anew each time, which
-    made steady LoRA and full fine-tuning steps 1.3x slower on the bench's CPU (docs/performance.md). At
-    the end glibc's defaults come back (its mmap threshold stays where it had grown to) and the free memory
-    is handed back to the system."""
+    made steady full fine-tuning steps on long rows 1.36x slower on the bench's CPU (tickets: within noise;
+    docs/performance.md). At the end glibc's defaults come back (its mmap threshold stays where it had grown
+    to) and the free memory is handed back to the system."""
     libc = glibc() if on else None
     if libc is None:
         yield
