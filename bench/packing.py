@@ -38,21 +38,19 @@ def encode(shape: str, n: int, tokenizer) -> list[list[int]]:
 
 
 def padded(rows: list[list[int]], pad: int) -> dict:
-    n = max(map(len, rows))
-    ids = torch.full((len(rows), n), pad, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = labels[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    from tunelab.data import Collator
+
+    return Collator(pad)([{"input_ids": r, "labels": r} for r in rows])  # tunelab's own padded batch
 
 
 def packed(rows: list[list[int]], pad: int) -> dict:
+    from tunelab.data import IGNORE
+
     ids = torch.tensor([t for r in rows for t in r])[None]
     positions = torch.tensor([i for r in rows for i in range(len(r))])[None]
     labels = ids.clone()
     starts = torch.tensor([0, *[len(r) for r in rows[:-1]]]).cumsum(0)
-    labels[0, starts] = -100  # a row's first token is not predicted from the row before it
+    labels[0, starts] = IGNORE  # a row's first token is not predicted from the row before it
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
@@ -60,6 +58,7 @@ def child(a) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunelab.levers import cast_frozen_linears
     from tunelab.models import resolve_model
     from tunelab.runtime import bf16_supported
 
@@ -77,11 +76,9 @@ def child(a) -> None:
     bf16 = bf16_supported("cpu")
     with torch.no_grad():
         first_loss = model(**make(batches[0], tokenizer.pad_token_id)).loss.item()  # fp32, before any update
-    if bf16 and a.method == "lora":  # tunelab's frozen_weights: bf16
-        for name, p in model.named_parameters():
-            if not p.requires_grad and p.dim() == 2 and "embed" not in name:
-                p.data = p.data.to(torch.bfloat16)
     trained = [p for p in model.parameters() if p.requires_grad]
+    if bf16 and a.method == "lora":  # tunelab's frozen_weights: bf16
+        cast_frozen_linears(model, {id(p) for p in trained})
     opt = torch.optim.AdamW(trained, lr=1e-4 if a.method == "lora" else 1e-5, fused=True)
 
     def step(batch: dict) -> None:
