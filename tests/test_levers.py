@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -225,8 +226,11 @@ def test_auto_levers_say_why_they_stayed_off(tiny_llama, memo_data, tmp_path):
     assert s["levers"]["allocator"] == "reuse" and "allocator" not in s["levers"]["why"]  # CPU, glibc
 
 
-def _faults_to_fill(n: int) -> int:
-    """Minor page faults taken to allocate ``n`` floats and write them once (the tensor is freed after)."""
+ALLOCATOR_PROBE = """
+import resource, sys, torch
+from tunelab.runtime import glibc, reusing_freed_memory
+
+def faults_to_fill(n):  # minor page faults taken to allocate n floats and write them once; freed after
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.empty(n)
     t.fill_(1.0)
@@ -234,20 +238,31 @@ def _faults_to_fill(n: int) -> int:
     del t
     return faults
 
+if glibc() is None:
+    sys.exit(3)
+n = 16 * 2**20  # 64 MiB of floats: above the largest threshold (32 MiB) from which glibc maps blocks
+faults_to_fill(n)
+default = faults_to_fill(n)
+with reusing_freed_memory(True):
+    faults_to_fill(n)  # the first steps fault the heap in: the 2nd may still be served from fresh pages
+    faults_to_fill(n)
+    reused = faults_to_fill(n)
+after = faults_to_fill(n)
+print(n * 4 // 4096, default, reused, after)
+"""
+
 
 def test_allocator_reuse_keeps_freed_memory_for_the_next_step_and_hands_it_back_after():
-    from tunelab.runtime import glibc, reusing_freed_memory
-
-    if glibc() is None:
+    # in a process of its own: the heap an earlier test's training left behind holds free blocks whose pages
+    # were handed back, and a request may be served from one of those instead of the block just freed
+    p = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], capture_output=True, text=True, timeout=120)
+    if p.returncode == 3:
         pytest.skip("the allocator lever acts on glibc's malloc only")
-    n = 16 * 2**20  # 64 MiB of floats: above the largest threshold (32 MiB) from which glibc maps blocks
-    pages = n * 4 // 4096
-    _faults_to_fill(n)
-    assert _faults_to_fill(n) > pages // 2  # glibc's default: mapped, unmapped when freed, faulted in again
-    with reusing_freed_memory(True):
-        _faults_to_fill(n)  # from the heap: faulted in once
-        assert _faults_to_fill(n) < pages // 10  # the next step's block reuses those pages
-    assert _faults_to_fill(n) > pages // 2  # the defaults are back and the memory was handed back
+    assert p.returncode == 0, p.stderr[-2000:]
+    pages, default, reused, after = map(int, p.stdout.split())
+    assert default > pages // 2  # glibc's default: mapped, unmapped when freed, faulted in again
+    assert reused < pages // 10  # under the lever a steady step's block reuses pages an earlier step freed
+    assert after > pages // 2  # the defaults are back and the memory was handed back
 
 
 def test_allocator_reuse_is_refused_without_glibc_and_auto_says_why(tiny_llama, memo_data, tmp_path, monkeypatch):
