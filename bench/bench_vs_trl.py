@@ -51,12 +51,13 @@ LEVERS_OFF = {
     "optimizer_impl": "for_loop",
     "attention": "sdpa",
     "allocator": "system",
+    "attention_probs": "keep",
 }
 ROWS = {
-    "lora": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "trl-default", "trl-bf16-no-gc",
-             "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
-    "full": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "trl-default", "trl-bf16-no-gc",
-             "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
+    "lora": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "tunelab-keep-probs", "trl-default",
+             "trl-bf16-no-gc", "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
+    "full": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "tunelab-keep-probs", "trl-default",
+             "trl-bf16-no-gc", "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
 }  # fmt: skip
 #: the rows run unless --rows or --all-rows says otherwise: each side's defaults, and the loss check
 DEFAULT_ROWS = ("tunelab", "trl-default", "trl-same-batches")
@@ -72,6 +73,7 @@ TUNELAB_ROWS = {
     "tunelab": {},
     "tunelab-compiled": {"compile": "on"},
     "tunelab-sysalloc": {"allocator": "system"},  # freed memory handed back to the system each step
+    "tunelab-keep-probs": {"attention_probs": "keep"},  # eager attention's probabilities kept for backward
 }
 
 

@@ -275,6 +275,83 @@ def test_allocator_reuse_is_refused_without_glibc_and_auto_says_why(tiny_llama, 
     assert s["levers"]["allocator"] == "system" and s["levers"]["why"]["allocator"] == "the C library is not glibc"
 
 
+def _saved_bytes_and_grads(model, batch, recompute: bool):
+    """What autograd keeps for backward (bytes, parameters excluded) and the gradients, with the attention
+    probabilities recomputed in backward or kept."""
+    from tunelab.attention import recomputing
+
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad()
+    with recomputing(model, recompute), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        assert model.config._attn_implementation == ("tunelab_eager_recompute" if recompute else "eager")
+        loss = model(**batch).loss
+    assert model.config._attn_implementation == "eager"  # switched back after
+    loss.backward()
+    return sum(saved), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_attention_probs_recompute_keeps_less_for_backward_and_gives_the_same_gradients(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager")
+    batch = _batch(model.config.vocab_size)
+    kept, l1, g1 = _saved_bytes_and_grads(model, batch, recompute=False)
+    recomputed, l2, g2 = _saved_bytes_and_grads(model, batch, recompute=True)
+    c = model.config
+    rows, length = batch["input_ids"].shape
+    probs = c.num_hidden_layers * rows * c.num_attention_heads * length**2 * 4  # the softmax's fp32 output
+    assert recomputed <= kept - probs  # at least the probabilities are no longer kept
+    assert torch.equal(l1, l2)
+    assert g1.keys() == g2.keys()
+    for name in g1:  # the same kernels on the same inputs: the same values, bit for bit
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_attention_probs_recompute_trains_the_same_weights_and_auto_says_when_it_stays_off(
+    tiny_llama, memo_data, tmp_path
+):
+    runs = {
+        probs: train(
+            tiny_config(tiny_llama, memo_data, tmp_path / probs, "lora", max_steps=3, attention_probs=probs)
+        )
+        for probs in ("keep", "auto")
+    }
+    assert runs["auto"].summary["levers"]["attention_probs"] == "recompute"  # CPU: eager attention
+    assert runs["keep"].summary["levers"]["attention_probs"] == "keep"
+    w1, w2 = final_weights(runs["keep"].run_dir), final_weights(runs["auto"].run_dir)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    config = json.loads((runs["auto"].run_dir / "model" / "adapter_config.json").read_text())
+    assert "tunelab_eager_recompute" not in json.dumps(config)
+
+    s = train(tiny_config(tiny_llama, memo_data, tmp_path / "sdpa", "lora", max_steps=1, attention="sdpa")).summary
+    assert s["levers"]["attention_probs"] == "keep"
+    assert "attention sdpa keeps no probabilities" in s["levers"]["why"]["attention_probs"]
+    gc = tiny_config(tiny_llama, memo_data, tmp_path / "gc", "lora", max_steps=1, gradient_checkpointing=True)
+    s = train(gc).summary
+    assert s["levers"]["attention_probs"] == "keep" and "whole blocks" in s["levers"]["why"]["attention_probs"]
+    with pytest.raises(
+        RunError, match=r"^training.attention_probs: recompute cannot be used here: attention sdpa"
+    ):
+        train(
+            tiny_config(
+                tiny_llama,
+                memo_data,
+                tmp_path / "x",
+                "lora",
+                max_steps=1,
+                attention="sdpa",
+                attention_probs="recompute",
+            )
+        )
+
+
 # -- GPU paths: their config logic, on CPU ---------------------------------------------------------------
 def _training(**kw):
     from tunelab.config import TrainingConfig

@@ -58,12 +58,14 @@ def inductor_cache_dir() -> Path:
     return Path(cache_dir())
 
 
-def graph_key(blocks: list[torch.nn.Module], precision: str) -> str:
+def graph_key(blocks: list[torch.nn.Module], precision: str, attention_probs: str = "keep") -> str:
     """What decides the compiled graph and so whether inductor's cache holds it: torch's version, the
-    device, the precision, and one block's module classes and parameter shapes and dtypes."""
+    device, the precision, whether attention recomputes its probabilities, and one block's module classes
+    and parameter shapes and dtypes."""
     b = blocks[0]
     p = next(b.parameters())
     parts = [torch.__version__, p.device.type, precision, type(b).__name__]
+    parts += [f"attention_probs:{attention_probs}"] if attention_probs != "keep" else []
     parts += sorted({type(m).__name__ for m in b.modules()})
     parts += [f"{n}:{tuple(t.shape)}:{t.dtype}:{t.requires_grad}" for n, t in b.named_parameters()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -221,6 +221,13 @@ class TrainingConfig(Strict):
         description="Attention implementation; auto: flash_attention_2 on CUDA when the flash-attn package is "
         "installed, else sdpa (PyTorch's fused attention) on CUDA and eager on CPU (faster there).",
     )
+    attention_probs: Literal["auto", "recompute", "keep"] = Field(
+        "auto",
+        description="What eager attention does with its probabilities (the softmax over every query and key) "
+        "for backward: keep them, or recompute them there from the query, key and value (same gradients; the "
+        "attention's forward runs once more). auto: recompute under eager attention unless "
+        "gradient_checkpointing recomputes whole blocks already.",
+    )
     base_quantization: Literal["none", "4bit", "8bit"] = Field(
         "none",
         description="Load the frozen base weights quantized (QLoRA: 4bit NF4 with double quantization and bf16 "

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tunelab import distributed, levers
+from tunelab.attention import recomputing
 from tunelab.checkpoints import STAGING, Checkpoint, pick_resume_checkpoint
 from tunelab.config import RunConfig
 from tunelab.data import Collator, Prepared, eval_datasets, features_dataset, lengths
@@ -206,6 +207,7 @@ def fit(
     )
     mode = levers.compile_mode(s.levers, t.compile)
     with (
+        recomputing(s.model, s.levers.attention_probs == "recompute"),
         levers.compiled(s.model, mode != "off", deferred=mode == "auto") as start,
         scoped_env(env),
         reusing_freed_memory(s.levers.allocator == "reuse"),
@@ -226,7 +228,7 @@ def fit(
                 start,
                 auto=mode == "auto",
                 planned=planned,
-                key=graph_key(levers.repeated_blocks(s.model), s.precision),
+                key=graph_key(levers.repeated_blocks(s.model), s.precision, s.levers.attention_probs),
                 precision=s.precision,
                 run_dir=out_dir,
                 home=tunelab_home(),

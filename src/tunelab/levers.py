@@ -27,6 +27,9 @@ model and what the strategies need. ``auto`` picks what measured fastest at no c
   unmaps it when freed, and trims its heap), so that each step does not fault the same pages in again
   (:func:`tunelab.runtime.reusing_freed_memory`, for the time of training; the memory is handed back when it ends).
   ``auto``: reuse on CPU under glibc; on CUDA activations live in torch's caching allocator already.
+- ``attention_probs``: ``recompute`` has eager attention keep only its inputs for backward and recompute
+  the probabilities there (tunelab.attention: same gradients, a third less memory on long rows).
+  ``auto``: recompute under eager attention, unless gradient checkpointing recomputes whole blocks.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
@@ -52,6 +55,7 @@ from typing import Any
 
 import torch
 
+from tunelab import attention
 from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
 from tunelab.models import default_attention
@@ -65,6 +69,7 @@ COMPILE_MIN_PARAMS = 50_000_000
 @dataclass
 class Levers:
     attention: str = "sdpa"
+    attention_probs: str = "keep"
     base_quantization: str = "none"
     loss_head: str = "full"
     frozen_weights: str = "fp32"
@@ -254,6 +259,7 @@ def resolve(
         if training.compile == "auto" and problem:
             why["compile"] = problem
         lv.compile = "off" if problem else "on"
+    lv.attention_probs = attention.resolve(training, model, lv.attention, why)
     libc = glibc()
     if training.allocator == "reuse" and libc is None:
         raise RunError("training.allocator: reuse needs glibc's allocator (Linux); use auto or system")

@@ -62,6 +62,7 @@ class Levers(_Section):
     """The speed and memory levers as resolved for the run (tunelab.levers)."""
 
     attention: str
+    attention_probs: Literal["recompute", "keep"] = "keep"  #: absent from summaries written before the lever
     base_quantization: Literal["none", "4bit", "8bit"]
     loss_head: Literal["full", "positions"]
     frozen_weights: Literal["fp32", "bf16"]
