@@ -31,6 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.errors import RunError
+from tunelab.models import unwrap
 
 NAME = "tunelab_eager_recompute"  #: the attention implementation registered with transformers
 
@@ -65,9 +66,11 @@ def register() -> None:
 
 
 def _pretrained(model: torch.nn.Module):
+    """The transformers model inside the PEFT wrappers (:func:`tunelab.models.unwrap`), or ``None``."""
     from transformers import PreTrainedModel
 
-    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    top = unwrap(model)
+    return top if isinstance(top, PreTrainedModel) else None
 
 
 def unsupported(model: torch.nn.Module, attention: str) -> str:

@@ -1,8 +1,8 @@
 """Speed and memory levers (``training.loss_head``, ``frozen_weights``, ``optimizer_impl``, ``compile``,
-``allocator``, ``threads``), each resolved once per run from its setting, the device, the precision, the
-model and what the strategies need. ``auto`` picks what measured fastest at no cost in correctness
-(docs/performance.md); the resolved values are written to ``summary.json`` under ``levers``, with why an
-``auto`` lever stayed off.
+``allocator``, ``attention_probs``, ``threads``), each resolved once per run from its setting, the device,
+the precision, the model and what the strategies need. ``auto`` picks what measured fastest at no cost in
+correctness (docs/performance.md); the resolved values are written to ``summary.json`` under ``levers``,
+with why an ``auto`` lever stayed off.
 
 - ``loss_head``: ``positions`` applies the vocabulary head and the loss to the positions that carry loss
   only (tunelab.losshead); ``full`` is transformers' own path. ``auto``: positions, unless a strategy reads
