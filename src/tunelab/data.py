@@ -704,20 +704,32 @@ def prepare_splits(
 # ----------------------------------------------------------------------------- batching
 
 
+def bucket_length(n: int, cap: int | None = None) -> int:
+    """The length a batch whose longest row has ``n`` tokens is padded to under ``training.pad_to: bucket``:
+    the next multiple of 2**k / 16 for n in [2**k, 2**(k+1)), and of 8 at least (16 lengths per doubling:
+    at most 1/16 more positions above 128 tokens), never over ``cap`` (the run's max_length) nor under n."""
+    step = max(8, (1 << (n.bit_length() - 1)) >> 4) if n > 0 else 8
+    m = -(-n // step) * step
+    return max(n, min(m, cap)) if cap else m
+
+
 class Collator:
     """Pads a batch to its own longest row (right padding); labels are padded with -100. With
     ``annotations``, what rows carry beside their tokens (:data:`ANNOTATIONS`: a multi-task row's task, a
     classification row's class) reaches the batch too, for the engine to take out before the forward.
 
     With length-grouped sampling (the engine's default) rows in a batch have similar lengths, so little
-    compute goes to padding.
+    compute goes to padding. With ``bucket``, the batch is padded further, to :func:`bucket_length` (at most
+    ``cap``), so that batch shapes repeat from step to step: the C allocator then reuses the blocks a step
+    freed instead of fragmenting its heap with every new length (docs/performance.md).
     """
 
-    def __init__(self, pad_id: int, annotations: bool = False):
-        self.pad_id, self.annotations = pad_id, annotations
+    def __init__(self, pad_id: int, annotations: bool = False, bucket: bool = False, cap: int | None = None):
+        self.pad_id, self.annotations, self.bucket, self.cap = pad_id, annotations, bucket, cap
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(f["input_ids"]) for f in features)
+        n = bucket_length(n, self.cap) if self.bucket else n
         ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), n), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(features), n), dtype=torch.long)

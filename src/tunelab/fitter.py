@@ -162,7 +162,12 @@ def trainer(
             sharding=s.distributed,
             blocks=sorted({type(b).__name__ for b in levers.repeated_blocks(s.model)}),
         ),
-        data_collator=Collator(s.tokenizer.pad_token_id, annotations=True),
+        data_collator=Collator(
+            s.tokenizer.pad_token_id,
+            annotations=True,
+            bucket=s.levers.pad_to == "bucket",
+            cap=cfg.training.max_length,
+        ),
         train_dataset=train_features if _streams(train_features) else features_dataset(train_features),
         eval_dataset=eval_datasets(eval_data),
         processing_class=s.tokenizer,

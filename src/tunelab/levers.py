@@ -1,6 +1,6 @@
 """Speed and memory levers (``training.loss_head``, ``frozen_weights``, ``optimizer_impl``, ``compile``,
-``allocator``, ``attention_probs``, ``threads``), each resolved once per run from its setting, the device,
-the precision, the model and what the strategies need. ``auto`` picks what measured fastest at no cost in
+``allocator``, ``attention_probs``, ``pad_to``, ``threads``), each resolved once per run from its setting, the
+device, the precision, the model and what the strategies need. ``auto`` picks what measured fastest at no cost in
 correctness (docs/performance.md); the resolved values are written to ``summary.json`` under ``levers``,
 with why an ``auto`` lever stayed off.
 
@@ -30,6 +30,9 @@ with why an ``auto`` lever stayed off.
 - ``attention_probs``: ``recompute`` has eager attention keep only its inputs for backward and recompute
   the probabilities there (tunelab.attention: same gradients, a third less memory on long rows).
   ``auto``: recompute under eager attention, unless gradient checkpointing recomputes whole blocks.
+- ``pad_to``: ``bucket`` pads each training batch up to the next of 16 lengths per doubling
+  (:func:`tunelab.data.bucket_length`), so shapes repeat from step to step and the C allocator's heap stops
+  growing with every new length; ``longest`` pads to the batch's longest row. ``auto``: bucket.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
@@ -76,6 +79,7 @@ class Levers:
     optimizer_impl: str = "foreach"
     compile: str = "off"
     allocator: str = "system"
+    pad_to: str = "longest"
     threads: int = 0
     why: dict[str, str] = field(default_factory=dict)  #: for each auto lever left off: the reason
 
@@ -270,6 +274,7 @@ def resolve(
             why["allocator"] = "the C library is not glibc"
     wanted = training.allocator == "reuse" or (training.allocator == "auto" and "allocator" not in why)
     lv.allocator = "reuse" if wanted else "system"
+    lv.pad_to = "bucket" if training.pad_to == "auto" else training.pad_to
     if training.threads:
         torch.set_num_threads(training.threads)
         lv.threads = training.threads

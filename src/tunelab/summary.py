@@ -69,6 +69,7 @@ class Levers(_Section):
     optimizer_impl: Literal["fused", "foreach", "for_loop"]
     compile: Literal["on", "off"] = "off"  #: absent from summaries written before the lever existed
     allocator: Literal["reuse", "system"] = "system"  #: absent from summaries written before the lever existed
+    pad_to: Literal["bucket", "longest"] = "longest"  #: absent from summaries written before the lever existed
     threads: int
     why: dict[str, str]  #: for each ``auto`` lever left off, the reason
 
