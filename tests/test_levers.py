@@ -475,6 +475,29 @@ def test_compiled_runs_blocks_compiled_only_while_training(tiny_llama):
     assert set(model.state_dict()) == set(load_model(tiny_llama).state_dict())  # no wrapper in the names
 
 
+def test_compiled_blocks_take_a_batch_as_long_as_another_dimension_without_another_graph(tiny_llama):
+    """Under dynamic shapes torch gives sizes equal at trace time one symbol ("duck" sizing): a first batch
+    as long as the head dimension would trace a graph for that length only (and miss inductor's disk cache in
+    a later run), and the next length would compile again."""
+    from torch._dynamo.utils import counters
+
+    from tunelab.levers import compiled
+    from tunelab.models import load_model
+
+    model = load_model(tiny_llama, attn_implementation="eager")
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    graphs = []
+    with compiled(model, True):
+        for n in (head_dim, head_dim + 3, 5):  # first as long as the head dimension, then others
+            ids = torch.randint(0, model.config.vocab_size, (2, n))
+            model(input_ids=ids, labels=ids).loss.backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1:] == graphs[:1] * 2
+    import torch.fx.experimental._config as fx_config
+
+    assert fx_config.use_duck_shape  # torch's default again after training
+
+
 def test_compile_on_without_a_compiler_is_refused_naming_what_is_missing(
     tiny_llama, memo_data, tmp_path, monkeypatch
 ):

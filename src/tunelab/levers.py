@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from tunelab import attention
 from tunelab.errors import RunError
@@ -367,9 +368,13 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
         # there, and its state changes each call, which would make every layer's graph recompile
         if use_cache:
             config.use_cache = False
+        # dynamic shapes give sizes equal at the first call one symbol ("duck" sizing): a batch as long as
+        # the head dimension (64) or the batch size then traces another graph, which recompiles mid-run
+        # and misses inductor's disk cache (a cold ~60 s compile where a warm one was expected)
+        started.append(fx_config.use_duck_shape)
+        fx_config.use_duck_shape = False
         for b in blocks:
             b.compile(dynamic=True)
-        started.append(True)
         status(
             f"compile: {len(blocks)} {type(blocks[0]).__name__} blocks compile in the first training step "
             "(~50-90 s on 2 CPU cores with inductor's cache cold; seconds once it holds them)"
@@ -381,6 +386,7 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
         yield start
     finally:
         if started:
+            fx_config.use_duck_shape = started[0]
             for b in blocks:
                 b._compiled_call_impl = None  # what nn.Module.compile sets; None is its uncompiled default
             if use_cache:
