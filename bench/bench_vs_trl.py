@@ -119,6 +119,7 @@ def run_tunelab(method: str, shape: str, model_dir: str, steps: int, bs: int, wo
         "precision": s["precision"],
         "gradient_checkpointing": bool(cfg["training"].get("gradient_checkpointing", False)),
         "levers": {k: v for k, v in s["levers"].items() if k != "why"},
+        "compile_why": s["levers"]["why"].get("compile"),  # compile: auto's figures, when it decided
         "losses": losses,
         **clock.figures(),
     }

@@ -137,9 +137,10 @@ def _median(xs: list[float]) -> float:
 
 @torch.no_grad()
 def eager_step_estimate(model: torch.nn.Module, batch: dict, bf16: bool, trained_share: float) -> float:
-    """Seconds an eager training step on ``batch`` is expected to take: one forward pass, timed the second
-    time (the first warms up), times 2 + the share of weights trained (backward: the gradient with respect
-    to the inputs costs about a forward, the one with respect to the weights a forward per trained weight)."""
+    """Seconds an eager training step on ``batch`` is expected to take: one forward pass, the faster of two
+    timings (the first warms up; a pass slowed by something else running must not decide for the run), times
+    2 + the share of weights trained (backward: the gradient with respect to the inputs costs about a
+    forward, the one with respect to the weights a forward per trained weight)."""
     from tunelab.evaluate import autocast
 
     device = next(model.parameters()).device
@@ -158,7 +159,7 @@ def eager_step_estimate(model: torch.nn.Module, batch: dict, bf16: bool, trained
             seconds.append(time.perf_counter() - t0)
     finally:
         model.train(was)
-    return seconds[-1] * (2 + trained_share)
+    return min(seconds) * (2 + trained_share)
 
 
 class CompileTimer(TrainerCallback):
