@@ -9,16 +9,19 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import final_weights, tiny_config
-from tunelab.data import IGNORE, Collator, bucket_length
+import tunelab.data
+from tunelab.data import BUCKET_FROM, IGNORE, Collator, bucket_length
 from tunelab.run import train
 
 
-def test_bucket_length_adds_at_most_a_sixteenth_and_gives_few_lengths_per_doubling():
-    for n in range(1, 5000):
+def test_bucket_length_adds_at_most_a_sixteenth_from_128_tokens_and_gives_few_lengths():
+    for n in range(BUCKET_FROM):
+        assert bucket_length(n) == n  # short batches stay at their longest row
+    for n in range(BUCKET_FROM, 5000):
         assert n <= bucket_length(n) < n + max(8, n // 16 + 1), n
-    for k in range(7, 13):  # above 128 tokens: 16 lengths per doubling
+    assert len({bucket_length(n) for n in range(BUCKET_FROM + 1, 129)}) == 8  # multiples of 8 up to 128
+    for k in range(7, 13):  # then 16 lengths per doubling
         assert len({bucket_length(n) for n in range(2**k + 1, 2 ** (k + 1) + 1)}) == 16
-    assert len({bucket_length(n) for n in range(1, 129)}) == 16  # up to it: multiples of 8
     assert bucket_length(530) == 544 and bucket_length(530, cap=540) == 540  # never over max_length
     assert bucket_length(600, cap=512) == 600  # nor under the row
 
@@ -44,7 +47,10 @@ class _Lengths(TrainerCallback):
         emb.register_forward_pre_hook(lambda m, a: self.seen.append(a[0].shape[1]) if m.training else None)
 
 
-def test_bucket_batches_train_what_longest_ones_train_and_auto_buckets(tiny_llama, uneven_data, tmp_path):
+def test_bucket_batches_train_what_longest_ones_train_and_auto_buckets(
+    tiny_llama, uneven_data, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tunelab.data, "BUCKET_FROM", 8)  # the tiny rows are shorter than the real threshold
     runs, lengths = {}, {}
     for pad_to in ("auto", "longest"):
         cb = _Lengths()

@@ -30,9 +30,9 @@ with why an ``auto`` lever stayed off.
 - ``attention_probs``: ``recompute`` has eager attention keep only its inputs for backward and recompute
   the probabilities there (tunelab.attention: same gradients, a third less memory on long rows).
   ``auto``: recompute under eager attention, unless gradient checkpointing recomputes whole blocks.
-- ``pad_to``: ``bucket`` pads each training batch up to the next of 16 lengths per doubling
-  (:func:`tunelab.data.bucket_length`), so shapes repeat from step to step and the C allocator's heap stops
-  growing with every new length; ``longest`` pads to the batch's longest row. ``auto``: bucket.
+- ``pad_to``: ``bucket`` pads each training batch of 64 tokens or more up to the next of 16 lengths per
+  doubling (:func:`tunelab.data.bucket_length`), so shapes repeat from step to step and the C allocator's
+  heap stops growing with every new length; ``longest`` pads to the batch's longest row. ``auto``: bucket.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
