@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import final_weights, tiny_config
 import tunelab.data
+from conftest import final_weights, tiny_config
 from tunelab.data import BUCKET_FROM, IGNORE, Collator, bucket_length
 from tunelab.run import train
 

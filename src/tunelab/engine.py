@@ -52,6 +52,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import rotate_checkpoints
 
+from tunelab.casts import recast_in_backward
 from tunelab.checkpoints import STAGING
 from tunelab.data import ANNOTATIONS
 from tunelab.distributed import cpu_fsdp, held
@@ -95,6 +96,7 @@ class TunelabTrainer(Trainer):
         task_weights: list[float] | None = None,
         positions_head: bool = False,
         optimizer_impl: str = "fused",
+        recast_weights: bool = False,
         **kwargs,
     ):
         """``stack`` is the run's :class:`~tunelab.strategies.stack.StrategyStack`; ``rates`` its training
@@ -103,6 +105,11 @@ class TunelabTrainer(Trainer):
         ``sampler(dataset, batch_size, seed)`` (the run mode's order), the task names a batch's ``task``
         indexes, and each task's loss weight."""
         super().__init__(*args, **kwargs)
+        self.recast_weights = recast_weights
+        if recast_weights:  # autocast's cache would keep every cast weight to the end of the forward
+            from accelerate.utils import AutocastKwargs
+
+            self.accelerator.autocast_handler = AutocastKwargs(cache_enabled=False)
         self.stack = stack
         self.rates = rates
         self.positions_head, self.optimizer_impl = positions_head, optimizer_impl
@@ -141,7 +148,8 @@ class TunelabTrainer(Trainer):
 
     # -- nothing non-finite is used or saved ----------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with recast_in_backward(self.recast_weights):  # training.weight_casts
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"training diverged at step {self.state.global_step + 1}: the loss is {float(loss)}"

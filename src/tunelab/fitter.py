@@ -175,6 +175,7 @@ def trainer(
         rates=rates,
         positions_head=s.levers.loss_head == "positions",
         optimizer_impl=s.levers.optimizer_impl,
+        recast_weights=s.levers.weight_casts == "recompute",
         **multitask,
     )
     attach(t, out_dir, cfg.training, throughput, s.stack.callbacks(), callbacks or [])
