@@ -9,7 +9,6 @@ backward needs it: the same values (a cast is exact and deterministic), one cast
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 
@@ -36,29 +35,22 @@ def _unpack(x):
     return x
 
 
-@contextlib.contextmanager
-def recast_in_backward(on: bool) -> Iterator[None]:
+def recast_in_backward(on: bool) -> contextlib.AbstractContextManager:
     """While the body runs (a training step: its forward registers what backward will unpack), casts of
     trained weights are kept as references to the weights and cast again in backward."""
-    if not on:
-        yield
-        return
-    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-        yield
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack) if on else contextlib.nullcontext()
 
 
 def resolve(training, precision: str, sharded: str | None) -> str:
     """``recompute`` or ``keep`` (the default) for this run. Not ``auto``: it trades speed for memory, like
     gradient checkpointing (full fine-tuning on tickets: 2% less peak, 5-7% fewer tokens/s; docs/performance.md).
     """
-    setting = getattr(training, "weight_casts", "keep")
-    problem = (
-        f"precision is {precision}: no weight is cast"
-        if precision not in ("bf16", "fp16")
-        else f"distributed: {sharded} casts the weights itself"
-        if sharded
-        else None
-    )
-    if setting == "recompute" and problem:
+    if training.weight_casts == "recompute":
+        if precision not in ("bf16", "fp16"):
+            problem = f"precision is {precision}: no weight is cast"
+        elif sharded:
+            problem = f"distributed: {sharded} casts the weights itself"
+        else:
+            return "recompute"
         raise RunError(f"training.weight_casts: recompute cannot be used here: {problem}; use keep")
-    return setting
+    return "keep"

@@ -362,6 +362,7 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     started = []
+    settings = contextlib.ExitStack()  # torch settings changed for the time of training, restored after
 
     def start() -> None:
         if started:
@@ -376,10 +377,10 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
         # dynamic shapes give sizes equal at the first call one symbol ("duck" sizing): a batch as long as
         # the head dimension (64) or the batch size then traces another graph, which recompiles mid-run
         # and misses inductor's disk cache (a cold ~60 s compile where a warm one was expected)
-        started.append(fx_config.use_duck_shape)
-        fx_config.use_duck_shape = False
+        settings.enter_context(fx_config.patch(use_duck_shape=False))
         for b in blocks:
             b.compile(dynamic=True)
+        started.append(True)
         status(
             f"compile: {len(blocks)} {type(blocks[0]).__name__} blocks compile in the first training step "
             "(~50-90 s on 2 CPU cores with inductor's cache cold; seconds once it holds them)"
@@ -390,8 +391,8 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
     try:
         yield start
     finally:
+        settings.close()
         if started:
-            fx_config.use_duck_shape = started[0]
             for b in blocks:
                 b._compiled_call_impl = None  # what nn.Module.compile sets; None is its uncompiled default
             if use_cache:
