@@ -43,7 +43,8 @@ def recast_in_backward(on: bool) -> contextlib.AbstractContextManager:
 
 def resolve(training, precision: str, sharded: str | None) -> str:
     """``recompute`` or ``keep`` (the default) for this run. Not ``auto``: it trades speed for memory, like
-    gradient checkpointing (full fine-tuning on tickets: 2% less peak, 5-7% fewer tokens/s; docs/performance.md).
+    gradient checkpointing (full fine-tuning on tickets: 2% less peak, 5-7% fewer tokens/s in one run, within
+    the spread; docs/performance.md).
     """
     if training.weight_casts == "recompute":
         if precision not in ("bf16", "fp16"):

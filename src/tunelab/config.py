@@ -241,7 +241,8 @@ class TrainingConfig(Strict):
         description="What mixed precision does with the bf16/fp16 copy of each trained weight that backward "
         "needs: keep it from the forward (a half-size copy of every trained weight through the step), or cast "
         "the weight again in backward (the same values, one cast more): less memory with full or layer-wise "
-        "fine-tuning (2% of the peak on the demo's tickets, default model) for 5-7% of the tokens/s.",
+        "fine-tuning (2% of the peak on the demo's tickets, default model) for some speed (5-7% fewer tokens/s "
+        "in one run, within the run-to-run spread).",
     )
     base_quantization: Literal["none", "4bit", "8bit"] = Field(
         "none",
