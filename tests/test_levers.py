@@ -275,9 +275,9 @@ def test_allocator_reuse_is_refused_without_glibc_and_auto_says_why(tiny_llama, 
     assert s["levers"]["allocator"] == "system" and s["levers"]["why"]["allocator"] == "the C library is not glibc"
 
 
-def _saved_bytes_and_grads(model, batch, recompute: bool):
+def _saved_bytes_and_grads(model, batch, recompute: bool, autocast: bool = False, kept: list | None = None):
     """What autograd keeps for backward (bytes, parameters excluded) and the gradients, with the attention
-    probabilities recomputed in backward or kept."""
+    probabilities recomputed in backward or kept; ``kept`` collects the (dtype, shape) of each kept tensor."""
     from tunelab.attention import recomputing
 
     params = {p.data_ptr() for p in model.parameters()}
@@ -286,15 +286,46 @@ def _saved_bytes_and_grads(model, batch, recompute: bool):
     def pack(t):
         if t.data_ptr() not in params:
             saved.append(t.numel() * t.element_size())
+            if kept is not None:
+                kept.append((t.dtype, tuple(t.shape)))
         return t
 
     model.zero_grad()
-    with recomputing(model, recompute), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        recomputing(model, recompute),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
         assert model.config._attn_implementation == ("tunelab_eager_recompute" if recompute else "eager")
         loss = model(**batch).loss
     assert model.config._attn_implementation == "eager"  # switched back after
     loss.backward()
     return sum(saved), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_attention_probs_recompute_under_autocast_keeps_the_query_in_half_precision(tiny_llama):
+    """Rotary embeddings leave the query in fp32 (their cos and sin are fp32); the attention's matmul reads its
+    bf16 cast. Recomputing, the checkpoint keeps the bf16 cast, not the fp32 tensor: the same values, so the
+    same gradients as keeping the probabilities, bit for bit (the key stays fp32: see attention._as_autocast)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager")
+    batch = _batch(model.config.vocab_size)
+    c = model.config
+    rows, length = batch["input_ids"].shape
+    head = c.hidden_size // c.num_attention_heads
+    assert c.num_key_value_heads < c.num_attention_heads  # grouped-query: the key is repeated per group
+    query = (rows, c.num_attention_heads, length, head)
+    recomputed = []
+    _, l1, g1 = _saved_bytes_and_grads(model, batch, recompute=False, autocast=True)
+    _, l2, g2 = _saved_bytes_and_grads(model, batch, recompute=True, autocast=True, kept=recomputed)
+    assert (
+        sum(1 for dtype, shape in recomputed if shape == query and dtype == torch.bfloat16) == c.num_hidden_layers
+    )
+    assert (torch.float32, query) not in recomputed, "the fp32 query is kept"
+    assert torch.equal(l1, l2)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
 
 
 def test_attention_probs_recompute_keeps_less_for_backward_and_gives_the_same_gradients(tiny_llama):

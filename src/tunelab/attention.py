@@ -53,7 +53,21 @@ def recompute_attention(module, query, key, value, attention_mask, *args, **kwar
     def run(q, k, v, mask):
         return eager(module, q, k, v, mask, *args, **kwargs)[0]
 
+    if not kwargs.get("dropout"):  # dropout on the cast probabilities would round otherwise than on fp32 ones
+        query = _as_autocast(query)
     return checkpoint(run, query, key, value, attention_mask, use_reentrant=False), None
+
+
+def _as_autocast(query: torch.Tensor) -> torch.Tensor:
+    """The query cast as autocast would cast it for the attention's first matmul, so that the checkpoint keeps
+    the half-precision copy the matmul reads instead of the fp32 tensor rotary embeddings leave (their cos and
+    sin are fp32): half the bytes, the same values and gradients, since a cast is exact and deterministic.
+    Not the key: with grouped-query attention it is repeated for each group of heads after this point, and
+    backward sums the groups' gradients in the key's dtype, which must stay fp32 to give the same sums."""
+    device = query.device.type
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return query.to(torch.get_autocast_dtype(device))
+    return query
 
 
 def register() -> None:

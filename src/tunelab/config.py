@@ -244,6 +244,13 @@ class TrainingConfig(Strict):
         "fine-tuning (2% of the peak on the demo's tickets, default model) for some speed (5-7% fewer tokens/s "
         "in one run, within the run-to-run spread).",
     )
+    elementwise_outputs: Literal["auto", "recompute", "keep"] = Field(
+        "auto",
+        description="What autograd keeps of an element-wise op's output that a later op needs in backward "
+        "(SiLU's output in a gated MLP, the gated product, RMSNorm's normalised input when its weight trains): "
+        "keep it from the forward, or recompute it in backward from the inputs the op keeps anyway (the same "
+        "values, bit for bit, for one element-wise op more). auto: recompute.",
+    )
     base_quantization: Literal["none", "4bit", "8bit"] = Field(
         "none",
         description="Load the frozen base weights quantized (QLoRA: 4bit NF4 with double quantization and bf16 "

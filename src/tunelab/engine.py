@@ -52,7 +52,6 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import rotate_checkpoints
 
-from tunelab.casts import recast_in_backward
 from tunelab.checkpoints import STAGING
 from tunelab.data import ANNOTATIONS
 from tunelab.distributed import cpu_fsdp, held
@@ -60,6 +59,7 @@ from tunelab.errors import NonFiniteError, RunError, first_line, lost_peer
 from tunelab.fsutil import write_failure
 from tunelab.levers import adamw
 from tunelab.losshead import PositionsHead
+from tunelab.saved import keeping_less
 from tunelab.strategies.base import StrategyError, load_named_tensors
 
 TRAINABLE = "trainable.safetensors"  #: every trained tensor of a PEFT-wrapped model, in each checkpoint
@@ -97,6 +97,7 @@ class TunelabTrainer(Trainer):
         positions_head: bool = False,
         optimizer_impl: str = "fused",
         recast_weights: bool = False,
+        recompute_elementwise: bool = False,
         **kwargs,
     ):
         """``stack`` is the run's :class:`~tunelab.strategies.stack.StrategyStack`; ``rates`` its training
@@ -105,7 +106,7 @@ class TunelabTrainer(Trainer):
         ``sampler(dataset, batch_size, seed)`` (the run mode's order), the task names a batch's ``task``
         indexes, and each task's loss weight."""
         super().__init__(*args, **kwargs)
-        self.recast_weights = recast_weights
+        self.recast_weights, self.recompute_elementwise = recast_weights, recompute_elementwise
         if recast_weights:  # autocast's cache would keep every cast weight to the end of the forward
             from accelerate.utils import AutocastKwargs
 
@@ -148,7 +149,7 @@ class TunelabTrainer(Trainer):
 
     # -- nothing non-finite is used or saved ----------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        with recast_in_backward(self.recast_weights):  # training.weight_casts
+        with keeping_less(self.recast_weights, self.recompute_elementwise):  # weight_casts, elementwise_outputs
             loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
             raise NonFiniteError(

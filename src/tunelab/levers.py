@@ -1,8 +1,8 @@
 """Speed and memory levers (``training.loss_head``, ``frozen_weights``, ``optimizer_impl``, ``compile``,
-``allocator``, ``attention_probs``, ``pad_to``, ``weight_casts``, ``threads``), each resolved once per run from
-its setting, the device, the precision, the model and what the strategies need. ``auto`` picks what measured
-fastest at no cost in correctness (docs/performance.md); the resolved values are written to ``summary.json``
-under ``levers``, with why an ``auto`` lever stayed off.
+``allocator``, ``attention_probs``, ``pad_to``, ``weight_casts``, ``elementwise_outputs``, ``threads``), each
+resolved once per run from its setting, the device, the precision, the model and what the strategies need.
+``auto`` picks what measured fastest at no cost in correctness (docs/performance.md); the resolved values are
+written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed off.
 
 - ``loss_head``: ``positions`` applies the vocabulary head and the loss to the positions that carry loss
   only (tunelab.losshead); ``full`` is transformers' own path. ``auto``: positions, unless a strategy reads
@@ -20,8 +20,8 @@ under ``levers``, with why an ``auto`` lever stayed off.
   backward. ``auto``, for models of at least :data:`COMPILE_MIN_PARAMS` parameters where inductor has a
   compiler (a C++ compiler on CPU, triton on CUDA): one forward pass is timed before the first step, and
   the run compiles from it only if the time expected saved beats the time expected to compile, cold or
-  warm (tunelab.compiling); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``, by
-  default ``/tmp/torchinductor_<user>``), so later runs of the same model compile in seconds.
+  warm (tunelab.compiling); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``), so
+  later runs of the same model compile in seconds.
 - ``allocator``: ``reuse`` has glibc keep the memory a training step frees for the next step instead of
   handing large blocks back to the system (it maps every block over a threshold, at first 128 KiB, and
   unmaps it when freed, and trims its heap), so that each step does not fault the same pages in again
@@ -30,12 +30,12 @@ under ``levers``, with why an ``auto`` lever stayed off.
 - ``attention_probs``: ``recompute`` has eager attention keep only its inputs for backward and recompute
   the probabilities there (tunelab.attention: same gradients, a third less memory on long rows).
   ``auto``: recompute under eager attention, unless gradient checkpointing recomputes whole blocks.
-- ``pad_to``: ``bucket`` pads each training batch of 64 tokens or more up to the next of a few lengths (8
-  up to 128 tokens, then 16 per doubling: :func:`tunelab.data.bucket_length`), so shapes repeat from step
-  to step and the C allocator's heap stops growing with every new length; ``longest`` pads to the batch's
-  longest row. ``auto``: bucket.
-- ``weight_casts``: ``recompute`` casts trained weights again in backward instead of keeping their
-  bf16 copies (tunelab.casts); ``keep``, the default, trades no speed for it.
+- ``pad_to``: ``bucket`` pads each training batch of 64 tokens or more up to the next of a few lengths
+  (:func:`tunelab.data.bucket_length`), so shapes repeat from step to step and the C allocator's heap stops
+  growing with every new length; ``longest`` pads to the batch's longest row. ``auto``: bucket.
+- ``weight_casts``, ``elementwise_outputs`` (tunelab.saved): ``recompute`` casts trained weights again in
+  backward instead of keeping their bf16 copies (``keep``, the default, trades no speed for it); computes
+  again in backward the element-wise outputs whose inputs autograd keeps anyway (``auto``: recompute).
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
@@ -62,7 +62,7 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 
-from tunelab import attention, casts
+from tunelab import attention, saved
 from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
 from tunelab.models import default_attention
@@ -85,6 +85,7 @@ class Levers:
     allocator: str = "system"
     pad_to: str = "longest"
     weight_casts: str = "keep"
+    elementwise_outputs: str = "keep"
     threads: int = 0
     why: dict[str, str] = field(default_factory=dict)  #: for each auto lever left off: the reason
 
@@ -280,7 +281,7 @@ def resolve(
     wanted = training.allocator == "reuse" or (training.allocator == "auto" and "allocator" not in why)
     lv.allocator = "reuse" if wanted else "system"
     lv.pad_to = "bucket" if training.pad_to == "auto" else training.pad_to
-    lv.weight_casts = casts.resolve(training, precision, sharded)
+    lv.weight_casts, lv.elementwise_outputs = saved.resolve(training, precision, sharded)
     if training.threads:
         torch.set_num_threads(training.threads)
         lv.threads = training.threads
