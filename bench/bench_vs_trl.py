@@ -53,14 +53,14 @@ LEVERS_OFF = {
     "allocator": "system",
     "attention_probs": "keep",
     "pad_to": "longest",
-    "elementwise_outputs": "keep",
+    "activations": "keep",
 }
 ROWS = {
     "lora": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "tunelab-keep-probs", "tunelab-pad-longest",
-             "tunelab-recast", "tunelab-keep-elementwise", "trl-default", "trl-bf16-no-gc", "trl-same-batches",
+             "tunelab-recast", "tunelab-keep-activations", "trl-default", "trl-bf16-no-gc", "trl-same-batches",
              "trl-fp32", "trl-fp32-same-batches"],
     "full": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "tunelab-keep-probs", "tunelab-pad-longest",
-             "tunelab-recast", "tunelab-keep-elementwise", "trl-default", "trl-bf16-no-gc", "trl-same-batches",
+             "tunelab-recast", "tunelab-keep-activations", "trl-default", "trl-bf16-no-gc", "trl-same-batches",
              "trl-fp32", "trl-fp32-same-batches"],
 }  # fmt: skip
 #: the rows run unless --rows or --all-rows says otherwise: each side's defaults, and the loss check
@@ -80,7 +80,7 @@ TUNELAB_ROWS = {
     "tunelab-keep-probs": {"attention_probs": "keep"},  # eager attention's probabilities kept for backward
     "tunelab-pad-longest": {"pad_to": "longest"},  # batches padded to their longest row only: shapes vary
     "tunelab-recast": {"weight_casts": "recompute"},  # trained weights cast again in backward, not kept
-    "tunelab-keep-elementwise": {"elementwise_outputs": "keep"},  # element-wise outputs kept for backward
+    "tunelab-keep-activations": {"activations": "keep"},  # element-wise outputs kept for backward
 }
 
 

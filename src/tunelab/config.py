@@ -244,12 +244,13 @@ class TrainingConfig(Strict):
         "fine-tuning (2% of the peak on the demo's tickets, default model) for some speed (5-7% fewer tokens/s "
         "in one run, within the run-to-run spread).",
     )
-    elementwise_outputs: Literal["auto", "recompute", "keep"] = Field(
+    activations: Literal["auto", "lean", "keep"] = Field(
         "auto",
-        description="What autograd keeps of an element-wise op's output that a later op needs in backward "
-        "(SiLU's output in a gated MLP, the gated product, RMSNorm's normalised input when its weight trains): "
-        "keep it from the forward, or recompute it in backward from the inputs the op keeps anyway (the same "
-        "values, bit for bit, for one element-wise op more). auto: recompute.",
+        description="What autograd keeps of the activations backward needs. keep: each as the forward made "
+        "it. lean: an element-wise output whose inputs are kept anyway (SiLU's output in a gated MLP, the gated "
+        "product, RMSNorm's normalised input when its weight trains) is computed again in backward, and the "
+        "casts of one tensor to one dtype (the bf16 input that the query, key and value projections each cast) "
+        "are kept once: the same values, bit for bit, for one element-wise op more per output. auto: lean.",
     )
     base_quantization: Literal["none", "4bit", "8bit"] = Field(
         "none",

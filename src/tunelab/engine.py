@@ -97,7 +97,7 @@ class TunelabTrainer(Trainer):
         positions_head: bool = False,
         optimizer_impl: str = "fused",
         recast_weights: bool = False,
-        recompute_elementwise: bool = False,
+        lean_activations: bool = False,
         **kwargs,
     ):
         """``stack`` is the run's :class:`~tunelab.strategies.stack.StrategyStack`; ``rates`` its training
@@ -106,7 +106,7 @@ class TunelabTrainer(Trainer):
         ``sampler(dataset, batch_size, seed)`` (the run mode's order), the task names a batch's ``task``
         indexes, and each task's loss weight."""
         super().__init__(*args, **kwargs)
-        self.recast_weights, self.recompute_elementwise = recast_weights, recompute_elementwise
+        self.recast_weights, self.lean_activations = recast_weights, lean_activations
         if recast_weights:  # autocast's cache would keep every cast weight to the end of the forward
             from accelerate.utils import AutocastKwargs
 
@@ -149,7 +149,7 @@ class TunelabTrainer(Trainer):
 
     # -- nothing non-finite is used or saved ----------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        with keeping_less(self.recast_weights, self.recompute_elementwise):  # weight_casts, elementwise_outputs
+        with keeping_less(self.recast_weights, self.lean_activations):  # weight_casts, activations
             loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss):
             raise NonFiniteError(

@@ -176,7 +176,7 @@ def trainer(
         positions_head=s.levers.loss_head == "positions",
         optimizer_impl=s.levers.optimizer_impl,
         recast_weights=s.levers.weight_casts == "recompute",
-        recompute_elementwise=s.levers.elementwise_outputs == "recompute",
+        lean_activations=s.levers.activations == "lean",
         **multitask,
     )
     attach(t, out_dir, cfg.training, throughput, s.stack.callbacks(), callbacks or [])

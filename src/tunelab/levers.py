@@ -1,5 +1,5 @@
 """Speed and memory levers (``training.loss_head``, ``frozen_weights``, ``optimizer_impl``, ``compile``,
-``allocator``, ``attention_probs``, ``pad_to``, ``weight_casts``, ``elementwise_outputs``, ``threads``), each
+``allocator``, ``attention_probs``, ``pad_to``, ``weight_casts``, ``activations``, ``threads``), each
 resolved once per run from its setting, the device, the precision, the model and what the strategies need.
 ``auto`` picks what measured fastest at no cost in correctness (docs/performance.md); the resolved values are
 written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed off.
@@ -33,9 +33,9 @@ written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed 
 - ``pad_to``: ``bucket`` pads each training batch of 64 tokens or more up to the next of a few lengths
   (:func:`tunelab.data.bucket_length`), so shapes repeat from step to step and the C allocator's heap stops
   growing with every new length; ``longest`` pads to the batch's longest row. ``auto``: bucket.
-- ``weight_casts``, ``elementwise_outputs`` (tunelab.saved): ``recompute`` casts trained weights again in
-  backward instead of keeping their bf16 copies (``keep``, the default, trades no speed for it); computes
-  again in backward the element-wise outputs whose inputs autograd keeps anyway (``auto``: recompute).
+- ``weight_casts``, ``activations`` (tunelab.saved): ``recompute`` casts trained weights again in backward
+  instead of keeping their bf16 copies (``keep``, the default, trades no speed for it); ``lean`` recomputes
+  element-wise outputs from inputs kept anyway and keeps one tensor's casts once (``auto``: lean).
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
@@ -85,7 +85,7 @@ class Levers:
     allocator: str = "system"
     pad_to: str = "longest"
     weight_casts: str = "keep"
-    elementwise_outputs: str = "keep"
+    activations: str = "keep"
     threads: int = 0
     why: dict[str, str] = field(default_factory=dict)  #: for each auto lever left off: the reason
 
@@ -281,7 +281,7 @@ def resolve(
     wanted = training.allocator == "reuse" or (training.allocator == "auto" and "allocator" not in why)
     lv.allocator = "reuse" if wanted else "system"
     lv.pad_to = "bucket" if training.pad_to == "auto" else training.pad_to
-    lv.weight_casts, lv.elementwise_outputs = saved.resolve(training, precision, sharded)
+    lv.weight_casts, lv.activations = saved.resolve(training, precision, sharded)
     if training.threads:
         torch.set_num_threads(training.threads)
         lv.threads = training.threads
