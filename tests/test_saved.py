@@ -117,3 +117,16 @@ def test_weight_casts_recompute_without_casts_is_refused(tiny_llama, memo_data, 
         RunError, match=r"^training.weight_casts: recompute cannot be used here: precision is fp32"
     ):
         train(tiny_config(tiny_llama, memo_data, tmp_path / "fp32", "full", max_steps=1, weight_casts="recompute"))
+
+
+def test_a_recomputed_output_comes_back_in_the_layout_the_forward_gave_it():
+    """A product of column-major factors is column-major; a view saved from it is rebuilt on that layout."""
+    a = torch.randn(6, 4, requires_grad=True).t()  # (4, 6), strides (1, 4)
+    b = torch.randn(6, 4, requires_grad=True).t()
+    y = a * b
+    assert y.stride() == (1, 4)
+    view = y.t()  # what a later op keeps: (6, 4), strides (4, 1)
+    packed = saved._packer(recast=False, lean=True)(view)
+    assert isinstance(packed, tuple) and packed[0][0] == "op"
+    again = saved._unpack(packed)
+    assert torch.equal(again, view) and again.stride() == view.stride()

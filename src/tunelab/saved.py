@@ -109,8 +109,8 @@ def _unpack(x):
         _, fn, base_size, base_stride = how
         op, inputs = _RECOMPUTABLE[fn.name()]
         base = op(*(getattr(fn, name) for name in inputs))
-        if base.size() != base_size or base.stride() != base_stride:  # the view below needs the same layout
-            base = torch.empty_strided(base_size, base_stride, dtype=base.dtype).copy_(base)
+        if base.stride() != base_stride:  # the view below needs the layout the forward's output had
+            base = torch.empty_strided(base_size, base_stride, dtype=base.dtype, device=base.device).copy_(base)
     return base.as_strided(size, stride, offset)
 
 
