@@ -80,7 +80,7 @@ TUNELAB_ROWS = {
     "tunelab-keep-probs": {"attention_probs": "keep"},  # eager attention's probabilities kept for backward
     "tunelab-pad-longest": {"pad_to": "longest"},  # batches padded to their longest row only: shapes vary
     "tunelab-recast": {"weight_casts": "recompute"},  # trained weights cast again in backward, not kept
-    "tunelab-keep-activations": {"activations": "keep"},  # element-wise outputs kept for backward
+    "tunelab-keep-activations": {"activations": "keep"},  # activations kept as the forward made them
 }
 
 

@@ -49,9 +49,8 @@ _RECOMPUTABLE = {
 
 
 def _recast(base: torch.Tensor, fn) -> Any:
-    """For a cast of a trained weight: the weight and the dtype to cast it to again; else ``None``."""
-    if fn.name() != "ToCopyBackward0":
-        return None
+    """For a cast (``fn``: its ``ToCopyBackward0``) of a trained weight: the weight and the dtype to cast it to
+    again; else ``None``."""
     weight = getattr(fn.next_functions[0][0], "variable", None)  # AccumulateGrad holds the leaf it feeds
     if weight is None or weight.dtype == base.dtype or weight.shape != base.shape:
         return None
@@ -59,11 +58,8 @@ def _recast(base: torch.Tensor, fn) -> Any:
 
 
 def _recipe(base: torch.Tensor, fn) -> Any:
-    """For the output of an op of :data:`_RECOMPUTABLE` whose backward keeps what it needs: the node, which
-    holds the inputs, and the layout to check the recomputed output against; else ``None``."""
-    name = fn.name()
-    if name not in _RECOMPUTABLE:
-        return None
+    """For the output of an op of :data:`_RECOMPUTABLE` (``fn``: its node) whose backward keeps what it needs:
+    the node, which holds the inputs, and the layout to check the recomputed output against; else ``None``."""
     if any(f is None for f, _ in fn.next_functions):  # an input without gradient is not kept by a product
         return None
     return ("op", fn, base.size(), base.stride())
@@ -73,8 +69,9 @@ def _packer(recast: bool, lean: bool):
     casts: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the first cast of each tensor kept
 
     def shared(base: torch.Tensor, fn) -> Any:
-        """For a cast of a tensor another saved cast to the same dtype and layout was made from: that one."""
-        if fn.name() != "ToCopyBackward0" or fn.next_functions[0][0] is None:
+        """For a cast (``fn``: its ``ToCopyBackward0``) of a tensor another saved cast to the same dtype and
+        layout was made from: that one."""
+        if fn.next_functions[0][0] is None:
             return None
         source, index = fn.next_functions[0]  # the node that made the tensor cast, and which of its outputs
         first = casts.setdefault((source, index, base.dtype, base.shape, base.stride()), base)
@@ -86,11 +83,11 @@ def _packer(recast: bool, lean: bool):
         fn = base.grad_fn
         if fn is None:
             return t
-        how = (
-            (_recast(base, fn) if recast else None)
-            or (_recipe(base, fn) if lean else None)
-            or (shared(base, fn) if lean else None)
-        )
+        name, how = fn.name(), None
+        if name == "ToCopyBackward0":
+            how = (_recast(base, fn) if recast else None) or (shared(base, fn) if lean else None)
+        elif lean and name in _RECOMPUTABLE:
+            how = _recipe(base, fn)
         return t if how is None else (how, t.size(), t.stride(), t.storage_offset())
 
     return pack
