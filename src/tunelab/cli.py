@@ -316,6 +316,19 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, a scheduler) stops the run as Ctrl-C does: cleanly
 
 
+def console() -> int:
+    """The ``tunelab`` command: :func:`main`, run under a size-class C allocator where the system has one
+    (tunelab.malloc: the process runs again with it preloaded, before anything heavy is imported)."""
+    from tunelab import malloc
+
+    try:
+        malloc.preload()
+    except ValueError as e:
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return 2
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.debug = bool(args.debug)
@@ -370,4 +383,4 @@ def _fail(args, error, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

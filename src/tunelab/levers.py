@@ -22,11 +22,10 @@ written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed 
   the run compiles from it only if the time expected saved beats the time expected to compile, cold or
   warm (tunelab.compiling); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``), so
   later runs of the same model compile in seconds.
-- ``allocator``: ``reuse`` has glibc keep the memory a training step frees for the next step instead of
-  handing large blocks back to the system (it maps every block over a threshold, at first 128 KiB, and
-  unmaps it when freed, and trims its heap), so that each step does not fault the same pages in again
-  (:func:`tunelab.runtime.reusing_freed_memory`, for the time of training; the memory is handed back when it ends).
-  ``auto``: reuse on CPU under glibc; on CUDA activations live in torch's caching allocator already.
+- ``allocator``: ``reuse`` has glibc keep the memory a step frees for the next step (no block mapped on its
+  own, no trimming: :func:`tunelab.runtime.reusing_freed_memory`), so that steps do not fault the same pages
+  in again. ``auto``: reuse on CPU under glibc (the ``tunelab`` command runs under tcmalloc or jemalloc where
+  installed: tunelab.malloc); on CUDA activations live in torch's caching allocator already.
 - ``attention_probs``: ``recompute`` has eager attention keep only its inputs for backward and recompute
   the probabilities there (tunelab.attention: same gradients, a third less memory on long rows).
   ``auto``: recompute under eager attention, unless gradient checkpointing recomputes whole blocks.
@@ -62,12 +61,11 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 
-from tunelab import attention, saved
+from tunelab import attention, malloc, saved
 from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
 from tunelab.models import default_attention
 from tunelab.progress import status
-from tunelab.runtime import glibc
 
 #: below this many parameters a step is too short for compiling to pay back its compile time (auto: off)
 COMPILE_MIN_PARAMS = 50_000_000
@@ -83,6 +81,7 @@ class Levers:
     optimizer_impl: str = "foreach"
     compile: str = "off"
     allocator: str = "system"
+    malloc: str = "glibc"  #: the C allocator serving the process (tunelab.malloc), not a setting
     pad_to: str = "longest"
     weight_casts: str = "keep"
     activations: str = "keep"
@@ -270,14 +269,14 @@ def resolve(
             why["compile"] = problem
         lv.compile = "off" if problem else "on"
     lv.attention_probs = attention.resolve(training, model, lv.attention, why)
-    libc = glibc()
-    if training.allocator == "reuse" and libc is None:
-        raise RunError("training.allocator: reuse needs glibc's allocator (Linux); use auto or system")
-    if training.allocator == "auto":
-        if next(model.parameters()).device.type != "cpu":
-            why["allocator"] = "activations live in torch's caching allocator on this device"
-        elif libc is None:
-            why["allocator"] = "the C library is not glibc"
+    lv.malloc = malloc.in_use()
+    if training.allocator == "reuse" and lv.malloc != "glibc":
+        msg = f"reuse tunes glibc's allocator, not {lv.malloc} (this process's: see TUNELAB_MALLOC)"
+        raise RunError(f"training.allocator: {msg}; use auto or system")
+    if training.allocator == "auto" and next(model.parameters()).device.type != "cpu":
+        why["allocator"] = "activations live in torch's caching allocator on this device"
+    elif training.allocator == "auto" and lv.malloc != "glibc":
+        why["allocator"] = f"the process allocates with {lv.malloc}, which keeps freed memory by size itself"
     wanted = training.allocator == "reuse" or (training.allocator == "auto" and "allocator" not in why)
     lv.allocator = "reuse" if wanted else "system"
     lv.pad_to = "bucket" if training.pad_to == "auto" else training.pad_to

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tunelab import malloc
 from tunelab.config import ConfigError
 from tunelab.fsutil import write_text_atomic
 
@@ -57,9 +58,7 @@ def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    libc = glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    malloc.release()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

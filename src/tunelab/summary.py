@@ -69,6 +69,8 @@ class Levers(_Section):
     optimizer_impl: Literal["fused", "foreach", "for_loop"]
     compile: Literal["on", "off"] = "off"  #: absent from summaries written before the lever existed
     allocator: Literal["reuse", "system"] = "system"  #: absent from summaries written before the lever existed
+    #: the C allocator that served the run (tunelab.malloc); absent from summaries written before it was recorded
+    malloc: Literal["tcmalloc", "jemalloc", "mimalloc", "glibc", "system"] = "glibc"
     pad_to: Literal["bucket", "longest"] = "longest"  #: absent from summaries written before the lever existed
     weight_casts: Literal["recompute", "keep"] = "keep"  #: absent from summaries written before the lever
     activations: Literal["lean", "keep"] = "keep"  #: absent from summaries written before the lever
