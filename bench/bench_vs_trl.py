@@ -9,7 +9,10 @@ with ``compile: on`` (what ``auto`` gives runs of 50 steps or more); TRL with it
 fastest setting here); and TRL at its defaults on tunelab's batch order. Each row runs in its own process,
 so its peak resident memory (model loading included) is its own; neither side evaluates or measures
 forgetting (the bench times training). Tokens/s = non-padding tokens the trainer consumed / the Trainer's
-``train_runtime``, measured the same way on both sides (``num_input_tokens_seen``, "non_padding").
+``train_runtime``, measured the same way on both sides (``num_input_tokens_seen``, "non_padding"). Both
+write the checkpoint the Trainer writes at the end of training by default (weights and optimizer state,
+inside ``train_runtime``): tunelab's run resumes from it, and TRL's default ``save_strategy`` writes it
+too (until 2026-12-03 the bench turned TRL's off, and only tunelab's time held one).
 
 Each row also gives its first step's wall time (tunelab compiles its decoder layers there: ~20 s the first
 time on 2 cores, a few seconds once inductor has the kernels in its disk cache; the start records which)
@@ -27,6 +30,10 @@ base; the adapters' own FLOPs are left out), N = the weights of every matmul of 
 layers and the vocabulary head), divided by the machine's bf16 matmul peak, measured here first (square
 matmuls, best of several sizes).
 
+Each side runs under the C allocator its users get: tunelab's rows as the ``tunelab`` command runs (under
+tcmalloc or jemalloc where installed: tunelab.malloc), TRL's under the C library's. The row ``trl-malloc``
+is TRL's defaults under tunelab's allocator, to tell how much of the memory gap the allocator makes.
+
 Writes bench/out/vs_trl.json.
 """
 
@@ -34,13 +41,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from tunelab import malloc
 
-from common import MAX_LEN, OUT, SHAPES, StepClock, report, run_child, shape_rows
+#: the children (--row; every tunelab row's is "tunelab") that run under the allocator the tunelab command preloads
+MALLOC_ROWS = ("tunelab", "trl-malloc")
+if __name__ == "__main__" and "--child" in sys.argv and sys.argv[sys.argv.index("--row") + 1] in MALLOC_ROWS:
+    malloc.preload()  # the child runs again at once, under it, before torch is imported
+
+import torch  # noqa: E402
+
+from common import MAX_LEN, OUT, SHAPES, StepClock, report, run_child, shape_rows  # noqa: E402
 
 R, ALPHA, SEED = 16, 32, 42
 LR = {"lora": 1e-3, "full": 5e-5}
@@ -57,14 +72,14 @@ LEVERS_OFF = {
 }
 ROWS = {
     "lora": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "tunelab-keep-probs", "tunelab-pad-longest",
-             "tunelab-recast", "tunelab-keep-activations", "trl-default", "trl-bf16-no-gc", "trl-same-batches",
-             "trl-fp32", "trl-fp32-same-batches"],
+             "tunelab-recast", "tunelab-keep-activations", "trl-default", "trl-malloc", "trl-bf16-no-gc",
+             "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
     "full": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "tunelab-keep-probs", "tunelab-pad-longest",
-             "tunelab-recast", "tunelab-keep-activations", "trl-default", "trl-bf16-no-gc", "trl-same-batches",
-             "trl-fp32", "trl-fp32-same-batches"],
+             "tunelab-recast", "tunelab-keep-activations", "trl-default", "trl-malloc", "trl-bf16-no-gc",
+             "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
 }  # fmt: skip
 #: the rows run unless --rows or --all-rows says otherwise: each side's defaults, and the loss check
-DEFAULT_ROWS = ("tunelab", "trl-default", "trl-same-batches")
+DEFAULT_ROWS = ("tunelab", "trl-default", "trl-malloc", "trl-same-batches")
 #: on a CPU without bf16 instructions (no AVX512-BF16 or AMX) TRL's default bf16 autocast runs at a few
 #: tokens/s, so neither a user nor this bench trains with it there: the reference is TRL with bf16=False
 #: (its default otherwise: gradient checkpointing on), the precision tunelab's auto picks there too
@@ -165,7 +180,6 @@ def run_trl(
         learning_rate=LR[method],
         max_length=MAX_LEN[shape],
         seed=SEED,
-        save_strategy="no",
         report_to="none",
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
@@ -200,6 +214,7 @@ def child(a) -> None:
         else:
             order = json.loads(Path(a.order).read_text())
             result = run_trl(a.method, a.row, a.shape, a.model_dir, a.steps, a.batch_size, Path(d), order)
+    result["malloc"] = malloc.in_use()
     report(result)
 
 
@@ -380,15 +395,19 @@ def print_table(results: dict) -> None:
                 f"\n{shape} rows, {method}: {results['steps']} steps of batch {results['batch_size']}; "
                 f"×ref: against {ref}; MFU against this machine's peak in the row's precision"
             )
-            head = ("row", "prec", "gc", "tokens", "train s", "tok/s", "×ref", "1st s", "steady", "×ref")
+            head = ("row", "prec", "gc", "malloc", "tokens", "train s", "tok/s", "×ref", "1st s", "steady", "×ref")
             head += ("peak MB", "×ref", "MFU %", "steady", "loss 1", "loss N")
-            print("{:16}{:>6}{:>5}{:>8}{:>9}{:>8}{:>7}{:>7}{:>8}{:>7}{:>9}{:>7}{:>7}{:>7}{:>9}{:>9}".format(*head))
+            print(
+                "{:16}{:>6}{:>5}{:>9}{:>8}{:>9}{:>8}{:>7}{:>7}{:>8}{:>7}{:>9}{:>7}{:>7}{:>7}{:>9}{:>9}".format(
+                    *head
+                )
+            )
             for row, r in rs.items():
                 if row == "numerics":
                     continue
                 print(
                     f"{row:16}{r['precision']:>6}{'yes' if r['gradient_checkpointing'] else 'no':>5}"
-                    f"{r['tokens']:>8}{r['train_time_s']:>9.1f}{r['tokens_per_s']:>8.1f}"
+                    f"{r.get('malloc', '?'):>9}{r['tokens']:>8}{r['train_time_s']:>9.1f}{r['tokens_per_s']:>8.1f}"
                     f"{r['tokens_per_s'] / base['tokens_per_s']:>7.2f}{r['first_step_s']:>7.1f}"
                     f"{r['steady_tokens_per_s']:>8.1f}"
                     f"{r['steady_tokens_per_s'] / base['steady_tokens_per_s']:>7.2f}"

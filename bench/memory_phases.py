@@ -66,7 +66,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tunelab", default="{}", help="extra training options (JSON)")
     a = ap.parse_args()
+    from tunelab import malloc
 
+    malloc.preload()  # as the tunelab command does: tcmalloc or jemalloc where installed (TUNELAB_MALLOC)
     sampler = Sampler()
     sampler.start()
     import tempfile
