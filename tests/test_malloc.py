@@ -40,7 +40,8 @@ PROBE = """
     child = subprocess.run([sys.executable, "-c", "from tunelab import malloc; print(malloc.in_use())"],
                            capture_output=True, text=True).stdout.strip()
     print(json.dumps({"malloc": malloc.in_use(), "pid": os.getpid(), "ld_preload": os.environ.get("LD_PRELOAD"),
-                      "mark": os.environ.get("TUNELAB_MALLOC_PRELOADED"), "child": child}))
+                      "mark": os.environ.get("TUNELAB_MALLOC_PRELOADED"), "child": child,
+                      "added": sorted({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", "MALLOC_CONF"} & {*os.environ})}))
 """
 
 
@@ -51,6 +52,7 @@ def test_the_command_runs_again_under_tcmalloc_and_its_children_get_the_environm
     out = json.loads(p.stdout)
     assert out["malloc"] == "tcmalloc"
     assert out["ld_preload"] is None and out["mark"] is None  # the user's environment, for what the run starts
+    assert out["added"] == []
     assert out["child"] == "glibc"
 
     p = python(PROBE, LD_PRELOAD="libm.so.6")  # whatever the user preloads stays preloaded, after ours
@@ -65,7 +67,8 @@ def test_the_command_runs_again_under_tcmalloc_and_its_children_get_the_environm
 def test_tunelab_malloc_chooses_jemalloc():
     p = python(PROBE, TUNELAB_MALLOC="jemalloc")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["malloc"] == "jemalloc"
+    out = json.loads(p.stdout)
+    assert out["malloc"] == "jemalloc" and out["added"] == [] and out["child"] == "glibc"
 
 
 def test_a_value_tunelab_malloc_cannot_take_or_a_missing_library_is_one_line_naming_what_is_allowed(

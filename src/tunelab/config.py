@@ -211,7 +211,8 @@ class TrainingConfig(Strict):
         description="What the C allocator (glibc) does with the memory a training step frees: reuse keeps it "
         "in the process for the next step (no mmap for large blocks, no trimming) instead of handing it back "
         "to the system and faulting it in again; handed back when training ends. auto: reuse on CPU under "
-        "glibc.",
+        "glibc (the tunelab command runs under tcmalloc or jemalloc where installed, which keep freed memory "
+        "by size themselves: then system; TUNELAB_MALLOC chooses).",
     )
     threads: int | None = Field(
         None, gt=0, description="Intra-op CPU threads; default: torch's (the physical cores)."

@@ -27,7 +27,8 @@ import sys
 LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
 #: where each is installed from on Debian (``make install`` does so where it can)
 PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
-#: set in the environment of the run again: the process id and the ``LD_PRELOAD`` it had before
+#: set in the environment of the run again: the process id, the settings added (``_SETTINGS``) and the
+#: ``LD_PRELOAD`` it had before
 _MARK = "TUNELAB_MALLOC_PRELOADED"
 #: a symbol only each allocator defines, to tell which one serves ``malloc``
 _SYMBOLS = {"tcmalloc": "tc_malloc", "jemalloc": "mallctl", "mimalloc": "mi_malloc"}
@@ -39,12 +40,19 @@ _SETTINGS = {
 }
 
 
+#: why the glibc lever (``training.allocator``) stays off under each other allocator
+WHY = {"system": "the C library is not glibc"} | {
+    name: f"the process allocates with {name}, which keeps freed memory by size itself"
+    for name in ("tcmalloc", "jemalloc", "mimalloc")
+}
+
+
 def in_use() -> str:
     """The allocator serving this process's ``malloc``: tcmalloc, jemalloc or mimalloc (preloaded), glibc,
     or ``system`` (another C library's)."""
     try:
         process = ctypes.CDLL(None)
-    except OSError:
+    except (OSError, TypeError):  # TypeError: Windows has no handle for the process itself
         return "system"
     for name, symbol in _SYMBOLS.items():
         if hasattr(process, symbol):
@@ -57,7 +65,7 @@ def release() -> None:
     the next run's peak is its own)."""
     try:
         process = ctypes.CDLL(None)
-    except OSError:
+    except (OSError, TypeError):
         return
     serving = in_use()
     if serving == "tcmalloc":
@@ -96,9 +104,11 @@ def preload() -> None:
     ``TUNELAB_MALLOC`` cannot take or a library that is not installed."""
     want = choice()
     mark = os.environ.pop(_MARK, None)
-    if mark is not None:
-        pid, _, before = mark.partition(":")
+    if mark is not None and mark.count(":") >= 2:
+        pid, added, before = mark.split(":", 2)
         if pid == str(os.getpid()):  # this is the run again
+            for key in filter(None, added.split(",")):
+                os.environ.pop(key, None)
             if before:
                 os.environ["LD_PRELOAD"] = before
             else:
@@ -116,9 +126,10 @@ def preload() -> None:
         )
     name, library = found
     before = os.environ.get("LD_PRELOAD", "")
+    added = [key for key in _SETTINGS[name] if key not in os.environ]
     env = {**_SETTINGS[name], **os.environ}
     env["LD_PRELOAD"] = f"{library}:{before}" if before else library
-    env[_MARK] = f"{os.getpid()}:{before}"
+    env[_MARK] = f"{os.getpid()}:{','.join(added)}:{before}"
     sys.stdout.flush()
     sys.stderr.flush()
     try:
