@@ -230,7 +230,8 @@ ALLOCATOR_PROBE = """
 import resource, sys, torch
 import tunelab.run  # what a training process imports: its small free chunks serve the small requests made
 # between two steps, which would otherwise split the block just freed (and the next step's would not fit)
-from tunelab.runtime import glibc, reusing_freed_memory
+from tunelab.malloc import glibc
+from tunelab.runtime import reusing_freed_memory
 
 def faults_to_fill(n):  # minor page faults taken to allocate n floats and write them once; freed after
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

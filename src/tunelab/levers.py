@@ -276,7 +276,7 @@ def resolve(
     if training.allocator == "auto" and next(model.parameters()).device.type != "cpu":
         why["allocator"] = "activations live in torch's caching allocator on this device"
     elif training.allocator == "auto" and lv.malloc != "glibc":
-        why["allocator"] = malloc.WHY.get(lv.malloc, f"the process allocates with {lv.malloc}")
+        why["allocator"] = malloc.WHY[lv.malloc]
     wanted = training.allocator == "reuse" or (training.allocator == "auto" and "allocator" not in why)
     lv.allocator = "reuse" if wanted else "system"
     lv.pad_to = "bucket" if training.pad_to == "auto" else training.pad_to

@@ -47,27 +47,36 @@ WHY = {"system": "the C library is not glibc"} | {
 }
 
 
+def _process() -> ctypes.CDLL | None:
+    """The process's own symbols (its C library and what was preloaded); None where it has no such handle
+    (Windows)."""
+    try:
+        return ctypes.CDLL(None)
+    except (OSError, TypeError):
+        return None
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (whose ``mallopt`` the allocator lever sets), else None."""
+    libc = _process()
+    symbols = ("gnu_get_libc_version", "mallopt", "malloc_trim")  # present in glibc only
+    return libc if libc is not None and all(hasattr(libc, s) for s in symbols) else None
+
+
 def in_use() -> str:
     """The allocator serving this process's ``malloc``: tcmalloc, jemalloc or mimalloc (preloaded), glibc,
     or ``system`` (another C library's)."""
-    try:
-        process = ctypes.CDLL(None)
-    except (OSError, TypeError):  # TypeError: Windows has no handle for the process itself
-        return "system"
+    process = _process()
     for name, symbol in _SYMBOLS.items():
-        if hasattr(process, symbol):
+        if process is not None and hasattr(process, symbol):
             return name
-    return "glibc" if hasattr(process, "gnu_get_libc_version") else "system"
+    return "glibc" if glibc() is not None else "system"
 
 
 def release() -> None:
     """Hand the memory the allocator holds free back to the system (between runs in one process, so that
     the next run's peak is its own)."""
-    try:
-        process = ctypes.CDLL(None)
-    except (OSError, TypeError):
-        return
-    serving = in_use()
+    process, serving = _process(), in_use()
     if serving == "tcmalloc":
         process.MallocExtension_ReleaseFreeMemory()
     elif serving == "jemalloc":  # MALLCTL_ARENAS_ALL (4096): every arena

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -95,16 +94,6 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 TRIM_THRESHOLD_DEFAULT, MMAP_MAX_DEFAULT = 128 * 1024, 65536
 
 
-def glibc() -> ctypes.CDLL | None:
-    """The process's C library when it is glibc (whose ``mallopt`` the allocator lever sets), else None."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version, libc.mallopt, libc.malloc_trim  # noqa: B018 (present in glibc only)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
 @contextlib.contextmanager
 def reusing_freed_memory(on: bool) -> Iterator[None]:
     """While the block runs (``on``, under glibc), freed memory stays in the process: no block is mapped
@@ -114,7 +103,7 @@ def reusing_freed_memory(on: bool) -> Iterator[None]:
     made steady full fine-tuning steps on long rows 1.36x slower on the bench's CPU (tickets: within noise;
     docs/performance.md). At the end glibc's defaults come back (its mmap threshold stays where it had grown
     to) and the free memory is handed back to the system."""
-    libc = glibc() if on else None
+    libc = malloc.glibc() if on else None
     if libc is None:
         yield
         return
