@@ -5,7 +5,10 @@ casting, optimizer, data).
     python bench/profile_step.py --strategy lora [--set loss_head=full --set frozen_weights=fp32]
     python bench/profile_step.py --strategy full [--shape tickets|short|long]
 
-Warm-up steps run first (not profiled); then ``--steps`` steps are profiled. Prints the table and the top
+Warm-up steps run first (not profiled); then ``--steps`` steps are profiled. The process runs under the C
+allocator the ``tunelab`` command preloads (tcmalloc where installed): under glibc's, the element-wise
+operators of the same LoRA step took 2-5x as long (softmax 0.10 s a step against 0.02-0.03, 2026-12-04), which
+is not where the command's time goes. Prints the table and the top
 operators; writes bench/out/profile-<strategy>[-<settings>].json.
 """
 
@@ -17,9 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from tunelab import malloc
 
-from common import MAX_LEN, OUT, SHAPES, shape_rows
+if __name__ == "__main__":
+    malloc.preload()  # as the tunelab command runs: tcmalloc or jemalloc where installed (TUNELAB_MALLOC)
+
+import torch  # noqa: E402
+
+from common import MAX_LEN, OUT, SHAPES, shape_rows  # noqa: E402
 
 CATEGORIES = [  # first match wins, on the operator's name
     ("optimizer", ("adam", "_foreach_", "_fused_")),
