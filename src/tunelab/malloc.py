@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -47,9 +48,10 @@ WHY = {"system": "the C library is not glibc"} | {
 }
 
 
+@functools.cache
 def _process() -> ctypes.CDLL | None:
     """The process's own symbols (its C library and what was preloaded); None where it has no such handle
-    (Windows)."""
+    (Windows). Opened once: a lookup searches the libraries loaded by then, so a later one is found too."""
     try:
         return ctypes.CDLL(None)
     except (OSError, TypeError):
