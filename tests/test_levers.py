@@ -99,6 +99,31 @@ def test_positions_head_under_peft_wrappers(tiny_llama, peft_cfg):
     _assert_same(_full_loss_and_grads(model, batch), _positions_loss_and_grads(model, batch, chunk=4))
 
 
+def test_positions_head_computes_in_the_autocast_the_forward_ran_in(tiny_llama):
+    """The Trainer autocasts the model's forward, not the loss taken after it: the head applied to the kept
+    positions computes as the model's own head would have inside the forward (a bf16 matmul, the loss in
+    fp32), not in fp32 (5x slower on a CPU's bf16 matmuls, and other values)."""
+    from tunelab.models import load_model
+
+    model = load_model(tiny_llama)
+    batch = _batch(model.config.vocab_size, seed=2)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(**batch).loss
+    full.backward()
+    g_full = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    head = PositionsHead(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), head.capturing(batch["labels"]):
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    positions = head.loss()  # outside the autocast, as the engine takes it
+    positions.backward()
+    torch.testing.assert_close(positions, full, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, g_full[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_positions_head_leaves_other_hooks_on_the_output_layer_every_position(tiny_llama):
     from tunelab.models import load_model
 

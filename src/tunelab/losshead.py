@@ -58,6 +58,7 @@ class PositionsHead:
         self.chunk = max(1, CHUNK_ELEMENTS // vocab)
         self._keep: torch.Tensor | None = None
         self._hidden: torch.Tensor | None = None
+        self._autocast: tuple[str, torch.dtype] | None = None
 
     @contextlib.contextmanager
     def capturing(self, labels: torch.Tensor):
@@ -80,6 +81,8 @@ class PositionsHead:
         extra = h.shape[1] - self._keep.shape[1]  # prompt learners prepend virtual tokens
         h = h[:, extra:] if extra > 0 else h
         self._hidden = h[self._keep]
+        device = h.device.type
+        self._autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         return (h[:, :0], *args[1:])
 
     def loss(self, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -90,21 +93,25 @@ class PositionsHead:
         hidden, targets = self._hidden, self._targets
         self._hidden = None
         n = hidden.shape[0]
-        if n == 0:  # no position carries loss: a zero that still reaches every trained parameter
-            total = hidden.sum() * 0.0
-        elif n <= self.chunk:
-            total = _ce_sum(self.head, hidden, targets)
-        else:
-            total = sum(
-                checkpoint(
-                    _ce_sum,
-                    self.head,
-                    hidden[i : i + self.chunk],
-                    targets[i : i + self.chunk],
-                    use_reentrant=False,
+        # the head computes as the model's own would have: under the autocast its forward ran in (the Trainer
+        # autocasts the model's forward, not the loss); an fp32 head was 5x slower on a CPU's bf16 matmuls
+        cast = self._autocast
+        with torch.autocast(cast[0], dtype=cast[1]) if cast else contextlib.nullcontext():
+            if n == 0:  # no position carries loss: a zero that still reaches every trained parameter
+                total = hidden.sum() * 0.0
+            elif n <= self.chunk:
+                total = _ce_sum(self.head, hidden, targets)
+            else:
+                total = sum(
+                    checkpoint(
+                        _ce_sum,
+                        self.head,
+                        hidden[i : i + self.chunk],
+                        targets[i : i + self.chunk],
+                        use_reentrant=False,
+                    )
+                    for i in range(0, n, self.chunk)
                 )
-                for i in range(0, n, self.chunk)
-            )
         if num_items_in_batch is not None:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(total.device)
