@@ -69,11 +69,12 @@ LEVERS_OFF = {
     "attention_probs": "keep",
     "pad_to": "longest",
     "activations": "keep",
+    "lora_kernel": "peft",
 }
 ROWS = {
     "lora": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "tunelab-keep-probs", "tunelab-pad-longest",
-             "tunelab-recast", "tunelab-keep-activations", "trl-default", "trl-malloc", "trl-bf16-no-gc",
-             "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
+             "tunelab-recast", "tunelab-keep-activations", "tunelab-peft-lora", "trl-default", "trl-malloc",
+             "trl-bf16-no-gc", "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
     "full": ["tunelab", "tunelab-compiled", "tunelab-sysalloc", "tunelab-keep-probs", "tunelab-pad-longest",
              "tunelab-recast", "tunelab-keep-activations", "trl-default", "trl-malloc", "trl-bf16-no-gc",
              "trl-same-batches", "trl-fp32", "trl-fp32-same-batches"],
@@ -96,6 +97,7 @@ TUNELAB_ROWS = {
     "tunelab-pad-longest": {"pad_to": "longest"},  # batches padded to their longest row only: shapes vary
     "tunelab-recast": {"weight_casts": "recompute"},  # trained weights cast again in backward, not kept
     "tunelab-keep-activations": {"activations": "keep"},  # activations kept as the forward made them
+    "tunelab-peft-lora": {"lora_kernel": "peft"},  # each LoRA layer through PEFT's own forward
 }
 
 

@@ -7,7 +7,10 @@ Rows, each a short LoRA training (or full fine-tuning) of the model on the demo'
 so that one failing path does not hide the others and each peak memory is its own:
 
 - ``bf16, sdpa, fused AdamW``: tunelab's CUDA defaults (bf16 autocast, frozen weights in bf16, PyTorch's
-  fused attention, AdamW's fused kernel), checked as resolved in ``summary.json``'s levers;
+  fused attention, AdamW's fused kernel, the LoRA layers as one operation each), checked as resolved in
+  ``summary.json``'s levers;
+- ``LoRA through PEFT's forward``: the same with ``lora_kernel: peft``, the tokens/s to read the first row's
+  against;
 - ``flash_attention_2``: the flash-attn package's kernel (skipped, saying so, where it is not installed);
 - ``QLoRA 4bit``: base weights in NF4 through bitsandbytes;
 - ``compile (triton)``: the decoder layers compiled by inductor (triton kernels on CUDA);
@@ -38,7 +41,13 @@ ROWS = {
     "bf16, sdpa, fused AdamW": (
         "lora",
         {"precision": "bf16", "attention": "sdpa", "optimizer_impl": "fused"},
-        {"attention": "sdpa", "optimizer_impl": "fused", "frozen_weights": "bf16"},
+        {"attention": "sdpa", "optimizer_impl": "fused", "frozen_weights": "bf16", "lora_kernel": "fused"},
+        None,
+    ),
+    "LoRA through PEFT's forward": (
+        "lora",
+        {"precision": "bf16", "attention": "sdpa", "lora_kernel": "peft"},
+        {"lora_kernel": "peft"},
         None,
     ),
     "flash_attention_2": (

@@ -24,7 +24,7 @@ def test_gpu_check_dry_run_runs_every_row_a_cpu_can_and_says_why_it_skips_the_ot
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = {line.split("  ")[0].strip(): line for line in p.stdout.splitlines() if line[:1].isalpha()}
-    for row in ("bf16, sdpa, fused AdamW", "full fine-tuning"):
+    for row in ("bf16, sdpa, fused AdamW", "LoRA through PEFT's forward", "full fine-tuning"):
         assert " ok " in lines[row], lines[row]  # ran, the loss fell, the levers resolved as asked
     for row in ("flash_attention_2", "QLoRA 4bit", "compile (triton)"):
         assert "skipped" in lines[row] and "needs CUDA" in lines[row], lines[row]

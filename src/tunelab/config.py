@@ -253,6 +253,15 @@ class TrainingConfig(Strict):
         "casts of one tensor to one dtype (the bf16 input that the query, key and value projections each cast) "
         "are kept once: the same values, bit for bit, for one element-wise op more per output. auto: lean.",
     )
+    lora_kernel: Literal["auto", "fused", "peft"] = Field(
+        "auto",
+        description="How a LoRA-adapted linear layer trains: peft, PEFT's own forward (the base layer, A, B, the "
+        "scale and the sum as separate operators, the input cast for each); fused, one operation for the layer "
+        "(the adapter's product added into the base's by the matmul, the input cast once for the layers that "
+        "read it): PEFT's arithmetic up to rounding, for fewer passes over the activations. Evaluation and "
+        "generation run PEFT's forward either way. auto: fused, unless compile: on (inductor fuses them itself) "
+        "or the weights are sharded.",
+    )
     base_quantization: Literal["none", "4bit", "8bit"] = Field(
         "none",
         description="Load the frozen base weights quantized (QLoRA: 4bit NF4 with double quantization and bf16 "
@@ -305,6 +314,7 @@ class TrainingConfig(Strict):
             ("loss_head", "positions", "it applies the output layer outside the forward pass, unsharded", "auto"),
             ("frozen_weights", "bf16", "the sharding engine holds one dtype for a layer's weights", "auto"),
             ("compile", "on", "compiling sharded layers is not measured yet", "auto"),
+            ("lora_kernel", "fused", "it reads whole weights in the layer's forward", "auto"),
             ("base_quantization", "4bit", "quantized base weights are not sharded here", "none"),
             ("base_quantization", "8bit", "quantized base weights are not sharded here", "none"),
         ]

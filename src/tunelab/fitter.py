@@ -24,6 +24,7 @@ from tunelab.checkpoints import STAGING, Checkpoint, pick_resume_checkpoint
 from tunelab.config import RunConfig
 from tunelab.data import Collator, Prepared, eval_datasets, features_dataset, lengths
 from tunelab.fsutil import write_text_atomic
+from tunelab.lorakernel import fusing
 from tunelab.rundir import CHECKPOINTS, METRICS
 from tunelab.runtime import reusing_freed_memory, world_size
 from tunelab.streaming import ESTIMATE_ROWS
@@ -215,6 +216,7 @@ def fit(
     mode = levers.compile_mode(s.levers, t.compile)
     with (
         recomputing(s.model, s.levers.attention_probs == "recompute"),
+        fusing(s.model, s.levers.lora_kernel == "fused"),
         levers.compiled(s.model, mode != "off", deferred=mode == "auto") as start,
         scoped_env(env),
         reusing_freed_memory(s.levers.allocator == "reuse"),

@@ -1,8 +1,8 @@
 """Speed and memory levers (``training.loss_head``, ``frozen_weights``, ``optimizer_impl``, ``compile``,
-``allocator``, ``attention_probs``, ``pad_to``, ``weight_casts``, ``activations``, ``threads``), each
-resolved once per run from its setting, the device, the precision, the model and what the strategies need.
-``auto`` picks what measured fastest at no cost in correctness (docs/performance.md); the resolved values are
-written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed off.
+``allocator``, ``attention_probs``, ``pad_to``, ``weight_casts``, ``activations``, ``lora_kernel``,
+``threads``), each resolved once per run from its setting, the device, the precision, the model and what the
+strategies need. ``auto`` picks what measured fastest at no cost in correctness (docs/performance.md); the
+resolved values are written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed off.
 
 - ``loss_head``: ``positions`` applies the vocabulary head and the loss to the positions that carry loss
   only (tunelab.losshead); ``full`` is transformers' own path. ``auto``: positions, unless a strategy reads
@@ -35,6 +35,9 @@ written to ``summary.json`` under ``levers``, with why an ``auto`` lever stayed 
 - ``weight_casts``, ``activations`` (tunelab.saved): ``recompute`` casts trained weights again in backward
   instead of keeping their bf16 copies (``keep``, the default, trades no speed for it); ``lean`` recomputes
   element-wise outputs from inputs kept anyway and keeps one tensor's casts once (``auto``: lean).
+- ``lora_kernel``: ``fused`` trains each LoRA-adapted linear layer as one autograd operation (tunelab.lorakernel:
+  the adapter's product added by the matmul, the input cast once for the layers that read it); ``peft`` is
+  PEFT's forward. ``auto``: fused, unless ``compile: on`` or the weights are sharded.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
@@ -61,7 +64,7 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 
-from tunelab import attention, malloc, saved
+from tunelab import attention, lorakernel, malloc, saved
 from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
 from tunelab.models import default_attention
@@ -85,6 +88,7 @@ class Levers:
     pad_to: str = "longest"
     weight_casts: str = "keep"
     activations: str = "keep"
+    lora_kernel: str = "peft"
     threads: int = 0
     why: dict[str, str] = field(default_factory=dict)  #: for each auto lever left off: the reason
 
@@ -281,6 +285,7 @@ def resolve(
     lv.allocator = "reuse" if wanted else "system"
     lv.pad_to = "bucket" if training.pad_to == "auto" else training.pad_to
     lv.weight_casts, lv.activations = saved.resolve(training, precision, sharded)
+    lv.lora_kernel = lorakernel.resolve(training, model, sharded=sharded, compile_on=lv.compile == "on", why=why)
     if training.threads:
         torch.set_num_threads(training.threads)
         lv.threads = training.threads

@@ -74,6 +74,7 @@ class Levers(_Section):
     pad_to: Literal["bucket", "longest"] = "longest"  #: absent from summaries written before the lever existed
     weight_casts: Literal["recompute", "keep"] = "keep"  #: absent from summaries written before the lever
     activations: Literal["lean", "keep"] = "keep"  #: absent from summaries written before the lever
+    lora_kernel: Literal["fused", "peft"] = "peft"  #: absent from summaries written before the lever
     threads: int
     why: dict[str, str]  #: for each ``auto`` lever left off, the reason
 
