@@ -99,13 +99,16 @@ def test_positions_head_under_peft_wrappers(tiny_llama, peft_cfg):
     _assert_same(_full_loss_and_grads(model, batch), _positions_loss_and_grads(model, batch, chunk=4))
 
 
-def test_positions_head_computes_in_the_autocast_the_forward_ran_in(tiny_llama):
+@pytest.mark.parametrize("head_trains", [True, False], ids=["head-trains", "head-frozen"])
+def test_positions_head_computes_in_the_autocast_the_forward_ran_in(tiny_llama, head_trains):
     """The Trainer autocasts the model's forward, not the loss taken after it: the head applied to the kept
     positions computes as the model's own head would have inside the forward (a bf16 matmul, the loss in
-    fp32), not in fp32 (5x slower on a CPU's bf16 matmuls, and other values)."""
+    fp32), not in fp32 (5x slower on a CPU's bf16 matmuls, and other values). A frozen head casts its weight
+    again in backward instead of keeping the cast: the same gradients."""
     from tunelab.models import load_model
 
     model = load_model(tiny_llama)
+    model.get_output_embeddings().weight.requires_grad_(head_trains)  # tied: the input embeddings too
     batch = _batch(model.config.vocab_size, seed=2)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
