@@ -35,20 +35,17 @@ resolved values are written to ``summary.json`` under ``levers``, with why an ``
 - ``weight_casts``, ``activations`` (tunelab.saved): ``recompute`` casts trained weights again in backward
   instead of keeping their bf16 copies (``keep``, the default, trades no speed for it); ``lean`` recomputes
   element-wise outputs from inputs kept anyway and keeps one tensor's casts once (``auto``: lean).
-- ``lora_kernel``: ``fused`` trains each LoRA-adapted linear layer as one autograd operation (tunelab.lorakernel:
-  the adapter's product added by the matmul, the input cast once for the layers that read it); ``peft`` is
-  PEFT's forward. ``auto``: fused, unless ``compile: on`` or the weights are sharded.
+- ``lora_kernel``: ``fused`` trains each LoRA layer as one autograd operation (tunelab.lorakernel), ``peft``
+  through PEFT's forward. ``auto``: fused, unless ``compile: on`` or the weights are sharded.
 - ``threads``: intra-op threads; ``auto`` keeps torch's default (the physical cores).
 
 Two more decide how the base model is loaded (:func:`load_options`, before it loads):
 
 - ``attention``: ``auto`` is ``flash_attention_2`` on CUDA when the ``flash_attn`` package is installed and
-  the run is in bf16/fp16, else ``sdpa`` (PyTorch's fused attention) on CUDA and ``eager`` (plain matmuls
-  and softmax) on CPU, where the fused kernel's backward is slower: LoRA on the default model trains at
-  1.17x the tokens/s with eager (docs/performance.md);
+  the run is in bf16/fp16, else ``sdpa`` (PyTorch's fused attention) on CUDA and ``eager`` on CPU, where the
+  fused kernel's backward is slower (LoRA on the default model: 1.17x the tokens/s with eager);
 - ``base_quantization``: ``4bit`` (QLoRA: NF4, double quantization, bf16 compute) or ``8bit`` base weights
-  through bitsandbytes, on CUDA, for strategies that only add modules; PEFT's
-  ``prepare_model_for_kbit_training`` readies the model (norms in fp32, input gradients).
+  through bitsandbytes, on CUDA, for strategies that only add modules (``prepare_model_for_kbit_training``).
 """
 
 from __future__ import annotations
@@ -265,10 +262,9 @@ def resolve(
         if training.compile == "on" and problem:
             raise RunError(f"training.compile: on cannot be used here: {problem}; use auto or off")
         total = sum(p.numel() for p in model.parameters())
-        if training.compile == "auto" and not problem and shards:
-            problem = shards
-        if training.compile == "auto" and not problem and total < COMPILE_MIN_PARAMS:
-            problem = f"the model has {total:,} parameters; compiling pays from {COMPILE_MIN_PARAMS:,}"
+        if training.compile == "auto" and not problem:
+            small = f"the model has {total:,} parameters; compiling pays from {COMPILE_MIN_PARAMS:,}"
+            problem = shards or (small if total < COMPILE_MIN_PARAMS else None)
         if training.compile == "auto" and problem:
             why["compile"] = problem
         lv.compile = "off" if problem else "on"
