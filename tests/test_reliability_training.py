@@ -250,6 +250,25 @@ def test_resume_skips_an_incomplete_checkpoint_and_says_so(whole_runs, tiny_llam
     assert_bit_identical(final_weights(whole_runs["full, no dropout"]), final_weights(resumed.run_dir))
 
 
+def test_the_last_checkpoint_holds_no_optimizer_state_and_resumes_to_no_step_more(tiny_llama, memo_data, tmp_path):
+    """A resume from the checkpoint of the run's last planned step trains no step more (and one with another
+    config is refused), so its optimizer and schedule states are not written; the checkpoints before it keep
+    theirs (a search continues a candidate it cut short from them: tests/test_search.py)."""
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "full", max_steps=4, save_steps=2, logging_steps=1)
+    whole = train(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    before, last = ckpts / "checkpoint-2", ckpts / "checkpoint-4"
+    assert {"optimizer.pt", "scheduler.pt"} <= {p.name for p in before.iterdir()}
+    assert not {"optimizer.pt", "scheduler.pt"} & {p.name for p in last.iterdir()}
+    assert inspect(last).complete and inspect(before).complete
+    again = train(cfg, resume=True)  # killed after its last checkpoint, before its summary
+    assert again.summary["train"]["resumed_from"] == "checkpoint-4" and again.summary["train"]["steps"] == 4
+    assert_bit_identical(final_weights(whole.run_dir), final_weights(again.run_dir))
+    # a checkpoint from within the run without its optimizer state is incomplete
+    (before / "optimizer.pt").unlink()
+    assert inspect(before).problem == "optimizer.pt missing"
+
+
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_llama, memo_data, tmp_path, monkeypatch):
     save = Trainer._save_optimizer_and_scheduler
 
@@ -330,10 +349,11 @@ def _process_state(pid: int) -> str:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 1 MB file system (tmpfs), where this machine lets the tests mount one (root in CI)."""
+    """A real 512 KB file system (tmpfs), where this machine lets the tests mount one (root in CI): less than
+    one checkpoint of the tiny model with its optimizer state, a step's weights and the final model take."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not root'})")
     try:

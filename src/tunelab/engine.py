@@ -204,6 +204,12 @@ class TunelabTrainer(Trainer):
             rotate_checkpoints(str(root), save_total_limit=self.args.save_total_limit)
         self._barrier()
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if self.state.global_step >= self.state.max_steps > 0 and not sharded:
+            return  # at the run's horizon: a resume from here trains no step more (tunelab.checkpoints.inspect)
+        super()._save_optimizer_and_scheduler(output_dir)
+
     def _save_trainable(self, out_dir: Path) -> None:
         from peft import PeftModel
         from safetensors.torch import save_file
