@@ -293,6 +293,7 @@ def test_multitask_trains_in_two_processes_as_in_one(mode, strategy, tiny_llama,
         ("lora", {"distributed": "fsdp"}, "continual", "continual learning"),
         ("lora", {"distributed": "fsdp", "loss_head": "positions"}, None, "loss_head: positions cannot be used"),
         ("lora", {"distributed": "fsdp", "compile": "on"}, None, "compile: on cannot be used"),
+        ("lora", {"distributed": "fsdp", "lora_kernel": "fused"}, None, "lora_kernel: fused cannot be used"),
         ("lora", {"distributed": "fsdp", "zero_stage": 2}, None, "zero_stage is for distributed: deepspeed"),
     ],
 )
