@@ -182,6 +182,12 @@ def tiny_config(model_dir: Path, data: Path, out: Path, strategy="lora", **train
     }
 
 
+def logged_losses(run_dir: Path) -> list[float]:
+    """The training losses a run logged, in order (``metrics.jsonl``)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The trained tensors a run saved (its adapter, its whole model, or each component of a hybrid), keyed
     ``<file>:<tensor>``."""

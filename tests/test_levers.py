@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import final_weights, tiny_config
+from conftest import final_weights, logged_losses, tiny_config
 from tunelab.data import IGNORE
 from tunelab.losshead import PositionsHead
 from tunelab.run import RunError, train
@@ -147,10 +147,7 @@ def test_training_with_the_positions_head_matches_the_full_head(tiny_llama, memo
         runs[head] = train(cfg)
     assert runs["positions"].summary["levers"]["loss_head"] == "positions"
     assert runs["full"].summary["levers"]["loss_head"] == "full"
-    losses = {
-        h: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-        for h, r in runs.items()
-    }
+    losses = {h: logged_losses(r.run_dir) for h, r in runs.items()}
     assert len(losses["full"]) >= 3
     assert losses["positions"] == pytest.approx(losses["full"], rel=1e-4)
     w1, w2 = final_weights(runs["full"].run_dir), final_weights(runs["positions"].run_dir)
@@ -511,10 +508,7 @@ def test_compiled_blocks_train_the_same_weights_as_eager_ones(tiny_llama, memo_d
     assert runs["on"].summary["levers"]["compile"] == "on"
     off = runs["off"].summary["levers"]
     assert off["compile"] == "off" and "compile" not in off["why"]  # explicit: no reason to give
-    losses = {
-        c: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-        for c, r in runs.items()
-    }
+    losses = {c: logged_losses(r.run_dir) for c, r in runs.items()}
     assert len(losses["on"]) >= 2 and losses["on"] == pytest.approx(losses["off"], rel=1e-5)
     w1, w2 = final_weights(runs["off"].run_dir), final_weights(runs["on"].run_dir)
     for k in w1:  # Adam scales float noise in near-zero gradients up to ~1e-3 of the learning rate
@@ -697,10 +691,7 @@ def test_a_bf16_checkpoint_loads_its_frozen_weights_straight_into_bf16_and_train
         runs[way] = train(cfg)
         assert runs[way].summary["levers"]["frozen_weights"] == "bf16"
     assert loaded == [torch.bfloat16, torch.float32]
-    losses = {
-        w: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-        for w, r in runs.items()
-    }
+    losses = {w: logged_losses(r.run_dir) for w, r in runs.items()}
     assert losses["straight"] == pytest.approx(losses["via fp32"], rel=2e-2)
     a, b = final_weights(runs["straight"].run_dir), final_weights(runs["via fp32"].run_dir)
     assert set(a) == set(b) and all(v.dtype == torch.float32 for v in a.values())  # trained, saved in fp32

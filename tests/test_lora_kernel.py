@@ -3,13 +3,12 @@ its dropout as nn.Dropout does, and hands every state it does not cover to PEFT'
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import final_weights, tiny_config
+from conftest import final_weights, logged_losses, tiny_config
 from tunelab.lorakernel import LoraLinear, fusing, resolve
 from tunelab.run import RunError, train
 
@@ -164,12 +163,12 @@ def test_resolve_says_why_auto_stays_with_peft():
         return SimpleNamespace(**{"lora_kernel": "auto", "compile": "auto", **kw})
 
     why: dict[str, str] = {}
-    assert resolve(training(), model, sharded=None, compile_on=True, why=why) == "fused"  # compile: auto
-    assert resolve(training(compile="on"), model, sharded=None, compile_on=True, why=why) == "peft"
+    assert resolve(training(), model, sharded=None, why=why) == "fused"  # compile: auto
+    assert resolve(training(compile="on"), model, sharded=None, why=why) == "peft"
     assert "inductor" in why.pop("lora_kernel")
-    assert resolve(training(), model, sharded="fsdp", compile_on=False, why=why) == "peft"
+    assert resolve(training(), model, sharded="fsdp", why=why) == "peft"
     assert "fsdp" in why.pop("lora_kernel")
-    assert resolve(training(lora_kernel="peft"), model, sharded=None, compile_on=False, why=why) == "peft"
+    assert resolve(training(lora_kernel="peft"), model, sharded=None, why=why) == "peft"
     assert why == {}
 
 
@@ -181,10 +180,7 @@ def test_training_fused_matches_peft_and_a_full_run_refuses_fused(tiny_llama, me
             tiny_config(tiny_llama, memo_data, tmp_path / kernel, strategy, max_steps=6, lora_kernel=kernel)
         )
         assert runs[kernel].summary["levers"]["lora_kernel"] == kernel
-    losses = {
-        k: [json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-        for k, r in runs.items()
-    }
+    losses = {k: logged_losses(r.run_dir) for k, r in runs.items()}
     assert len(losses["fused"]) >= 3
     assert losses["fused"] == pytest.approx(losses["peft"], rel=1e-4)
     w1, w2 = final_weights(runs["peft"].run_dir), final_weights(runs["fused"].run_dir)

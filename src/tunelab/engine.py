@@ -52,7 +52,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import rotate_checkpoints
 
-from tunelab.checkpoints import STAGING
+from tunelab.checkpoints import STAGING, at_horizon
 from tunelab.data import ANNOTATIONS
 from tunelab.distributed import cpu_fsdp, held
 from tunelab.errors import NonFiniteError, RunError, first_line, lost_peer
@@ -206,8 +206,8 @@ class TunelabTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        if self.state.global_step >= self.state.max_steps > 0 and not sharded:
-            return  # at the run's horizon: a resume from here trains no step more (tunelab.checkpoints.inspect)
+        if at_horizon(self.state.global_step, self.state.max_steps) and not sharded:
+            return  # a resume from here trains no step more (tunelab.checkpoints.inspect)
         super()._save_optimizer_and_scheduler(output_dir)
 
     def _save_trainable(self, out_dir: Path) -> None:

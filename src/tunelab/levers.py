@@ -281,7 +281,7 @@ def resolve(
     lv.allocator = "reuse" if wanted else "system"
     lv.pad_to = "bucket" if training.pad_to == "auto" else training.pad_to
     lv.weight_casts, lv.activations = saved.resolve(training, precision, sharded)
-    lv.lora_kernel = lorakernel.resolve(training, model, sharded=sharded, compile_on=lv.compile == "on", why=why)
+    lv.lora_kernel = lorakernel.resolve(training, model, sharded=sharded, why=why)
     if training.threads:
         torch.set_num_threads(training.threads)
         lv.threads = training.threads

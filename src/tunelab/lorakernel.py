@@ -7,7 +7,7 @@ adapter's output is scaled and added in two more element-wise passes, and backwa
 step of the default model on short rows spends more time around its matmuls than in them, those passes
 and nodes are a sizeable share of a LoRA step (docs/performance.md).
 
-``fused`` gives each eligible layer (:func:`static_problem`) a forward of its own for the time of training
+``fused`` gives each eligible layer (:func:`eligible`) a forward of its own for the time of training
 (:func:`fusing`): one :class:`LoraLinear` autograd function that computes ``x W^T + scale (x A^T) B^T`` with the
 adapter's product added into the base's output by the matmul itself (``addmm`` with ``alpha = scale``), and
 in backward the input gradient ``dy W + scale (dy B) A`` the same way, plus ``A``'s and ``B``'s gradients. The
@@ -49,26 +49,24 @@ def _lora_linear_class():
     return Linear
 
 
-def static_problem(module: torch.nn.Module) -> str | None:
-    """Why a module cannot take the fused forward at all, or ``None`` when it can (PEFT's LoRA layer over a
-    plain linear layer; its state is checked at each call)."""
-    if type(module) is not _lora_linear_class():
-        return "not a PEFT LoRA linear layer"
-    if type(module.get_base_layer()) is not torch.nn.Linear:
-        return f"its base layer is a {type(module.get_base_layer()).__name__}"
-    if getattr(module, "fan_in_fan_out", False):
-        return "its weight is stored transposed (fan_in_fan_out)"
-    if "forward" in module.__dict__:
-        return "something else replaced its forward"
-    return None
+def eligible(module: torch.nn.Module) -> bool:
+    """Whether a module can take the fused forward at all: PEFT's LoRA layer over a plain linear layer whose
+    weight is not stored transposed (``fan_in_fan_out``) and whose forward nothing else replaced. Its state
+    is checked at each call."""
+    return (
+        type(module) is _lora_linear_class()
+        and type(module.get_base_layer()) is torch.nn.Linear
+        and not getattr(module, "fan_in_fan_out", False)
+        and "forward" not in module.__dict__
+    )
 
 
 def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of ``model`` that can take the fused forward."""
-    return [m for m in model.modules() if static_problem(m) is None]
+    return [m for m in model.modules() if eligible(m)]
 
 
-def resolve(training: Any, model: torch.nn.Module, *, sharded: str | None, compile_on: bool, why: dict) -> str:
+def resolve(training: Any, model: torch.nn.Module, *, sharded: str | None, why: dict) -> str:
     """``fused`` or ``peft`` for this run; an explicit ``fused`` that cannot work here is a :class:`RunError`,
     an ``auto`` left at ``peft`` says why in ``why``."""
     setting = training.lora_kernel
@@ -82,7 +80,7 @@ def resolve(training: Any, model: torch.nn.Module, *, sharded: str | None, compi
         problem = ""
     if setting == "fused" and problem:
         raise RunError(f"training.lora_kernel: fused cannot be used here: {problem}; use auto or peft")
-    if setting == "auto" and not problem and compile_on and training.compile == "on":
+    if setting == "auto" and not problem and training.compile == "on":
         problem = "compile is on: inductor fuses the LoRA layers' element-wise work itself"
     if setting == "auto" and problem:
         why["lora_kernel"] = problem
@@ -182,9 +180,9 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         dtype = x.dtype
         if base.weight.dtype != dtype or lora_a.weight.dtype != dtype or lora_b.weight.dtype != dtype:
             return peft_forward(self, x, *args, **kwargs)
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
         return peft_forward(self, x, *args, **kwargs)
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p) if p > 0 else None
     xb = self._tunelab_cast(x, dtype)
     with torch.autocast(device, enabled=False):
