@@ -714,3 +714,50 @@ def test_upcast_all_but_frozen_linears_keeps_only_the_frozen_linear_weights_in_b
     q.requires_grad_(True)  # a strategy trains it
     upcast_all_but_frozen_linears(model, trained={id(q)})
     assert q.dtype == torch.float32 and model.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16
+
+
+def test_a_run_hides_the_objects_from_before_it_from_the_garbage_collector_and_gives_them_back(
+    tiny_llama, memo_data, tmp_path
+):
+    """tunelab.runtime.objects_frozen around a run: the cyclic garbage from before the run is collected, not
+    frozen with the rest; while the run trains, the objects from before it are out of the collector's walks;
+    after the run, also one that failed, they are back; objects someone else froze stay frozen."""
+    import gc
+    import weakref
+
+    from transformers import TrainerCallback
+
+    class Node:
+        pass
+
+    def garbage():  # a reference cycle nothing points to: only the cyclic collector frees it
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    before, cycle = [object()], garbage()
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen["walked"] = any(o is seen.get("target", before) for o in gc.get_objects())
+            seen["cycle"] = cycle()
+            raise RuntimeError("stop here")
+
+    assert gc.get_freeze_count() == 0 and cycle() is not None
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(tiny_config(tiny_llama, memo_data, tmp_path / "run", max_steps=2), callbacks=[Look()])
+    assert seen == {"walked": False, "cycle": None}
+    assert gc.get_freeze_count() == 0 and any(o is before for o in gc.get_objects())
+
+    gc.freeze()  # a caller's own frozen objects: the run neither freezes more nor thaws them
+    try:
+        seen.clear()
+        seen["target"] = later = [object()]
+        with pytest.raises(RuntimeError, match="stop here"):
+            train(tiny_config(tiny_llama, memo_data, tmp_path / "run2", max_steps=2), callbacks=[Look()])
+        assert seen["walked"] is True  # made after the caller's freeze: not frozen by the run
+        assert gc.get_freeze_count() > 0 and not any(o is before for o in gc.get_objects())
+        assert any(o is later for o in gc.get_objects())
+    finally:
+        gc.unfreeze()

@@ -26,7 +26,7 @@ from tunelab.modes.base import RunMode, RunResult
 from tunelab.modes.continual import ContinualRun
 from tunelab.modes.multitask import MultitaskRun
 from tunelab.modes.single import SingleRun
-from tunelab.runtime import reset_peak_memory
+from tunelab.runtime import objects_frozen, reset_peak_memory
 
 #: The one table of run modes, by the name a config's ``mode`` gives.
 MODES: dict[str, type[RunMode]] = {m.name: m for m in (SingleRun, ContinualRun, MultitaskRun)}
@@ -44,5 +44,6 @@ def train(
 ) -> RunResult:
     """Train as ``config`` says and write the run directory. Mirrors ``tunelab train``."""
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    reset_peak_memory()  # the summary's peak memory is this run's, not an earlier one's in this process
-    return MODES[cfg.mode](cfg, resume=resume, overwrite=overwrite, callbacks=callbacks).run()
+    with objects_frozen():  # the garbage collector's walks skip what the imports and the caller made
+        reset_peak_memory()  # the summary's peak memory is this run's, not an earlier one's in this process
+        return MODES[cfg.mode](cfg, resume=resume, overwrite=overwrite, callbacks=callbacks).run()
