@@ -556,6 +556,21 @@ def test_compiled_blocks_take_a_batch_as_long_as_another_dimension_without_anoth
     assert fx_config.use_duck_shape  # torch's default again after training
 
 
+def test_compiled_blocks_trace_once_with_the_floats_they_read_as_constants(tiny_llama, memo_data, tmp_path):
+    """A float a block hands to the recomputed attention (its scale) traced as a symbol made dynamo throw its
+    first trace away and trace each block again: every graph went through AOT autograd twice."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    before = counters["aot_autograd"]["total"], counters["stats"]["unique_graphs"]
+    run = train(tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=1, compile="on"))
+    assert run.summary["levers"]["attention_probs"] == "recompute"
+    aot = counters["aot_autograd"]["total"] - before[0]
+    graphs = counters["stats"]["unique_graphs"] - before[1]
+    assert graphs > 0 and aot == graphs
+    assert not dynamo_config.specialize_float  # torch's default again after training
+
+
 def test_compile_on_without_a_compiler_is_refused_naming_what_is_missing(
     tiny_llama, memo_data, tmp_path, monkeypatch
 ):

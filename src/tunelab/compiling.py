@@ -48,6 +48,8 @@ EAGER_RATIO = 1.6
 #: share of an eager step compiling saves, without a record: LoRA on the default model, steady, measured 15%
 #: in bf16 on CPUs with AMX and 41% in fp32 on CPUs without (the demo: 5.6 s eager steps, 3.3 s compiled)
 SAVING = {"cpu-bf16": 0.15, "cpu-fp32": 0.40, "cuda": 0.15}
+#: how tunelab.levers.compiled traces (a change gives other graphs, which inductor's cache does not hold yet)
+TRACE_SETTINGS = "dynamic, no duck sizing, floats constant"
 DECISION = "compile.json"  #: in the run dir: the decision of this run, read back on resume
 HISTORY = "compile.json"  #: in TUNELAB_HOME: what compiling took and saved, per graph
 
@@ -60,11 +62,11 @@ def inductor_cache_dir() -> Path:
 
 def graph_key(blocks: list[torch.nn.Module], precision: str, attention_probs: str = "keep") -> str:
     """What decides the compiled graph and so whether inductor's cache holds it: torch's version, the
-    device, the precision, whether attention recomputes its probabilities, and one block's module classes
-    and parameter shapes and dtypes."""
+    settings tunelab compiles with (:data:`TRACE_SETTINGS`), the device, the precision, whether attention
+    recomputes its probabilities, and one block's module classes and parameter shapes and dtypes."""
     b = blocks[0]
     p = next(b.parameters())
-    parts = [torch.__version__, p.device.type, precision, type(b).__name__]
+    parts = [torch.__version__, TRACE_SETTINGS, p.device.type, precision, type(b).__name__]
     parts += [f"attention_probs:{attention_probs}"] if attention_probs != "keep" else []
     parts += sorted({type(m).__name__ for m in b.modules()})
     parts += [f"{n}:{tuple(t.shape)}:{t.dtype}:{t.requires_grad}" for n, t in b.named_parameters()]

@@ -351,11 +351,10 @@ def compiler_missing(device_type: str) -> str:
 
 @contextlib.contextmanager
 def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Iterator[Callable[[], None]]:
-    """Each repeated block compiled (dynamic shapes: batches of other lengths reuse the same kernels) while
-    the body runs, eager again after it: generation with a KV cache and the measurements that follow
-    training run the model as loaded. The module tree, its parameters and state dict stay as they are.
-    Yields the function that compiles them: called at once unless ``deferred`` (``compile: auto`` calls it
-    when it decides that compiling pays)."""
+    """Each repeated block compiled (dynamic shapes: batches of other lengths reuse the kernels) while the body
+    runs, eager after it: generation and the measurements after training run the model as loaded; its module
+    tree, parameters and state dict stay as they are. Yields the function that compiles them: called at once
+    unless ``deferred`` (``compile: auto`` calls it when it decides that compiling pays)."""
     if not on:
         yield lambda: None
         return
@@ -368,24 +367,24 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
     def start() -> None:
         if started:
             return
-        # torch keeps a few compiled graphs per code object (every block's is nn.Module's own call) and runs
-        # eager, silently, past that: start each training from none (the kernels stay cached on disk)
+        # torch keeps a few graphs per code object (nn.Module's call, every block's) and silently runs eager
+        # past that: start each training from none (the kernels stay cached on disk)
         torch._dynamo.reset()
         # a KV cache built at every training forward (transformers does when config.use_cache) is of no use
         # there, and its state changes each call, which would make every layer's graph recompile
         if use_cache:
             config.use_cache = False
-        # dynamic shapes give sizes equal at the first call one symbol ("duck" sizing): a batch as long as
-        # the head dimension (64) or the batch size then traces another graph, which recompiles mid-run
-        # and misses inductor's disk cache (a cold ~60 s compile where a warm one was expected)
+        # dynamic shapes without "duck" sizing (sizes equal at the first call sharing a symbol: a batch as long
+        # as the head dimension traced another graph mid-run, missing inductor's disk cache: a cold ~60 s), and
+        # floats (RMSNorm's eps, LoRA's scale) constant: as symbols they made dynamo trace each block twice,
+        # the first trace thrown away (3-5 s of a 7 s compile with inductor's cache warm, 2 cores)
         settings.enter_context(fx_config.patch(use_duck_shape=False))
+        settings.enter_context(torch._dynamo.config.patch(specialize_float=True))
         for b in blocks:
             b.compile(dynamic=True)
         started.append(True)
-        status(
-            f"compile: {len(blocks)} {type(blocks[0]).__name__} blocks compile in the first training step "
-            "(~50-90 s on 2 CPU cores with inductor's cache cold; seconds once it holds them)"
-        )
+        n, kind = len(blocks), type(blocks[0]).__name__
+        status(f"compile: {n} {kind} blocks compile in the first step (~50-90 s cold on 2 cores; warm: seconds)")
 
     if not deferred:
         start()
