@@ -1,9 +1,9 @@
 """``training.compile: auto`` decides from measurements, not from a step count: compiling the decoder layers
-costs the first compiled step its compile time (on 2 CPU cores ~45-85 s with inductor's disk cache cold, a
+costs the first compiled step its compile time (on 2 CPU cores ~25-50 s with inductor's disk cache cold, a
 few seconds warm) and saves a share of every step after it. Before its first step a run under ``auto`` times
-one forward pass of a training batch (no gradients: it adds no memory the training will not use anyway) and
-compiles from the first step only when the time it expects to save is larger than the time it expects
-compiling to take, cold or warm::
+a forward pass over the longest rows of a training batch (:func:`estimate_rows`; no gradients: it adds no
+memory the training will not use anyway) and compiles from the first step only when the time it expects to
+save is larger than the time it expects compiling to take, cold or warm::
 
     planned steps x (expected eager step - expected compiled step)  >  expected compile time
 
@@ -26,9 +26,11 @@ decision of ``auto`` depends on timings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,11 @@ from transformers import TrainerCallback
 from tunelab.fsutil import write_text_atomic
 from tunelab.progress import status
 
-#: compile time without a record of this graph: cache cold, cache warm (2 CPU cores, default model: 45-85 s
-#: cold, 5-7 s warm; docs/performance.md); the GPU figures are of the same order (triton, a few graphs)
-COLD_S = {"cpu": 60.0, "cuda": 60.0}
-WARM_S = {"cpu": 10.0, "cuda": 10.0}
+#: compile time without a record of this graph: cache cold, cache warm (2 CPU cores, default model: 23.6 s
+#: cold and 2.5-2.6 s warm on an AVX-512-BF16 EPYC, with margin for slower CPUs, which took up to 85 s cold
+#: before the blocks traced one graph once; docs/performance.md); the GPU figures are of the same order
+COLD_S = {"cpu": 45.0, "cuda": 60.0}
+WARM_S = {"cpu": 4.0, "cuda": 10.0}
 #: an eager training step over the timed forward pass, without a record (LoRA on the default model, fp32, 2
 #: CPU cores: 5.6 s steps against a 3.4 s estimate of 2 + trained share forward passes)
 EAGER_RATIO = 1.6
@@ -49,9 +52,33 @@ EAGER_RATIO = 1.6
 #: in bf16 on CPUs with AMX and 41% in fp32 on CPUs without (the demo: 5.6 s eager steps, 3.3 s compiled)
 SAVING = {"cpu-bf16": 0.15, "cpu-fp32": 0.40, "cuda": 0.15}
 #: how tunelab.levers.compiled traces (a change gives other graphs, which inductor's cache does not hold yet)
-TRACE_SETTINGS = "dynamic, no duck sizing, floats constant"
+TRACE_SETTINGS = "dynamic, no duck sizing, floats constant, first block's input needs a gradient"
 DECISION = "compile.json"  #: in the run dir: the decision of this run, read back on resume
 HISTORY = "compile.json"  #: in TUNELAB_HOME: what compiling took and saved, per graph
+
+
+@contextlib.contextmanager
+def first_block_like_the_others(model: torch.nn.Module) -> Iterator[None]:
+    """While the body runs, the input embeddings' output needs a gradient whenever autograd records, as every
+    later block's input does. Dynamo keys a graph on whether its inputs need gradients, so the first block
+    compiled a graph of its own: 12.7 s of a 38 s compile with inductor's cache cold (2 cores, default model),
+    1 s warm. The price is the first block's input gradient, computed and dropped in backward: one more
+    matmul for each of its projections that read the input."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if embeddings is None:
+        yield
+        return
+
+    def needs_grad(module, args, output):
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+            output.requires_grad_(True)
+
+    handle = embeddings.register_forward_hook(needs_grad)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def inductor_cache_dir() -> Path:

@@ -62,6 +62,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from tunelab import attention, lorakernel, malloc, saved
+from tunelab.compiling import first_block_like_the_others
 from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
 from tunelab.models import default_attention
@@ -374,17 +375,17 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
         # there, and its state changes each call, which would make every layer's graph recompile
         if use_cache:
             config.use_cache = False
-        # dynamic shapes without "duck" sizing (sizes equal at the first call sharing a symbol: a batch as long
-        # as the head dimension traced another graph mid-run, missing inductor's disk cache: a cold ~60 s), and
-        # floats (RMSNorm's eps, LoRA's scale) constant: as symbols they made dynamo trace each block twice,
-        # the first trace thrown away (3-5 s of a 7 s compile with inductor's cache warm, 2 cores)
+        # dynamic shapes without "duck" sizing (equal sizes sharing a symbol: a batch as long as the head
+        # dimension traced another graph mid-run, missing inductor's cache) and floats (eps, LoRA's scale)
+        # constant: as symbols they made dynamo trace each block twice (3-5 s of a warm 7 s compile, 2 cores)
         settings.enter_context(fx_config.patch(use_duck_shape=False))
         settings.enter_context(torch._dynamo.config.patch(specialize_float=True))
+        settings.enter_context(first_block_like_the_others(model))  # one graph for all blocks
         for b in blocks:
             b.compile(dynamic=True)
         started.append(True)
         n, kind = len(blocks), type(blocks[0]).__name__
-        status(f"compile: {n} {kind} blocks compile in the first step (~50-90 s cold on 2 cores; warm: seconds)")
+        status(f"compile: {n} {kind} blocks compile in the first step (~25-50 s cold on 2 cores; warm: seconds)")
 
     if not deferred:
         start()
