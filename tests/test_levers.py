@@ -607,6 +607,8 @@ def test_compile_pays_weighs_the_expected_saving_against_the_compile_time_cold_o
     cache.mkdir()
     (cache / "kernel").write_text("x")
     h.record("k", cold_s=42.0, compiled_ratio=0.9)
+    x = History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0)  # a compiled ratio alone: not weighed
+    assert x["compiled_s"] == pytest.approx(x["eager_s"] * (1 - SAVING["cpu-fp32"]))  # against a default
     h.record("k", eager_ratio=1.8)  # an eager run of the same graph, later
     x = History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0)  # read back from TUNELAB_HOME
     assert x == {"eager_s": pytest.approx(3.6), "compiled_s": pytest.approx(1.8), "compile_s": WARM_S["cpu"],
