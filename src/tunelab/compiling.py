@@ -52,34 +52,42 @@ EAGER_RATIO = 1.6
 #: share of an eager step compiling saves, without a record: LoRA on the default model, steady, measured 15%
 #: in bf16 on CPUs with AMX and 41% in fp32 on CPUs without (the demo: 5.6 s eager steps, 3.3 s compiled)
 SAVING = {"cpu-bf16": 0.15, "cpu-fp32": 0.40, "cuda": 0.15}
-#: how tunelab.levers.compiled traces (a change gives other graphs, which inductor's cache does not hold yet)
+#: how :func:`tracing` sets up the trace (a change gives other graphs, which inductor's cache does not hold yet)
 TRACE_SETTINGS = "dynamic, no duck sizing, floats constant, first block's input needs a gradient"
 DECISION = "compile.json"  #: in the run dir: the decision of this run, read back on resume
 HISTORY = "compile.json"  #: in TUNELAB_HOME: what compiling took and saved, per graph
 
 
 @contextlib.contextmanager
-def first_block_like_the_others(model: torch.nn.Module) -> Iterator[None]:
-    """While the body runs, the input embeddings' output needs a gradient whenever autograd records, as every
-    later block's input does. Dynamo keys a graph on whether its inputs need gradients, so the first block
-    compiled a graph of its own: 12.7 s of a 38 s compile with inductor's cache cold (2 cores, default model),
-    1 s warm. The price is the first block's input gradient, computed and dropped in backward: one more
-    matmul for each of its projections that read the input."""
+def tracing(model: torch.nn.Module) -> Iterator[None]:
+    """The settings tunelab's blocks compile under (:data:`TRACE_SETTINGS` names them in the graph key), for
+    the time of training:
+
+    - no "duck" sizing: sizes equal at the first call would share one symbol, and a batch as long as the
+      head dimension (64) traced another graph mid-run that missed inductor's disk cache;
+    - floats constant (RMSNorm's eps, LoRA's scale, the scale the recomputed attention receives): as symbols
+      a pass failed to make them tensors, and dynamo traced every block again, the first trace thrown away
+      (3-5 s of a 7 s compile with inductor's cache warm, 2 cores);
+    - the input embeddings' output needs a gradient whenever autograd records, as every later block's input
+      does: dynamo keys a graph on it, and under LoRA the first block compiled a graph of its own (12.7 s of
+      a 38.8 s cold compile, 1 s warm). The price is the first block's input gradient, computed and dropped
+      in backward: one more matmul for each of its projections that read the input."""
+    import torch.fx.experimental._config as fx_config
+
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if callable(get) else None
-    if embeddings is None:
-        yield
-        return
 
     def needs_grad(module, args, output):
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
             output.requires_grad_(True)
 
-    handle = embeddings.register_forward_hook(needs_grad)
+    handle = embeddings.register_forward_hook(needs_grad) if embeddings is not None else None
     try:
-        yield
+        with fx_config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True):
+            yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
 
 
 def inductor_cache_dir() -> Path:

@@ -59,10 +59,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.fx.experimental._config as fx_config
 
 from tunelab import attention, lorakernel, malloc, saved
-from tunelab.compiling import first_block_like_the_others
+from tunelab.compiling import tracing
 from tunelab.errors import RunError
 from tunelab.losshead import supports_positions_head
 from tunelab.models import default_attention
@@ -375,12 +374,7 @@ def compiled(model: torch.nn.Module, on: bool, *, deferred: bool = False) -> Ite
         # there, and its state changes each call, which would make every layer's graph recompile
         if use_cache:
             config.use_cache = False
-        # dynamic shapes without "duck" sizing (equal sizes sharing a symbol: a batch as long as the head
-        # dimension traced another graph mid-run, missing inductor's cache) and floats (eps, LoRA's scale)
-        # constant: as symbols they made dynamo trace each block twice (3-5 s of a warm 7 s compile, 2 cores)
-        settings.enter_context(fx_config.patch(use_duck_shape=False))
-        settings.enter_context(torch._dynamo.config.patch(specialize_float=True))
-        settings.enter_context(first_block_like_the_others(model))  # one graph for all blocks
+        settings.enter_context(tracing(model))  # one graph for all blocks, traced once, kept in the cache
         for b in blocks:
             b.compile(dynamic=True)
         started.append(True)
