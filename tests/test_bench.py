@@ -1,21 +1,40 @@
 """The benchmarks that must run where they are not measured: bench/gpu_check.sh's dry run on the CPU (the
-script a GPU machine runs, issue 23), and bench/packing.py's check that packed and padded batches compute the
-same loss, on a tiny model."""
+script a GPU machine runs, issue 23) and the bundle bench/gpu_bundle.py makes for it, and bench/packing.py's
+check that packed and padded batches compute the same loss, on a tiny model."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_check_dry_run_runs_every_row_a_cpu_can_and_says_why_it_skips_the_others(tiny_llama):
+def test_gpu_check_dry_run_runs_every_row_a_cpu_can_and_says_why_it_skips_the_others(tiny_llama, tmp_path):
+    """From a folder that holds the model's config and tokenizer and no weights (what bench/gpu_bundle.py
+    copies to a machine the weights cannot reach), as --random-weights trains it."""
+    weightless = tmp_path / "model"
+    shutil.copytree(tiny_llama, weightless, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     env = {**os.environ, "PYTHON": sys.executable}
     p = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "--dry-run", "--model", str(tiny_llama), "--steps", "4"],
+        [
+            "bash",
+            "bench/gpu_check.sh",
+            "--dry-run",
+            "--model",
+            str(weightless),
+            "--random-weights",
+            "--steps",
+            "4",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -29,6 +48,58 @@ def test_gpu_check_dry_run_runs_every_row_a_cpu_can_and_says_why_it_skips_the_ot
     for row in ("flash_attention_2", "QLoRA 4bit", "compile (triton)"):
         assert "skipped" in lines[row] and "needs CUDA" in lines[row], lines[row]
     assert "skipped" in lines["TRL side by side"] and "checks, 0 failed" in p.stdout
+    assert "its architecture with random weights" in p.stdout
+
+
+def test_gpu_bundle_keeps_only_the_bitsandbytes_library_for_the_machines_cuda(tmp_path, monkeypatch):
+    """A bitsandbytes wheel trimmed to one CUDA release holds that release's library and the CPU one, nothing
+    else it had; its RECORD lists exactly the files it holds (pip uninstalls by it); it installs."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from gpu_bundle import trim_bitsandbytes
+
+    libs = ["cpu", "cuda126", "cuda130", "cuda132", "rocm70", "xpu2026"]
+    info = "bitsandbytes-9.9.dist-info"
+    files = {"bitsandbytes/__init__.py": "X = 1\n"} | {f"bitsandbytes/libbitsandbytes_{x}.so": x for x in libs}
+    files[f"{info}/METADATA"] = "Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 9.9\n"
+    files[f"{info}/WHEEL"] = "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{info}/RECORD"] = "".join(f"{n},sha256={_digest(c)},{len(c)}\n" for n, c in files.items())
+    files[f"{info}/RECORD"] += f"{info}/RECORD,,\n"
+    wheel = tmp_path / "bitsandbytes-9.9-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, content in files.items():
+            z.writestr(name, content)
+    trim_bitsandbytes(wheel, "130")
+    kept = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")}
+    assert kept == {"bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"}
+    with zipfile.ZipFile(wheel) as z:
+        listed = {x.split(",")[0] for x in z.read("bitsandbytes-9.9.dist-info/RECORD").decode().splitlines()}
+        assert listed == set(z.namelist())
+    site = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+    )
+    assert sorted(p.name for p in (site / "bitsandbytes").glob("*.so")) == [
+        "libbitsandbytes_cpu.so",
+        "libbitsandbytes_cuda130.so",
+    ]
+    with pytest.raises(SystemExit, match="no library for CUDA 118"):
+        trim_bitsandbytes(wheel, "118")
+
+
+def _digest(content: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(content.encode()).digest()).rstrip(b"=").decode()
 
 
 def test_gpu_check_refuses_to_run_for_real_without_cuda(tiny_llama):
