@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [[ " $* " != *" --dry-run "* ]]; then
   if [ -n "${WHEELS:-}" ]; then
-    # no registry: WHEELS holds what the machine lacks (docs/performance.md, GPU paths, lists them); they go
+    # no registry: WHEELS holds what the machine lacks (bench/gpu_bundle.py gathers it); the wheels go
     # into a folder of their own, first on the path, and the machine's own packages stay as they are
     site=${WHEELS_TARGET:-/tmp/tunelab-gpu-check-site}
     "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$WHEELS"/*.whl
