@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -45,10 +44,6 @@ PACKAGES = (
     "bm25s",
     "bitsandbytes",
 )
-#: what the model folder keeps: everything a tokenizer and a config need, no weights
-MODEL_FILES = re.compile(
-    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map)\.json|.*\.jinja"
-)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
@@ -69,18 +64,23 @@ def trim_bitsandbytes(wheel: Path, cuda: str) -> None:
     def dropped(name: str) -> bool:
         return bool(drop.search(name)) and not keep.search(name)
 
-    if not any(keep.search(n) and "cuda" in n for n in zipfile.ZipFile(wheel).namelist()):
-        raise SystemExit(f"{wheel.name} has no library for CUDA {cuda}")
-    trimmed = wheel.with_suffix(".tmp")
-    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as out:
-        for item in src.infolist():
-            if dropped(item.filename):
-                continue
-            data = src.read(item)
-            if item.filename.endswith(".dist-info/RECORD"):
-                lines = data.decode().splitlines(keepends=True)
-                data = "".join(x for x in lines if not dropped(x.split(",")[0])).encode()
-            out.writestr(item, data)
+    with zipfile.ZipFile(wheel) as src:
+        if not any(keep.search(n) and "cuda" in n for n in src.namelist()):
+            raise SystemExit(f"{wheel.name} has no library for CUDA {cuda}")
+        trimmed = wheel.with_suffix(".tmp")
+        try:
+            with zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as out:
+                for item in src.infolist():
+                    if dropped(item.filename):
+                        continue
+                    data = src.read(item)
+                    if item.filename.endswith(".dist-info/RECORD"):
+                        lines = data.decode().splitlines(keepends=True)
+                        data = "".join(x for x in lines if not dropped(x.split(",")[0])).encode()
+                    out.writestr(item, data)
+        except BaseException:
+            trimmed.unlink(missing_ok=True)  # no half-written wheel left beside the whole one
+            raise
     trimmed.replace(wheel)
 
 
@@ -104,13 +104,15 @@ def main() -> None:
         trim_bitsandbytes(w, a.cuda)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    from tunelab.models import resolve_model
+    from transformers import AutoConfig
 
-    model = a.dir / "model"
-    model.mkdir(exist_ok=True)
-    for f in resolve_model(a.model).iterdir():
-        if MODEL_FILES.fullmatch(f.name):
-            shutil.copy2(f, model / f.name)
+    from tunelab.models import load_tokenizer, resolve_model
+
+    source = resolve_model(
+        a.model
+    )  # the config and tokenizer as transformers writes them, whatever files hold them
+    AutoConfig.from_pretrained(source, local_files_only=True).save_pretrained(a.dir / "model")
+    load_tokenizer(source).save_pretrained(a.dir / "model")
     size = sum(f.stat().st_size for f in a.dir.rglob("*") if f.is_file())
     n = len(list(wheels.glob("*.whl")))
     print(f"{a.dir}: {n} wheels and {a.model}'s config and tokenizer, {size / 2**20:.1f} MiB")
