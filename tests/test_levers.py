@@ -621,8 +621,8 @@ def test_compile_pays_weighs_the_expected_saving_against_the_compile_time_cold_o
 
 
 def test_the_estimate_times_the_longest_rows_that_fill_its_token_floor():
-    """On long rows the forward passes of an estimate cover a share of the batch (its time scales by the
-    rows left out); on short rows all of them, so no pass runs matmuls too small to time a step by."""
+    """On a CPU and long rows the forward passes of an estimate cover a share of the batch (its time scales
+    by the rows left out); on short rows all of them, so no pass runs matmuls too small to time a step by."""
     from tunelab.compiling import ESTIMATE_TOKENS, estimate_rows
 
     def rows(*lengths):
@@ -632,6 +632,8 @@ def test_the_estimate_times_the_longest_rows_that_fill_its_token_floor():
     assert [r["n"] for r in long] == [530, 530]  # 2 x 530 tokens padded fill 1024
     assert ESTIMATE_TOKENS > 8 * 100 and len(estimate_rows(rows(*[100] * 8))) == 8  # fewer tokens: all rows
     assert [r["n"] for r in estimate_rows(rows(2000, 10))] == [2000]
+    # on a GPU a pass over 2 rows takes as long as over 8 (launches, not work): the whole batch, unscaled
+    assert [r["n"] for r in estimate_rows(rows(300, 530, 512, 530), "cuda")] == [300, 530, 512, 530]
 
 
 @pytest.mark.parametrize("history, compiles", [(0.0, True), (1e6, False)], ids=["pays", "does-not-pay"])

@@ -182,14 +182,25 @@ def _median(xs: list[float]) -> float:
 ESTIMATE_TOKENS = 1024
 
 
-def estimate_rows(rows: list[dict]) -> list[dict]:
-    """The rows an estimate times: the longest ones, as few as give :data:`ESTIMATE_TOKENS` tokens padded to
-    the longest (the batch pads each of its rows as far), all of them when they give fewer. A forward pass
-    over k of a batch's n rows takes about k/n of the whole batch's time: on long rows (8 of 530 tokens) a
-    run's estimate took 1.9 s over 2 rows where it had taken 5.3 s over all 8."""
+def estimate_rows(rows: list[dict], device: str = "cpu") -> list[dict]:
+    """The rows an estimate times: on a CPU the longest ones, as few as give :data:`ESTIMATE_TOKENS` tokens
+    padded to the longest (the batch pads each of its rows as far), all of them when they give fewer. There a
+    forward pass over k of a batch's n rows takes about k/n of the whole batch's time: on long rows (8 of 530
+    tokens) a run's estimate took 1.9 s over 2 rows where it had taken 5.3 s over all 8. On a GPU every row:
+    a small model's forward pass there is as long over 2 rows as over 8 (its kernels' launches, not their
+    work, take the time), and scaling 2 rows' time by 4 told long rows on an H200 that an eager step takes
+    1.18 s where it took 0.26 s; a whole batch's pass costs a GPU little."""
+    if device != "cpu":
+        return list(rows)
     ranked = sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True)
     longest = len(ranked[0]["input_ids"]) if ranked else 1
     return ranked[: max(1, -(-ESTIMATE_TOKENS // max(longest, 1)))]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on ``device`` (a GPU's; a CPU runs its own as they are called)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -207,12 +218,14 @@ def eager_step_estimate(model: torch.nn.Module, batch: dict, bf16: bool, trained
     try:
         seconds = []
         for _ in range(2):
+            synchronize(device)
             t0 = time.perf_counter()
             with autocast(device, bf16):
                 try:
                     model(input_ids=ids, attention_mask=mask, logits_to_keep=1)  # the head at one position
                 except TypeError:  # a model whose forward has no logits_to_keep
                     model(input_ids=ids, attention_mask=mask)
+            synchronize(device)  # a GPU's kernels run after their launch returns: the pass ends when they do
             seconds.append(time.perf_counter() - t0)
     finally:
         model.train(was)
