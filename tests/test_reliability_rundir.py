@@ -173,3 +173,40 @@ def test_a_finished_run_records_its_status(tiny_llama, memo_data, tmp_path):
     train(tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=2))
     marker = json.loads((tmp_path / "run" / MARKER).read_text())
     assert marker["status"] == "finished" and marker["pid"] == os.getpid() and marker["time"] <= time.time()
+
+
+def test_a_signal_while_a_stopping_run_records_its_end_leaves_its_message_whole(tmp_path, monkeypatch):
+    """Under torchrun the survivors of a killed worker get SIGTERM as their collective fails. One that lands
+    while rank 0 records how the run ended must not replace the message (how to go on) with a bare
+    KeyboardInterrupt; the CLI's SIGTERM handler is back in place afterwards."""
+    import json
+    import signal
+
+    from tunelab.cli import _terminate
+    from tunelab.errors import Interrupted
+    from tunelab.rundir import RunDir, guarded
+
+    run = RunDir.claim(tmp_path / "run", resume=False, overwrite=False)
+    run.begin({"output_dir": str(tmp_path / "run")})
+    recording = RunDir.set_status
+
+    def set_status(self, status):
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's SIGTERM, as rank 0 writes its marker
+        recording(self, status)
+
+    monkeypatch.setattr(RunDir, "set_status", set_status)
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        try:
+            with guarded(run, save_steps=4):
+                raise KeyboardInterrupt  # the first stop: Ctrl-C or an earlier SIGTERM
+        except BaseException as e:  # a KeyboardInterrupt escaping would stop pytest itself
+            ended = e
+        assert signal.getsignal(signal.SIGTERM) is _terminate
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert isinstance(ended, Interrupted), repr(ended)
+    assert (
+        str(ended) == "interrupted; no checkpoint was written yet (training.save_steps=4); run again to start over"
+    )
+    assert json.loads((tmp_path / "run" / MARKER).read_text())["status"] == "interrupted"

@@ -26,7 +26,9 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -306,44 +308,69 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 def guarded(run: RunDir | None, save_steps: int) -> Iterator[None]:
     """Close the claimed run dir whatever happens: a setup that fails leaves it as it was found; a run that
     stops (divergence, interrupt, error) records why in the marker and says how to go on; the lock is
-    always released. ``run`` is None on ranks other than 0, which write nothing."""
+    always released. ``run`` is None on ranks other than 0, which write nothing.
+
+    While it records how the run ended, a SIGTERM or Ctrl-C is ignored: under torchrun the survivors of a killed
+    worker get SIGTERM as their collective fails, and one landing while rank 0 wrote its message cut that
+    message to a bare "interrupted", without the checkpoint to resume from."""
     try:
         yield
-    except KeyboardInterrupt:
-        if run is None:
-            raise Interrupted("interrupted") from None
-        began = run.close("interrupted")
-        raise Interrupted(f"interrupted; {_how_to_go_on(run, save_steps, began)}") from None
-    except NonFiniteError as e:
-        if run is None:
+    except BaseException as e:
+        with _signals_ignored():
+            ended = _ended(run, save_steps, e)
+        if ended is e:
             raise
+        raise ended from None
+    else:
+        with _signals_ignored():
+            if run is not None:
+                run.close("finished")
+
+
+def _ended(run: RunDir | None, save_steps: int, e: BaseException) -> BaseException:
+    """What a run that stopped with ``e`` raises, its marker closed."""
+    if isinstance(e, KeyboardInterrupt):
+        if run is None:
+            return Interrupted("interrupted")
+        began = run.close("interrupted")
+        return Interrupted(f"interrupted; {_how_to_go_on(run, save_steps, began)}")
+    if isinstance(e, NonFiniteError):
+        if run is None:
+            return e
         _log_event(run.path, {"event": "diverged", "reason": str(e)})
         run.close("diverged")
-        raise NonFiniteError(
+        return NonFiniteError(
             f"{e}; no weights were saved as {MODEL}/. {_how_to_go_on(run, save_steps, True)} after lowering "
             "training.lr (or raising regularisation)"
-        ) from None
-    except Exception as e:
-        why = lost_peer(e)
-        if why is None:
-            if run is not None:
-                run.close("failed")
-            raise
-        # torchrun: another process died mid-collective. This one stops too, resumable as after an interrupt
-        if run is None:
-            raise PeerLost(f"another process of this run stopped ({why}); this one stopped too") from None
-        run.close("interrupted")
-        raise PeerLost(
-            f"another process of this run stopped ({why}); this one stopped too. "
-            f"{_how_to_go_on(run, save_steps, True)}"
-        ) from None
-    except BaseException:
+        )
+    why = lost_peer(e) if isinstance(e, Exception) else None
+    if why is None:
         if run is not None:
             run.close("failed")
-        raise
-    else:
-        if run is not None:
-            run.close("finished")
+        return e
+    # torchrun: another process died mid-collective. This one stops too, resumable as after an interrupt
+    if run is None:
+        return PeerLost(f"another process of this run stopped ({why}); this one stopped too")
+    run.close("interrupted")
+    return PeerLost(
+        f"another process of this run stopped ({why}); this one stopped too. "
+        f"{_how_to_go_on(run, save_steps, True)}"
+    )
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGTERM and SIGINT ignored for the block, in the main thread: the run is stopping already, and a signal
+    held back instead would raise KeyboardInterrupt in place of the message as soon as it was let through."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {n: signal.signal(n, signal.SIG_IGN) for n in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for n, handler in before.items():
+            signal.signal(n, handler)
 
 
 def _how_to_go_on(run: RunDir, save_steps: int, began: bool) -> str:
