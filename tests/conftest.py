@@ -104,6 +104,13 @@ def _tunelab_home(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _verbosity_stays(monkeypatch):
+    """A test that calls ``cli.main`` in this process (``-q``) sets TUNELAB_VERBOSITY for it, as the command
+    does for its own process; undone after the test, so a later test's subprocess is not run quiet."""
+    monkeypatch.delenv("TUNELAB_VERBOSITY", raising=False)  # and whatever the test sets, undone after it
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")
