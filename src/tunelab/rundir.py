@@ -365,7 +365,9 @@ def _signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {n: signal.signal(n, signal.SIG_IGN) for n in (signal.SIGTERM, signal.SIGINT)}
+    # a handler installed from outside Python (getsignal gives None) could not be put back: left as it is
+    signals = [n for n in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(n) is not None]
+    before = {n: signal.signal(n, signal.SIG_IGN) for n in signals}
     try:
         yield
     finally:
