@@ -230,7 +230,7 @@ def fit(
                     if _streams(train_features)
                     else [tr.train_dataset[i] for i in range(min(t.batch_size, len(tr.train_dataset)))]
                 )
-                part = estimate_rows(rows, next(s.model.parameters()).device.type)
+                part = estimate_rows(rows, s.device)
                 share = s.trainable / max(s.total, 1)
                 seconds = eager_step_estimate(s.model, tr.data_collator(part), s.bf16, share)
                 return seconds * len(rows) / len(part)
