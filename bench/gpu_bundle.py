@@ -108,9 +108,8 @@ def main() -> None:
 
     from tunelab.models import load_tokenizer, resolve_model
 
-    source = resolve_model(
-        a.model
-    )  # the config and tokenizer as transformers writes them, whatever files hold them
+    # the config and tokenizer as transformers writes them, whatever files hold them
+    source = resolve_model(a.model)
     AutoConfig.from_pretrained(source, local_files_only=True).save_pretrained(a.dir / "model")
     load_tokenizer(source).save_pretrained(a.dir / "model")
     size = sum(f.stat().st_size for f in a.dir.rglob("*") if f.is_file())
