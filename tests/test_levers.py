@@ -592,7 +592,7 @@ def test_compile_mode_auto_decides_on_stays_on_off_stays_off():
 
 
 def test_compile_pays_weighs_the_expected_saving_against_the_compile_time_cold_or_warm(tmp_path, monkeypatch):
-    from tunelab.compiling import COLD_S, EAGER_RATIO, SAVING, WARM_S, History, pays
+    from tunelab.compiling import COLD_S, SAVING, WARM_S, History, pays, step_size
 
     assert pays(60, eager_s=5.6, compiled_s=3.3, compile_s=45.0)  # the demo on 2 AVX2 cores: 138 s saved
     assert not pays(60, eager_s=1.2, compiled_s=1.0, compile_s=60.0)  # 12 s saved: not with a cold cache
@@ -600,19 +600,19 @@ def test_compile_pays_weighs_the_expected_saving_against_the_compile_time_cold_o
     cache = tmp_path / "inductor"
     monkeypatch.setattr("tunelab.compiling.inductor_cache_dir", lambda: cache)
     h = History(tmp_path / "home")
-    x = h.expected("k", "cpu", "fp32", 2.0)  # nothing known: the defaults
-    assert x["cache"] == "cold" and x["compile_s"] == COLD_S["cpu"]
-    assert x["eager_s"] == pytest.approx(2.0 * EAGER_RATIO)
-    assert x["compiled_s"] == pytest.approx(2.0 * EAGER_RATIO * (1 - SAVING["cpu-fp32"]))
+    x = h.expected("k", "cpu", "fp32", 2.0)  # nothing known: the defaults, from the measured eager step
+    assert x["cache"] == "cold" and x["compile_s"] == COLD_S["cpu"] and x["eager_s"] == 2.0
+    assert x["compiled_s"] == pytest.approx(2.0 * (1 - SAVING["cpu-fp32"]))
     cache.mkdir()
     (cache / "kernel").write_text("x")
-    h.record("k", cold_s=42.0, compiled_ratio=0.9)
-    x = History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0)  # a compiled ratio alone: not weighed
-    assert x["compiled_s"] == pytest.approx(x["eager_s"] * (1 - SAVING["cpu-fp32"]))  # against a default
-    h.record("k", eager_ratio=1.8)  # an eager run of the same graph, later
-    x = History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0)  # read back from TUNELAB_HOME
-    assert x == {"eager_s": pytest.approx(3.6), "compiled_s": pytest.approx(1.8), "compile_s": WARM_S["cpu"],
-                 "cache": "warm"}  # fmt: skip
+    assert [step_size(n) for n in (1, 464, 512, 513, 960, 4240)] == ["1", "512", "512", "1024", "1024", "8192"]
+    h.record("k", "512", cold_s=42.0, compiled_over_eager=0.9, compiled_ratio=0.1)  # the old estimate's ratio
+    h.record("k", "8192", compiled_over_eager=0.7)  # long rows gain more: one graph, a ratio per step size
+    x = History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0, "512")  # read back from TUNELAB_HOME
+    assert x == {"eager_s": 2.0, "compiled_s": pytest.approx(1.8), "compile_s": WARM_S["cpu"], "cache": "warm"}
+    assert History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0, "8192")["compiled_s"] == pytest.approx(1.4)
+    x = History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0, "1024")  # a size not measured: the default
+    assert x["compiled_s"] == pytest.approx(2.0 * (1 - SAVING["cpu-fp32"]))
     h.record("k", warm_s=4.0)
     assert History(tmp_path / "home").expected("k", "cpu", "fp32", 2.0)["compile_s"] == 4.0
     (cache / "kernel").unlink()  # the cache was emptied (a reboot clears /tmp): cold again, as measured
@@ -620,29 +620,18 @@ def test_compile_pays_weighs_the_expected_saving_against_the_compile_time_cold_o
     assert History(tmp_path / "home").expected("other", "cpu", "fp32", 2.0)["cache"] == "cold"
 
 
-def test_the_estimate_times_the_longest_rows_that_fill_its_token_floor():
-    """On a CPU and long rows the forward passes of an estimate cover a share of the batch (its time scales
-    by the rows left out); on short rows all of them, so no pass runs matmuls too small to time a step by."""
-    from tunelab.compiling import ESTIMATE_TOKENS, estimate_rows
-
-    def rows(*lengths):
-        return [{"input_ids": [1] * n, "n": n} for n in lengths]
-
-    long = estimate_rows(rows(300, 530, 512, 530, 400, 100, 530, 520))
-    assert [r["n"] for r in long] == [530, 530]  # 2 x 530 tokens padded fill 1024
-    assert ESTIMATE_TOKENS > 8 * 100 and len(estimate_rows(rows(*[100] * 8))) == 8  # fewer tokens: all rows
-    assert [r["n"] for r in estimate_rows(rows(2000, 10))] == [2000]
-    # on a GPU a pass over 2 rows takes as long as over 8 (launches, not work): the whole batch, unscaled
-    assert [r["n"] for r in estimate_rows(rows(300, 530, 512, 530), "cuda")] == [300, 530, 512, 530]
-
-
-@pytest.mark.parametrize("history, compiles", [(0.0, True), (1e6, False)], ids=["pays", "does-not-pay"])
-def test_compile_auto_compiles_from_the_first_step_only_when_it_pays(
-    tiny_llama, memo_data, tmp_path, monkeypatch, history, compiles
+@pytest.mark.parametrize(
+    "history, steps, compiles",
+    [(0.0, 4, True), (1e6, 4, False), (0.0, 2, False)],
+    ids=["pays", "does-not-pay", "short"],
+)
+def test_compile_auto_times_eager_steps_then_compiles_only_when_it_pays(
+    tiny_llama, memo_data, tmp_path, monkeypatch, history, steps, compiles
 ):
-    """A run under auto estimates an eager step from one forward pass before training, then compiles every
-    step, or none, as the expected compile time is below or above the time it expects to save; summary.json
-    says which figures decided, the run dir keeps the decision for a resume, TUNELAB_HOME what it took."""
+    """A run under auto trains its first two steps eager, then compiles every later step, or none, as the
+    expected compile time is below or above the time it expects to save from the second step's time; a run
+    with no step left after those two does not time them. summary.json says which figures decided, the run
+    dir keeps the decision for a resume, TUNELAB_HOME what compiling took against the eager step."""
     from transformers import TrainerCallback
 
     from tunelab import compiling, levers
@@ -657,24 +646,43 @@ def test_compile_auto_compiles_from_the_first_step_only_when_it_pays(
         def on_step_begin(self, args, state, control, model=None, **kw):
             seen.append(any(b._compiled_call_impl is not None for b in levers.repeated_blocks(model)))
 
-    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=4)
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "run", "lora", max_steps=steps)
     s = train(cfg, callbacks=[Watch()]).summary
-    assert seen == [compiles] * 4
+    assert seen == [False, False] + [compiles] * (steps - 2)
     assert s["levers"]["compile"] == ("on" if compiles else "off")
     why = s["levers"]["why"]["compile"]
-    assert "4 steps x" in why and "s saved against" in why and "inductor cache cold" in why
     decision = json.loads((tmp_path / "run" / "compile.json").read_text())
-    assert decision["compile"] is compiles and decision["estimate_s"] > 0
-    # what it measured, for the next run's decision: a compiled run its compile time and compiled steps, an
-    # eager one its eager steps, each against the forward pass timed before
-    home = json.loads((tmp_path / "home" / "compile.json").read_text())
-    learnt = {"cold_s", "compiled_ratio", "cache_dir"} if compiles else {"eager_ratio"}
-    assert [set(e) - {"when"} for e in home.values()] == [learnt]
+    assert decision["compile"] is compiles and decision["why"] == why
+    if steps == 2:
+        assert why == "not compiling: 2 steps, none left after the 2 eager ones it would time"
+        assert not (tmp_path / "home" / "compile.json").exists()
+        return
+    assert "2 steps left x" in why and "s eager, step 2" in why and "inductor cache cold" in why
+    assert decision["from_step"] == 3 and decision["eager_s"] > 0
+    assert why.startswith("compiling from step 3" if compiles else "not compiling")
+    # what a compiled run measured, for the next run's decision: its compile time, and its compiled steps
+    # against the eager step it timed; an eager run has nothing to add (each run times its own)
+    home = tmp_path / "home" / "compile.json"
+    if compiles:
+        (learnt,) = json.loads(home.read_text()).values()
+        assert set(learnt) - {"when"} == {"cold_s", "compiled_over_eager", "cache_dir"}
+        assert list(learnt["compiled_over_eager"]) == [decision["size"]] and int(decision["size"]) >= 8
+    else:
+        assert not home.exists()
 
 
-def test_a_resumed_auto_run_compiles_as_the_run_it_continues_decided(tiny_llama, memo_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "killed_at, resumed_from, decided", [(3, 2, True), (2, 1, False)], ids=["after-the-decision", "before-it"]
+)
+def test_a_resumed_auto_run_compiles_as_the_run_it_continues_decided(
+    tiny_llama, memo_data, tmp_path, monkeypatch, killed_at, resumed_from, decided
+):
     """The decision is timing-dependent; a resume reads it back from RUN/compile.json instead of deciding
-    again (here the figures would now say no), so its weights are bit-identical to the unbroken run's."""
+    again (here the figures would now say no), and compiles from the step the run it continues did, so its
+    weights are bit-identical to the unbroken run's. A run killed before it decided decides at the same step
+    when resumed."""
+    from transformers import TrainerCallback
+
     from conftest import crash_at
     from tunelab import compiling, levers
 
@@ -684,17 +692,27 @@ def test_a_resumed_auto_run_compiles_as_the_run_it_continues_decided(tiny_llama,
     monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
 
     def cfg(name):
-        return tiny_config(tiny_llama, memo_data, tmp_path / name, "lora", max_steps=6, save_steps=2)
+        return tiny_config(tiny_llama, memo_data, tmp_path / name, "lora", max_steps=6, save_steps=resumed_from)
 
     whole = train(cfg("whole"))
-    assert whole.summary["levers"]["compile"] == "on"
+    assert whole.summary["levers"]["why"]["compile"].startswith("compiling from step 3")
     (tmp_path / "home" / "compile.json").unlink()  # what the whole run learnt: the killed one decides afresh
     with pytest.raises(KeyboardInterrupt):
-        train(cfg("killed"), callbacks=[crash_at(3)])
-    monkeypatch.setattr(compiling, "COLD_S", {"cpu": 1e6, "cuda": 1e6})  # would not pay now
-    resumed = train(cfg("killed"), resume=True)
-    assert resumed.summary["train"]["resumed_from"] == "checkpoint-2"
-    assert resumed.summary["levers"]["compile"] == "on", resumed.summary["levers"]["why"]
+        train(cfg("killed"), callbacks=[crash_at(killed_at)])
+    # killed in step 2's end, before the step's other callbacks: before the decision, after checkpoint-1
+    assert (tmp_path / "killed" / "compile.json").exists() is decided
+    if decided:
+        monkeypatch.setattr(compiling, "COLD_S", {"cpu": 1e6, "cuda": 1e6})  # would not pay now
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            seen.append(any(b._compiled_call_impl is not None for b in levers.repeated_blocks(model)))
+
+    resumed = train(cfg("killed"), resume=True, callbacks=[Watch()])
+    assert resumed.summary["train"]["resumed_from"] == f"checkpoint-{resumed_from}"
+    assert resumed.summary["levers"]["why"]["compile"].startswith("compiling from step 3")
+    assert seen == [step >= 3 for step in range(resumed_from + 1, 7)]
     a, b = final_weights(whole.run_dir), final_weights(resumed.run_dir)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1,28 +1,29 @@
 """``training.compile: auto`` decides from measurements, not from a step count: compiling the decoder layers
 costs the first compiled step its compile time (on 2 CPU cores ~25-50 s with inductor's disk cache cold, a
-few seconds warm) and saves a share of every step after it. Before its first step a run under ``auto`` times
-a forward pass over the longest rows of a training batch (:func:`estimate_rows`; no gradients: it adds no
-memory the training will not use anyway) and compiles from the first step only when the time it expects to
-save is larger than the time it expects compiling to take, cold or warm::
+few seconds warm) and saves a share of every step after it. A run under ``auto`` trains its first
+:data:`EAGER_STEPS` steps eager, times the last of them (the first carries the run's warm-up: the allocator
+faulting in the working set, oneDNN's first kernels) and compiles from the next step only when the time it
+expects to save over the steps left is larger than the time it expects compiling to take, cold or warm::
 
-    planned steps x (expected eager step - expected compiled step)  >  expected compile time
+    steps left x (measured eager step - expected compiled step)  >  expected compile time
 
-Each expected step is the timed forward pass times a ratio learned from earlier runs of the same graph on
-this machine (``TUNELAB_HOME/compile.json``, one entry per graph: torch version, device, precision, the
-block's module classes and shapes): an eager run records its steps' ratio to the forward pass, a compiled
-run its steps' ratio, how long its compile took and whether inductor's cache was warm then. Without a
-record: :data:`EAGER_RATIO`, :data:`SAVING` (the compiled step's share saved; also while only the compiled
-ratio is recorded), :data:`COLD_S` and :data:`WARM_S`, measured on the default model. The cache counts as
-warm when an earlier run of this graph compiled into the same inductor cache directory and that directory
-still holds files.
+The expected compiled step is the measured eager step times the ratio of a compiled to an eager step that
+earlier runs of the same graph measured on this machine (``TUNELAB_HOME/compile.json``, one entry per graph:
+torch version, device, precision, the block's module classes and shapes), with how long their compile took
+and whether inductor's cache was warm then. Without a record: :data:`SAVING` (the compiled step's share
+saved), :data:`COLD_S` and :data:`WARM_S`, measured on the default model. The cache counts as warm when an
+earlier run of this graph compiled into the same inductor cache directory and that directory still holds
+files.
 
-Deciding before the first step, rather than after timing a few eager ones, matters for memory: eager steps
-keep more activations, and the resident set keeps its peak (docs/performance.md).
+Until 2026-12-04 the decision came before the first step, from forward passes timed for it: they cost a run
+that stays eager 0.5 s of 11 on short rows and 1.9 s on long ones, and a forward pass times an eager step only
+through a learned ratio. The eager steps cost no memory the run does not use anyway: an eager LoRA step on
+long rows peaks where a compiled one does (3,904 against 3,863 MB), on short rows lower (docs/performance.md).
 
-The decision (figures and why) is written to ``RUN/compile.json`` the moment it is made; a resumed run reads
-it back, so it compiles as the run it continues did (``--resume`` stays bit-identical). Runs that must be
-bit-identical with each other, not only with a resumed self, set ``compile`` to ``on`` or ``off``: the
-decision of ``auto`` depends on timings.
+The decision (figures, why, the step it compiles from) is written to ``RUN/compile.json`` the moment it is
+made; a resumed run reads it back, so it compiles from the same step as the run it continues (``--resume``
+stays bit-identical). Runs that must be bit-identical with each other, not only with a resumed self, set
+``compile`` to ``on`` or ``off``: the decision of ``auto`` depends on timings.
 """
 
 from __future__ import annotations
@@ -46,9 +47,8 @@ from tunelab.progress import status
 #: before the blocks traced one graph once; docs/performance.md); the GPU figures are of the same order
 COLD_S = {"cpu": 45.0, "cuda": 60.0}
 WARM_S = {"cpu": 4.0, "cuda": 10.0}
-#: an eager training step over the timed forward pass, without a record (LoRA on the default model, fp32, 2
-#: CPU cores: 5.6 s steps against a 3.4 s estimate of 2 + trained share forward passes)
-EAGER_RATIO = 1.6
+#: eager steps a run under ``auto`` trains before it decides, timing the last (the first is a warm-up)
+EAGER_STEPS = 2
 #: share of an eager step compiling saves, without a record: LoRA on the default model, steady, measured 15%
 #: in bf16 on CPUs with AMX and 41% in fp32 on CPUs without (the demo: 5.6 s eager steps, 3.3 s compiled)
 SAVING = {"cpu-bf16": 0.15, "cpu-fp32": 0.40, "cuda": 0.15}
@@ -110,8 +110,11 @@ def graph_key(blocks: list[torch.nn.Module], precision: str, attention_probs: st
 
 
 class History:
-    """``TUNELAB_HOME/compile.json``: per graph key, the compile seconds seen cold and warm, the eager and the
-    compiled step over the forward-pass estimate, and the inductor cache directory it compiled into."""
+    """``TUNELAB_HOME/compile.json``: per graph key, the compile seconds seen cold and warm, a compiled step
+    over the eager step measured in the same run per :func:`step_size` (``compiled_over_eager``: one graph
+    serves every batch length, and compiling saves another share of a step at each), and the inductor cache
+    directory it compiled into. Figures of the forward-pass estimate used before 2026-12-04 (``eager_ratio``,
+    ``compiled_ratio``) are other quantities and are not read."""
 
     def __init__(self, home: Path):
         self.path = home / HISTORY
@@ -122,26 +125,22 @@ class History:
         except (OSError, ValueError):
             self.entries = {}
 
-    def expected(self, key: str, device: str, precision: str, estimate: float) -> dict[str, Any]:
-        """For this graph now, from a forward-pass ``estimate``: the eager and the compiled step (seconds),
-        the compile seconds, and whether inductor's cache is 'warm' or 'cold'."""
+    def expected(self, key: str, device: str, precision: str, eager_s: float, size: str = "") -> dict[str, Any]:
+        """For this graph now, from a measured eager step of ``eager_s`` seconds over steps of ``size``
+        (:func:`step_size`): the compiled step expected (seconds), the compile seconds, and whether inductor's
+        cache is 'warm' or 'cold'."""
         e = self.entries.get(key) or {}
         warm = self.cache(key) == "warm"
         if warm:
             seconds = e.get("warm_s", WARM_S.get(device, WARM_S["cuda"]))
         else:
             seconds = e.get("cold_s", COLD_S.get(device, COLD_S["cuda"]))
-        eager = estimate * float(e.get("eager_ratio", EAGER_RATIO))
         saving = SAVING["cuda"] if device == "cuda" else SAVING.get(f"cpu-{precision}", SAVING["cpu-bf16"])
-        # a saving from the two ratios only when both were measured: a measured compiled ratio against the
-        # default eager one told short rows of the default model (0.53 s eager steps, estimated 0.77) that
-        # compiling saves 5 s of 20 steps, and the run compiled for 0.9 s saved; a compiled run never learns
-        # the eager ratio that would correct it
-        pair = "compiled_ratio" in e and "eager_ratio" in e
-        compiled = estimate * e["compiled_ratio"] if pair else eager * (1 - saving)
+        ratios = e.get("compiled_over_eager")
+        ratio = float(ratios.get(size, 1 - saving) if isinstance(ratios, dict) else 1 - saving)
         return {
-            "eager_s": eager,
-            "compiled_s": compiled,
+            "eager_s": eager_s,
+            "compiled_s": eager_s * ratio,
             "compile_s": float(seconds),
             "cache": "warm" if warm else "cold",
         }
@@ -154,9 +153,14 @@ class History:
         warm = recorded is not None and Path(recorded) == here and here.is_dir() and any(here.iterdir())
         return "warm" if warm else "cold"
 
-    def record(self, key: str, **figures: float | str | None) -> None:
-        """Keep ``figures`` (``cold_s`` or ``warm_s``, ``eager_ratio``, ``compiled_ratio``) for this graph."""
+    def record(self, key: str, size: str = "", **figures: float | str | None) -> None:
+        """Keep ``figures`` (``cold_s`` or ``warm_s``, ``compiled_over_eager`` for steps of ``size``) for this
+        graph."""
         e = self.entries.setdefault(key, {})
+        ratio = figures.pop("compiled_over_eager", None)
+        if ratio is not None:
+            ratios = e.get("compiled_over_eager")
+            e["compiled_over_eager"] = {**(ratios if isinstance(ratios, dict) else {}), size: round(ratio, 3)}
         e.update({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items() if v is not None})
         if "cold_s" in figures or "warm_s" in figures:
             e["cache_dir"] = str(inductor_cache_dir())
@@ -178,84 +182,26 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if xs else 0.0
 
 
-#: tokens (padded) the forward passes of an estimate cover at least: matmuls over fewer rows run slower
-ESTIMATE_TOKENS = 1024
-
-
-def estimate_rows(rows: list[dict], device: str = "cpu") -> list[dict]:
-    """The rows an estimate times: on a CPU the longest ones, as few as give :data:`ESTIMATE_TOKENS` tokens
-    padded to the longest (the batch pads each of its rows as far), all of them when they give fewer. There a
-    forward pass over k of a batch's n rows takes about k/n of the whole batch's time: on long rows (8 of 530
-    tokens) a run's estimate took 1.9 s over 2 rows where it had taken 5.3 s over all 8. On a GPU every row:
-    a small model's forward pass there is as long over 2 rows as over 8 (its kernels' launches, not their
-    work, take the time), and scaling 2 rows' time by 4 told long rows on an H200 that an eager step takes
-    1.18 s where it took 0.26 s; a whole batch's pass costs a GPU little."""
-    if device != "cpu":
-        return list(rows)
-    ranked = sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True)
-    longest = len(ranked[0]["input_ids"]) if ranked else 1
-    return ranked[: max(1, -(-ESTIMATE_TOKENS // max(longest, 1)))]
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the kernels queued on ``device`` (a GPU's; a CPU runs its own as they are called)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def eager_step_estimate(model: torch.nn.Module, batch: dict, bf16: bool, trained_share: float) -> float:
-    """Seconds an eager training step on ``batch`` is expected to take: one forward pass, the faster of two
-    timings (the first warms up; a pass slowed by something else running must not decide for the run), times
-    2 + the share of weights trained (backward: the gradient with respect to the inputs costs about a
-    forward, the one with respect to the weights a forward per trained weight)."""
-    from tunelab.evaluate import autocast
-
-    device = next(model.parameters()).device
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    was = model.training
-    model.eval()  # no dropout: it changes no RNG stream the training draws from
-    try:
-        seconds = []
-        for _ in range(2):
-            synchronize(device)
-            t0 = time.perf_counter()
-            with autocast(device, bf16):
-                try:
-                    model(input_ids=ids, attention_mask=mask, logits_to_keep=1)  # the head at one position
-                except TypeError:  # a model whose forward has no logits_to_keep
-                    model(input_ids=ids, attention_mask=mask)
-            synchronize(device)  # a GPU's kernels run after their launch returns: the pass ends when they do
-            seconds.append(time.perf_counter() - t0)
-    finally:
-        model.train(was)
-    return min(seconds) * (2 + trained_share)
+def step_size(tokens: int) -> str:
+    """The class of a step by the tokens it trained on, a power of two: short rows (8 x 58 tokens) '512',
+    the demo's tickets '1024', long rows (8 x 530) '8192'."""
+    return str(1 << max(int(tokens) - 1, 0).bit_length())
 
 
 class CompileTimer(TrainerCallback):
     """Times the steps of a training with compiled blocks (``compile`` on from the start, or turned on by
-    ``auto`` when :func:`pays`) and tells the next run what compiling took. ``start`` compiles the blocks;
-    ``estimate`` returns the estimated eager step in seconds (``auto``); ``planned`` is the run's horizon."""
+    ``auto`` when :func:`pays`) and tells the next run what compiling took. ``start`` compiles the blocks
+    (from their next call); ``planned`` is the run's horizon."""
 
-    def __init__(
-        self,
-        start,
-        *,
-        auto: bool,
-        planned: int,
-        key: str,
-        precision: str,
-        run_dir: Path,
-        home: Path,
-        estimate=None,
-    ):
+    def __init__(self, start, *, auto: bool, planned: int, key: str, precision: str, run_dir: Path, home: Path):
         self.start, self.auto, self.planned, self.key, self.precision = start, auto, planned, key, precision
-        self.run_dir, self.history, self.estimate = run_dir, History(home), estimate
+        self.run_dir, self.history = run_dir, History(home)
         self.decision: dict[str, Any] | None = None
         self.compiled_at: int | None = None  # the first step that ran compiled (global step numbering)
         self.cache = "cold"
         self.times: dict[int, float] = {}
-        self._t = 0.0
+        self.tokens: dict[int, int] = {}  # tokens each step trained on (its size)
+        self._t, self._tokens = 0.0, 0
         if auto:
             try:
                 self.decision = json.loads((run_dir / DECISION).read_text())
@@ -263,62 +209,81 @@ class CompileTimer(TrainerCallback):
                 self.decision = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.auto and self.decision is None:
-            self.decision = self._decide(device)
-        if self.auto and not self.decision["compile"]:
-            return
-        if self.auto:
-            self.start()
-            self.cache = self.decision.get("cache", "cold")
-        else:
+        if not self.auto:  # compiled from the start
             self.cache = self.history.cache(self.key)
-        self.compiled_at = state.global_step + 1
+            self.compiled_at = state.global_step + 1
+            return
+        if self.decision is None and self.planned <= EAGER_STEPS:
+            why = (
+                f"not compiling: {self.planned} steps, none left after the {EAGER_STEPS} eager ones it would time"
+            )
+            self.decision = self._record({"compile": False, "why": why})
+        self._compile_from(state.global_step + 1)  # resumed past the step the run it continues compiled from
 
-    def _decide(self, device: str) -> dict[str, Any]:
-        estimate = self.estimate()
-        x = self.history.expected(self.key, device, self.precision, estimate)
-        on = pays(self.planned, x["eager_s"], x["compiled_s"], x["compile_s"])
+    def _compile_from(self, step: int) -> None:
+        """Compile now when the decision compiles from ``step`` or an earlier one (a decision written before
+        ``from_step`` existed compiled from the first step)."""
+        d = self.decision
+        if d and d["compile"] and self.compiled_at is None and step >= d.get("from_step", 1):
+            self.start()
+            self.cache = d.get("cache", "cold")
+            self.compiled_at = step
+
+    def _decide(self, step: int) -> dict[str, Any]:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        left = self.planned - step
+        size = step_size(self.tokens[step])
+        x = self.history.expected(self.key, device, self.precision, self.times[step], size)
+        on = pays(left, x["eager_s"], x["compiled_s"], x["compile_s"])
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank as rank 0
             flag = torch.tensor([int(on)], device="cuda" if torch.cuda.is_available() else "cpu")
             torch.distributed.broadcast(flag, 0)
             on = bool(flag.item())
-        saved = self.planned * (x["eager_s"] - x["compiled_s"])
+        saved = left * (x["eager_s"] - x["compiled_s"])
         why = (
-            f"{'compiling' if on else 'not compiling'}: {self.planned} steps x ({x['eager_s']:.2f} s eager - "
-            f"{x['compiled_s']:.2f} s compiled, expected) = {saved:.0f} s saved against ~{x['compile_s']:.0f} s "
-            f"to compile (inductor cache {x['cache']})"
+            f"{f'compiling from step {step + 1}' if on else 'not compiling'}: {left} steps left x "
+            f"({x['eager_s']:.2f} s eager, step {step} - {x['compiled_s']:.2f} s compiled, expected) = "
+            f"{saved:.0f} s saved against ~{x['compile_s']:.0f} s to compile (inductor cache {x['cache']})"
         )
-        decision = {"compile": on, "cache": x["cache"], "estimate_s": round(estimate, 3), "why": why}
+        decision = {"compile": on, "from_step": step + 1, "cache": x["cache"], "eager_s": round(x["eager_s"], 3)}
+        return self._record({**decision, "size": size, "why": why})
+
+    def _record(self, decision: dict[str, Any]) -> dict[str, Any]:
         try:
             write_text_atomic(self.run_dir / DECISION, json.dumps(decision))
         except OSError:
             pass
-        status(f"compile: {why}")
+        status(f"compile: {decision['why']}")
         return decision
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._t = time.perf_counter()
+        self._t, self._tokens = time.perf_counter(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times[state.global_step] = time.perf_counter() - self._t
+        self.tokens[state.global_step] = state.num_input_tokens_seen - self._tokens
+        if not self.auto:
+            return
+        # at the same step in a run and in its resume (a resume from step 1 decides on its first step's time)
+        if self.decision is None and state.global_step >= EAGER_STEPS:
+            self.decision = self._decide(state.global_step)
+        self._compile_from(state.global_step + 1)
 
     # -- what this run teaches the next ---------------------------------------------------------------------
     def on_train_end(self, args, state, control, **kwargs):
-        estimate = (self.decision or {}).get("estimate_s")
-        first = self.compiled_at or 1
-        later = [self.times[s] for s in range(first + 1, state.global_step + 1) if s in self.times]
-        if not later:  # one step: nothing steady to learn from
+        first = self.compiled_at
+        later = (
+            [self.times[s] for s in range(first + 1, state.global_step + 1) if s in self.times] if first else []
+        )
+        if not later:  # eager, or one compiled step: nothing to learn from
             return
         steady = _median(later)
-        if self.compiled_at is None:  # an eager run under auto: its steps over the forward pass
-            if estimate:
-                self.history.record(self.key, eager_ratio=steady / estimate)
-            return
+        eager = (self.decision or {}).get("eager_s") if self.auto else None
         self.history.record(
             self.key,
-            **{f"{self.cache}_s": max(self.times.get(self.compiled_at, steady) - steady, 0.0)},
-            compiled_ratio=steady / estimate if estimate else None,
+            (self.decision or {}).get("size", ""),
+            **{f"{self.cache}_s": max(self.times.get(first, steady) - steady, 0.0)},
+            compiled_over_eager=steady / eager if eager else None,
         )
 
     def summary(self) -> str | None:

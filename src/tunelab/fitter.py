@@ -203,7 +203,7 @@ def fit(
         train_features = s.stack.training_features(train_features, s.ctx)
     env = tracker_env(cfg.training.report_to, s.run_dir)
     from tunelab.callbacks import Throughput
-    from tunelab.compiling import CompileTimer, eager_step_estimate, estimate_rows, graph_key
+    from tunelab.compiling import CompileTimer, graph_key
     from tunelab.models import tunelab_home
 
     throughput = Throughput()
@@ -223,18 +223,6 @@ def fit(
     ):
         timer = None
         if mode != "off":
-
-            def estimate() -> float:  # an eager step on the first rows, from forward passes over the longest
-                rows = (
-                    train_features.head(t.batch_size)
-                    if _streams(train_features)
-                    else [tr.train_dataset[i] for i in range(min(t.batch_size, len(tr.train_dataset)))]
-                )
-                part = estimate_rows(rows, s.device)
-                share = s.trainable / max(s.total, 1)
-                seconds = eager_step_estimate(s.model, tr.data_collator(part), s.bf16, share)
-                return seconds * len(rows) / len(part)
-
             timer = CompileTimer(
                 start,
                 auto=mode == "auto",
@@ -243,7 +231,6 @@ def fit(
                 precision=s.precision,
                 run_dir=out_dir,
                 home=tunelab_home(),
-                estimate=estimate,
             )
             tr.add_callback(timer)
         out = tr.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
