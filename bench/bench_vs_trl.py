@@ -14,9 +14,10 @@ write the checkpoint the Trainer writes at the end of training by default (weigh
 inside ``train_runtime``): tunelab's run resumes from it, and TRL's default ``save_strategy`` writes it
 too (until 2026-12-03 the bench turned TRL's off, and only tunelab's time held one).
 
-Each row also gives its first step's wall time (tunelab compiles its decoder layers there: ~20 s the first
-time on 2 cores, a few seconds once inductor has the kernels in its disk cache; the start records which)
-and its steady tokens/s (steps 2..N).
+Each row also gives its first step's wall time (with ``compile: on`` tunelab compiles its decoder layers
+there: ~20 s the first time on 2 cores, a few seconds once inductor has the kernels in its disk cache; the
+start records which; ``compile: auto`` compiles, when it does, at step 3, after two eager steps) and its
+steady tokens/s (steps 2..N, without a step that compiled).
 
 TRL's own rows draw batches at random (its default sampler), tunelab groups rows of similar length (its
 default): both at their defaults. The last row gives TRL tunelab's batch order, so the two loss curves must
@@ -135,6 +136,8 @@ def run_tunelab(method: str, shape: str, model_dir: str, steps: int, bs: int, wo
     losses = [
         json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
     ]
+    decision = result.run_dir / "compile.json"  # compile: auto's, when it decided: the step it compiled from
+    decided = json.loads(decision.read_text()) if decision.is_file() else {}
     return {
         "tokens": s["train"]["tokens_seen"],
         "train_time_s": s["train"]["train_time_s"],
@@ -143,7 +146,7 @@ def run_tunelab(method: str, shape: str, model_dir: str, steps: int, bs: int, wo
         "levers": {k: v for k, v in s["levers"].items() if k != "why"},
         "compile_why": s["levers"]["why"].get("compile"),  # compile: auto's figures, when it decided
         "losses": losses,
-        **clock.figures(),
+        **clock.figures(decided.get("from_step") if decided.get("compile") else None),
     }
 
 

@@ -92,9 +92,15 @@ class StepClock:
     def on_step_end(self, args, state, control, **kwargs):
         self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
 
-    def figures(self) -> dict:
+    def figures(self, compiled_at: int | None = None) -> dict:
+        """First step's wall time, and tokens/s over steps 2..N, leaving out step ``compiled_at`` (the step
+        that compiled, where ``compile: auto`` turned compiling on after its eager steps)."""
         (t1, n1), (tn, nn) = self.marks[0], self.marks[-1]
-        steady = round((nn - n1) / (tn - t1), 1) if len(self.marks) > 1 else None
+        seconds, tokens = tn - t1, nn - n1
+        if compiled_at is not None and 2 <= compiled_at <= len(self.marks):
+            (ta, na), (tb, nb) = self.marks[compiled_at - 2], self.marks[compiled_at - 1]
+            seconds, tokens = seconds - (tb - ta), tokens - (nb - na)
+        steady = round(tokens / seconds, 1) if len(self.marks) > 1 and seconds > 0 else None
         return {"first_step_s": round(t1 - self.t0, 2), "steady_tokens_per_s": steady}
 
 

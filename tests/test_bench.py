@@ -1,6 +1,7 @@
 """The benchmarks that must run where they are not measured: bench/gpu_check.sh's dry run on the CPU (the
 script a GPU machine runs, issue 23) and the bundle bench/gpu_bundle.py makes for it, and bench/packing.py's
-check that packed and padded batches compute the same loss, on a tiny model."""
+check that packed and padded batches compute the same loss, on a tiny model; and how the side by side
+counts its steady rate."""
 
 from __future__ import annotations
 
@@ -132,3 +133,15 @@ def test_packing_bench_trains_the_same_loss_packed_as_padded(tiny_llama):
         padded, packed = rows[f"short {attention} padded"], rows[f"short {attention} packed"]
         assert abs(float(padded[-1]) - float(packed[-1])) < 1e-5 * abs(float(padded[-1])), (padded, packed)
         assert packed[-3] == "0.0%" and float(padded[-3].rstrip("%")) > 0
+
+
+def test_the_steady_rate_leaves_out_the_step_that_compiled(monkeypatch):
+    """bench/common.py's StepClock: steps 2..N, without the step where compile: auto turned compiling on."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from common import StepClock
+
+    clock = StepClock()
+    clock.t0, clock.marks = 0.0, [(1.0, 100), (2.0, 200), (5.0, 300), (6.0, 400)]  # step 3 took 3 s: it compiled
+    assert clock.figures() == {"first_step_s": 1.0, "steady_tokens_per_s": 60.0}
+    assert clock.figures(compiled_at=3) == {"first_step_s": 1.0, "steady_tokens_per_s": 100.0}
+    assert clock.figures(compiled_at=1) == clock.figures()  # compiled in the first step: not in steps 2..N

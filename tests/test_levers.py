@@ -657,7 +657,7 @@ def test_compile_auto_times_eager_steps_then_compiles_only_when_it_pays(
         assert why == "not compiling: 2 steps, none left after the 2 eager ones it would time"
         assert not (tmp_path / "home" / "compile.json").exists()
         return
-    assert "2 steps left x" in why and "s eager, step 2" in why and "inductor cache cold" in why
+    assert "2 steps left x" in why and "s eager, steps to 2" in why and "inductor cache cold" in why
     assert decision["from_step"] == 3 and decision["eager_s"] > 0
     assert why.startswith("compiling from step 3" if compiles else "not compiling")
     # what a compiled run measured, for the next run's decision: its compile time, and its compiled steps
@@ -669,6 +669,40 @@ def test_compile_auto_times_eager_steps_then_compiles_only_when_it_pays(
         assert list(learnt["compiled_over_eager"]) == [decision["size"]] and int(decision["size"]) >= 8
     else:
         assert not home.exists()
+
+
+@pytest.mark.parametrize("first, second", [(1.5, 1.0), (1.0, 1.5)], ids=["warm-up", "second-slowed"])
+def test_compile_auto_takes_the_faster_eager_step_and_learns_per_step_size(tmp_path, monkeypatch, first, second):
+    """The eager step it weighs is the faster of the two it timed (a warm-up, or a step slowed by something
+    else running, must not decide); a compiled run records its steady steps over that step for its size."""
+    import time
+    from types import SimpleNamespace
+
+    from tunelab import compiling
+
+    monkeypatch.setattr(compiling, "inductor_cache_dir", lambda: tmp_path / "inductor")
+    monkeypatch.setattr(compiling, "COLD_S", {"cpu": 0.1, "cuda": 0.1})  # 4 steps x 0.15 s saved: it pays
+    ticks = iter([0.0, first, 10.0, 10.0 + second] + [20.0 + i * 0.5 for i in range(10)])
+    monkeypatch.setattr(
+        compiling, "time", SimpleNamespace(perf_counter=lambda: next(ticks), strftime=time.strftime)
+    )
+    started = []
+    timer = compiling.CompileTimer(
+        lambda: started.append(True), auto=True, planned=6, key="k", precision="bf16", run_dir=tmp_path,
+        home=tmp_path / "home",
+    )  # fmt: skip
+    timer.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    for step in range(1, 7):
+        timer.on_step_begin(
+            None, SimpleNamespace(global_step=step - 1, num_input_tokens_seen=(step - 1) * 900), None
+        )
+        timer.on_step_end(None, SimpleNamespace(global_step=step, num_input_tokens_seen=step * 900), None)
+        assert started == [True] * (step >= 2)  # decided at step 2, compiled from step 3
+    assert timer.decision["eager_s"] == 1.0 and timer.decision["size"] == "1024"
+    assert "(1.00 s eager, steps to 2 - 0.85 s compiled, expected)" in timer.decision["why"]
+    timer.on_train_end(None, SimpleNamespace(global_step=6), None)  # compiled steps 3-6 took 0.5 s each
+    learnt = json.loads((tmp_path / "home" / "compile.json").read_text())["k"]
+    assert learnt["compiled_over_eager"] == {"1024": 0.5} and learnt["cold_s"] == 0.0
 
 
 @pytest.mark.parametrize(
