@@ -16,7 +16,7 @@ too (until 2026-12-03 the bench turned TRL's off, and only tunelab's time held o
 
 Each row also gives its first step's wall time (with ``compile: on`` tunelab compiles its decoder layers
 there: ~20 s the first time on 2 cores, a few seconds once inductor has the kernels in its disk cache; the
-start records which; ``compile: auto`` compiles, when it does, at step 3, after two eager steps) and its
+start records which; ``compile: auto`` compiles, when it does, at step 4, after three eager steps) and its
 steady tokens/s (steps 2..N, without a step that compiled).
 
 TRL's own rows draw batches at random (its default sampler), tunelab groups rows of similar length (its

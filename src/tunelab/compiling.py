@@ -12,9 +12,10 @@ The expected compiled step is the measured eager step times the largest ratio of
 that the last few runs of the same graph measured on this machine for steps of its size
 (``TUNELAB_HOME/compile.json``, one entry per graph: torch version, device, precision, the block's module
 classes and shapes), with how long their compile took and whether inductor's cache was warm then. Without a
-record: :data:`SAVING` (the compiled step's share saved), :data:`COLD_S` and :data:`WARM_S`, measured on the
-default model. The cache counts as warm when an earlier run of this graph compiled into the same inductor
-cache directory and that directory still holds files.
+record: :data:`SAVING` (the compiled step's share saved) and :data:`COLD_S`, measured on the default model;
+a warm compile not measured yet for the graph counts as long as its cold one. The cache counts as warm when
+an earlier run of this graph compiled into the same inductor cache directory and that directory still holds
+files.
 
 Until 2026-12-04 the decision came before the first step, from forward passes timed for it: they cost a run
 that stays eager 0.5 s of 11 on short rows and 1.9 s on long ones, and a forward pass times an eager step only
@@ -43,13 +44,13 @@ from transformers import TrainerCallback
 from tunelab.fsutil import write_text_atomic
 from tunelab.progress import status
 
-#: compile time without a record of this graph: cache cold, cache warm (2 CPU cores, default model: 23.6 s
-#: cold and 2.5-2.6 s warm on an AVX-512-BF16 EPYC, with margin for slower CPUs, which took up to 85 s cold
-#: before the blocks traced one graph once; docs/performance.md); the GPU figures are of the same order
+#: compile time without a record of this graph (2 CPU cores, default model, LoRA: 23.6 s cold on an
+#: AVX-512-BF16 EPYC, with margin for slower CPUs, which took up to 85 s cold before the blocks traced one
+#: graph once; docs/performance.md); the GPU figure is of the same order
 COLD_S = {"cpu": 45.0, "cuda": 60.0}
-WARM_S = {"cpu": 4.0, "cuda": 10.0}
-#: eager steps a run under ``auto`` trains before it decides (the first is a warm-up)
-EAGER_STEPS = 2
+#: eager steps a run under ``auto`` trains before it decides: with full fine-tuning the first two are warm-up
+#: (1.1 and 1.4-1.5 s on short rows, then 0.75-0.98 s; docs/performance.md), with LoRA the first
+EAGER_STEPS = 3
 #: compiled/eager ratios kept per graph and step size; the decision weighs the least saving among them
 RATIOS_KEPT = 3
 #: share of an eager step compiling saves, without a record: LoRA on the default model, steady, measured 15%
@@ -135,7 +136,11 @@ class History:
         e = self.entries.get(key) or {}
         warm = self.cache(key) == "warm"
         if warm:
-            seconds = e.get("warm_s", WARM_S.get(device, WARM_S["cuda"]))
+            # a warm compile not measured yet for this graph costs what its cold one did: a full fine-tuning
+            # graph whose record held only a cold compile (21 s, long rows) took 13.2 s warm on short rows,
+            # where a default of 4 s (LoRA's warm compile is 2.5-3 s) made a 20-step run compile and take
+            # 33.9 s against about 20 s eager
+            seconds = e.get("warm_s", e.get("cold_s", COLD_S.get(device, COLD_S["cuda"])))
         else:
             seconds = e.get("cold_s", COLD_S.get(device, COLD_S["cuda"]))
         saving = SAVING["cuda"] if device == "cuda" else SAVING.get(f"cpu-{precision}", SAVING["cpu-bf16"])

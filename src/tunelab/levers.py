@@ -18,9 +18,9 @@ resolved values are written to ``summary.json`` under ``levers``, with why an ``
   names: the decoder layers) with ``torch.compile`` for the time of training (:func:`compiled`):
   inductor fuses the element-wise work around the matmuls and its partitioner saves fewer activations for
   backward. ``auto``, for models of at least :data:`COMPILE_MIN_PARAMS` parameters where inductor has a
-  compiler (a C++ compiler on CPU, triton on CUDA): the first two steps run eager, the second is timed,
-  and the run compiles from the third only if the time expected saved beats the time expected to compile,
-  cold or warm (tunelab.compiling); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``), so
+  compiler (a C++ compiler on CPU, triton on CUDA): the first three steps run eager and are timed, and
+  the run compiles from the fourth only if the time expected saved beats the time expected to compile, cold
+  or warm (tunelab.compiling); inductor caches the compiled kernels on disk (``TORCHINDUCTOR_CACHE_DIR``), so
   later runs of the same model compile in seconds.
 - ``allocator``: ``reuse`` has glibc keep the memory a step frees for the next step (no block mapped on its
   own, no trimming: :func:`tunelab.runtime.reusing_freed_memory`), so that steps do not fault the same pages
