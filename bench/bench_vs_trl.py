@@ -104,6 +104,7 @@ TUNELAB_ROWS = {
 
 # -- the children ----------------------------------------------------------------------------------------
 def run_tunelab(method: str, shape: str, model_dir: str, steps: int, bs: int, work: Path, extra: dict) -> dict:
+    from tunelab.compiling import DECISION
     from tunelab.demo import write_jsonl
     from tunelab.run import train
 
@@ -136,7 +137,7 @@ def run_tunelab(method: str, shape: str, model_dir: str, steps: int, bs: int, wo
     losses = [
         json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
     ]
-    decision = result.run_dir / "compile.json"  # compile: auto's, when it decided: the step it compiled from
+    decision = result.run_dir / DECISION  # compile: auto's, when it decided: the step it compiled from
     decided = json.loads(decision.read_text()) if decision.is_file() else {}
     return {
         "tokens": s["train"]["tokens_seen"],

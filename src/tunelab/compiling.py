@@ -1,7 +1,7 @@
 """``training.compile: auto`` decides from measurements, not from a step count: compiling the decoder layers
 costs the first compiled step its compile time (on 2 CPU cores ~25-50 s with inductor's disk cache cold, a
 few seconds warm) and saves a share of every step after it. A run under ``auto`` trains its first
-:data:`EAGER_STEPS` steps eager, takes the faster of them as its eager step (the first carries the run's
+:data:`EAGER_STEPS` steps eager, takes the fastest of them as its eager step (the first carries the run's
 warm-up: the allocator faulting in the working set, oneDNN's first kernels; a step slowed by something else
 running must not decide) and compiles from the next step only when the time it expects to save over the
 steps left is larger than the time it expects compiling to take, cold or warm::
@@ -135,14 +135,12 @@ class History:
         cache is 'warm' or 'cold'."""
         e = self.entries.get(key) or {}
         warm = self.cache(key) == "warm"
-        if warm:
-            # a warm compile not measured yet for this graph costs what its cold one did: a full fine-tuning
-            # graph whose record held only a cold compile (21 s, long rows) took 13.2 s warm on short rows,
-            # where a default of 4 s (LoRA's warm compile is 2.5-3 s) made a 20-step run compile and take
-            # 33.9 s against about 20 s eager
-            seconds = e.get("warm_s", e.get("cold_s", COLD_S.get(device, COLD_S["cuda"])))
-        else:
-            seconds = e.get("cold_s", COLD_S.get(device, COLD_S["cuda"]))
+        cold = e.get("cold_s", COLD_S.get(device, COLD_S["cuda"]))
+        # a warm compile not measured yet for this graph costs what its cold one did: a full fine-tuning
+        # graph whose record held only a cold compile (21 s, long rows) took 13.2 s warm on short rows, where
+        # a default of 4 s (LoRA's warm compile is 2.5-3 s) made a 20-step run compile and take 33.9 s
+        # against about 20 s eager
+        seconds = e.get("warm_s", cold) if warm else cold
         saving = SAVING["cuda"] if device == "cuda" else SAVING.get(f"cpu-{precision}", SAVING["cpu-bf16"])
         seen = _ratios(e, size)
         # the least saving of the last runs: a compiled tickets step took 0.80-0.91 s in one process and
@@ -252,8 +250,8 @@ class CompileTimer(TrainerCallback):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         left = self.planned - step
         size = step_size(self.tokens[step])
-        # the faster of the eager steps timed: the first carries the warm-up, and one slowed by something else
-        # running must not decide for the run (on 2 busy cores a tickets step took 1.02-1.42 s in one run)
+        # the fastest of the eager steps timed: the first carries the warm-up, and one slowed by something
+        # else running must not decide for the run (on 2 busy cores a tickets step took 1.02-1.42 s in one run)
         eager = min(self.times.values())
         x = self.history.expected(self.key, device, self.precision, eager, size)
         on = pays(left, x["eager_s"], x["compiled_s"], x["compile_s"])
@@ -286,7 +284,7 @@ class CompileTimer(TrainerCallback):
         self.tokens[state.global_step] = state.num_input_tokens_seen - self._tokens
         if not self.auto:
             return
-        # at the same step in a run and in its resume (a resume from step 1 decides on its first step's time)
+        # at the same step in a run and in its resume (a resume from before it weighs the steps it ran)
         if self.decision is None and state.global_step >= EAGER_STEPS:
             self.decision = self._decide(state.global_step)
         self._compile_from(state.global_step + 1)
@@ -300,10 +298,11 @@ class CompileTimer(TrainerCallback):
         if not later:  # eager, or one compiled step: nothing to learn from
             return
         steady = _median(later)
-        eager = (self.decision or {}).get("eager_s") if self.auto else None
+        decided = self.decision or {}  # none under compile: on, which has no eager step to weigh against
+        eager = decided.get("eager_s")
         self.history.record(
             self.key,
-            (self.decision or {}).get("size", ""),
+            decided.get("size", ""),
             **{f"{self.cache}_s": max(self.times.get(first, steady) - steady, 0.0)},
             compiled_over_eager=steady / eager if eager else None,
         )
