@@ -704,16 +704,18 @@ def prepare_splits(
 # ----------------------------------------------------------------------------- batching
 
 
-#: batches shorter than this are not bucketed: short rows' steps did not grow in memory with new lengths
-#: (2,268 -> 2,280 MB over 19 steps of ~55 tokens) and a grid step of 8 would add up to 1/8 of the positions
-BUCKET_FROM = 64
+#: batches shorter than this are not bucketed: from here a grid step of 8 adds at most 7/32 of the positions.
+#: Short rows (~55 tokens) are bucketed: each new length kept ~16 MB more allocated for the rest of the run
+#: (half of it oneDNN's primitives for the new matmul shapes), and their lengths 53-61 came in 8 lengths
+#: padded to their longest row, 2 bucketed (docs/performance.md, "Batch lengths bucketed")
+BUCKET_FROM = 32
 
 
 def bucket_length(n: int, cap: int | None = None) -> int:
     """The length a batch whose longest row has ``n`` tokens is padded to under ``training.pad_to: bucket``:
     from :data:`BUCKET_FROM` tokens, the next multiple of 2**k / 16 for n in (2**k, 2**(k+1)], and of 8 at
-    least (8 lengths up to 128 tokens, then 16 per doubling: at most 1/16 more positions), never over ``cap``
-    (the run's max_length); ``n`` itself below."""
+    least (multiples of 8 up to 128 tokens, then 16 lengths per doubling: at most 1/16 more positions), never
+    over ``cap`` (the run's max_length); ``n`` itself below."""
     if n < BUCKET_FROM:
         return n
     step = max(8, (1 << (n.bit_length() - 1)) >> 4)

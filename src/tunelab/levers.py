@@ -29,7 +29,7 @@ resolved values are written to ``summary.json`` under ``levers``, with why an ``
 - ``attention_probs``: ``recompute`` has eager attention keep only its inputs for backward and recompute
   the probabilities there (tunelab.attention: same gradients, a third less memory on long rows).
   ``auto``: recompute under eager attention, unless gradient checkpointing recomputes whole blocks.
-- ``pad_to``: ``bucket`` pads each training batch of 64 tokens or more up to the next of a few lengths
+- ``pad_to``: ``bucket`` pads each training batch of 32 tokens or more up to the next of a few lengths
   (:func:`tunelab.data.bucket_length`), so shapes repeat from step to step and the C allocator's heap stops
   growing with every new length; ``longest`` pads to the batch's longest row. ``auto``: bucket.
 - ``weight_casts``, ``activations`` (tunelab.saved): ``recompute`` casts trained weights again in backward
