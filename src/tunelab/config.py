@@ -231,7 +231,7 @@ class TrainingConfig(Strict):
     )
     pad_to: Literal["auto", "bucket", "longest"] = Field(
         "auto",
-        description="How far a training batch is padded: longest, to its own longest row; bucket, a batch of 64 "
+        description="How far a training batch is padded: longest, to its own longest row; bucket, a batch of 32 "
         "tokens or more further, to the next multiple of 8 up to 256 tokens, of 16 up to 512, of 32 up to 1024, "
         "... (16 lengths per doubling; at most max_length), so that batch shapes repeat and the allocator reuses "
         "the memory of earlier steps instead of growing with every new length (padding carries no loss and is "
