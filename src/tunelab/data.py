@@ -707,7 +707,7 @@ def prepare_splits(
 #: batches shorter than this are not bucketed: from here a grid step of 8 adds at most 7/32 of the positions.
 #: Short rows (~55 tokens) are bucketed: each new length kept ~16 MB more allocated for the rest of the run
 #: (half of it oneDNN's primitives for the new matmul shapes), and their lengths 53-61 came in 8 lengths
-#: padded to their longest row, 2 bucketed (docs/performance.md, "Batch lengths bucketed")
+#: padded to their longest row, 2 bucketed (docs/performance.md, "Short rows bucketed too")
 BUCKET_FROM = 32
 
 
