@@ -20,7 +20,8 @@ files.
 Until 2026-12-04 the decision came before the first step, from forward passes timed for it: they cost a run
 that stays eager 0.5 s of 11 on short rows and 1.9 s on long ones, and a forward pass times an eager step only
 through a learned ratio. The eager steps cost no memory the run does not use anyway: an eager LoRA step on
-long rows peaks where a compiled one does (3,904 against 3,863 MB), on short rows lower (docs/performance.md).
+long rows peaks about where a compiled one does (3,950-3,961 against 3,852-3,874 MB), on short rows lower
+(1,485-1,518 against 1,562 MB; docs/performance.md).
 
 The decision (figures, why, the step it compiles from) is written to ``RUN/compile.json`` the moment it is
 made; a resumed run reads it back, so it compiles from the same step as the run it continues (``--resume``

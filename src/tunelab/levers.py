@@ -324,8 +324,8 @@ def own_storage(model: torch.nn.Module) -> None:
 
 
 def compile_mode(lv: Levers, setting: str) -> str:
-    """How a training compiles: ``on`` (from its first step), ``auto`` (decided before the first step from
-    the time it expects to save and to spend: tunelab.compiling) or ``off``."""
+    """How a training compiles: ``on`` (from its first step), ``auto`` (decided after its first eager steps
+    from the time it expects to save and to spend: tunelab.compiling) or ``off``."""
     if lv.compile != "on":
         return "off"
     return "on" if setting == "on" else "auto"
