@@ -678,7 +678,7 @@ def test_compile_auto_times_eager_steps_then_compiles_only_when_it_pays(
 
 
 @pytest.mark.parametrize("first, second", [(1.5, 1.0), (1.0, 1.5)], ids=["warm-up", "second-slowed"])
-def test_compile_auto_takes_the_faster_eager_step_and_learns_per_step_size(tmp_path, monkeypatch, first, second):
+def test_compile_auto_takes_the_fastest_eager_step_and_learns_per_step_size(tmp_path, monkeypatch, first, second):
     """The eager step it weighs is the fastest of the three it timed (a warm-up, or a step slowed by something
     else running, must not decide); a compiled run records its steady steps over that step for its size."""
     import time
@@ -706,7 +706,7 @@ def test_compile_auto_takes_the_faster_eager_step_and_learns_per_step_size(tmp_p
         assert started == [True] * (step >= 3)  # decided at step 3, compiled from step 4
     assert timer.decision["eager_s"] == 1.0 and timer.decision["size"] == "1024"
     assert "(1.00 s eager, steps to 3 - 0.85 s compiled, expected)" in timer.decision["why"]
-    timer.on_train_end(None, SimpleNamespace(global_step=6), None)  # compiled steps 3-6 took 0.5 s each
+    timer.on_train_end(None, SimpleNamespace(global_step=6), None)  # compiled steps 4-6 took 0.5 s each
     learnt = json.loads((tmp_path / "home" / "compile.json").read_text())["k"]
     assert learnt["compiled_over_eager"] == {"1024": [0.5]} and learnt["cold_s"] == 0.0
 
